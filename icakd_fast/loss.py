@@ -1,0 +1,233 @@
+"""``ICAKDLoss``: the full distillation objective as one drop-in module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _validate as V
+from . import functional as IF
+from .memory import ClassMemoryBank, FIFOMemoryBank
+
+__all__ = ["ICAKDLoss", "ICAKDOutput", "METHODS"]
+
+METHODS = ("ce", "kd", "cskd", "icakd")
+_AUTO = "auto"
+
+
+@dataclass
+class ICAKDOutput:
+    """``loss``: the weighted total (scalar, differentiable); ``parts``: each term alone, detached."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class ICAKDLoss(nn.Module):
+    """ICAKD objective ``w_ce*CE + w_kd*tau^2*KL + w_cam*L_cam + w_intra*L_intra + w_inter*L_inter``.
+
+    ``method`` picks the active terms: ``"ce"`` (CE only), ``"kd"`` (CE + KD), ``"cskd"`` (CE + KD
+    + intra + inter over batch-only centroids of globally pooled features, no CAM) and
+    ``"icakd"`` (everything: Grad-CAM maps, CAM constraint, CAM-weighted features, memory bank).
+    Every default of the method can be overridden (e.g. ``method="icakd", bank=None``).
+
+    Options: ``w_ce=1``, ``w_kd=1``, ``tau=4``, ``w_cam=None`` (= ``1000 / (H_s*W_s)``),
+    ``w_intra=1``, ``w_inter=1``; ``bank`` in ``{"class", "fifo", None}`` (default ``"class"``
+    for icakd, ``None`` for cskd), ``slots_per_class=16``, ``bank_size`` (FIFO rows, default
+    ``C * slots_per_class``), ``bank_dtype=torch.float32``, ``resync_every=1000``;
+    ``cam_weighting`` (default: True for icakd); ``target`` in ``{"label", "teacher"}`` (Grad-CAM
+    target class: label or teacher argmax); ``correct_only=False`` (only correctly classified rows
+    enter each network's bank and batch centroids); ``min_count=1``; ``backend=None`` (automatic).
+
+    Call ``forward(student_features, student_logits, teacher_features, teacher_logits, labels,
+    student_fc_weight, teacher_fc_weight)``; in training mode it then enqueues the batch's
+    detached features into the banks (the losses use only previous batches' bank contents).
+
+    The student projector ``P: Linear(student_dim -> teacher_dim, bias=False)`` is a learnable
+    parameter: **optimise ``loss_module.parameters()`` together with the student's**. The banks
+    are buffers: they are saved by ``state_dict`` and moved by ``.to()``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        student_dim: int,
+        teacher_dim: int,
+        *,
+        method: str = "icakd",
+        w_ce: float = 1.0,
+        w_kd: float = 1.0,
+        tau: float = 4.0,
+        w_cam: float | None = None,
+        w_intra: float = 1.0,
+        w_inter: float = 1.0,
+        slots_per_class: int = 16,
+        bank: str | None = _AUTO,
+        bank_size: int | None = None,
+        bank_dtype: torch.dtype = torch.float32,
+        resync_every: int = 1000,
+        cam_weighting: bool | None = None,
+        target: str = "label",
+        correct_only: bool = False,
+        min_count: int = 1,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        for name, value in (("num_classes", num_classes), ("student_dim", student_dim), ("teacher_dim", teacher_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if target not in ("label", "teacher"):
+            raise ValueError(f"target must be 'label' or 'teacher', got {target!r}")
+        if bank == _AUTO:
+            bank = "class" if method == "icakd" else None
+        if bank not in ("class", "fifo", None):
+            raise ValueError(f"bank must be 'class', 'fifo' or None, got {bank!r}")
+        if tau <= 0:
+            raise ValueError(f"tau must be positive, got {tau!r}")
+        if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
+            raise ValueError(f"min_count must be an int >= 1, got {min_count!r}")
+        self.num_classes, self.student_dim, self.teacher_dim = num_classes, student_dim, teacher_dim
+        self.method = method
+        self.w_ce, self.w_kd, self.tau = float(w_ce), float(w_kd), float(tau)
+        self.w_cam = None if w_cam is None else float(w_cam)
+        self.w_intra, self.w_inter = float(w_intra), float(w_inter)
+        self.cam_weighting = (method == "icakd") if cam_weighting is None else bool(cam_weighting)
+        self.target, self.correct_only, self.min_count, self.backend = target, correct_only, min_count, backend
+        self.use_kd = method in ("kd", "cskd", "icakd")
+        self.use_structure = method in ("cskd", "icakd")
+        self.use_cam_loss = method == "icakd" and self.w_cam != 0.0
+        self.bank_layout = bank if self.use_structure else None
+
+        self.projector = nn.Linear(student_dim, teacher_dim, bias=False) if self.use_structure else None
+        self.bank_s = self.bank_t = None
+        if self.bank_layout == "class":
+            kw = dict(dtype=bank_dtype, resync_every=resync_every, backend=backend)
+            self.bank_s = ClassMemoryBank(num_classes, slots_per_class, teacher_dim, **kw)
+            self.bank_t = ClassMemoryBank(num_classes, slots_per_class, teacher_dim, **kw)
+        elif self.bank_layout == "fifo":
+            size = bank_size or num_classes * slots_per_class
+            self.bank_s = FIFOMemoryBank(size, teacher_dim, num_classes, dtype=bank_dtype, backend=backend)
+            self.bank_t = FIFOMemoryBank(size, teacher_dim, num_classes, dtype=bank_dtype, backend=backend)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}, num_classes={self.num_classes}, bank={self.bank_layout!r}, tau={self.tau}"
+
+    # ----------------------------------------------------------------------------------------
+
+    def _check(self, fs, zs, ft, zt, y, ws, wt):
+        V.floating("student_features", fs, 4)
+        V.floating("student_logits", zs, 2)
+        V.floating("teacher_features", ft, 4)
+        V.floating("teacher_logits", zt, 2)
+        V.integer("labels", y, 1)
+        V.floating("student_fc_weight", ws, 2)
+        V.floating("teacher_fc_weight", wt, 2)
+        V.same_device("student_logits", zs, student_features=fs, teacher_features=ft, teacher_logits=zt,
+                      labels=y, student_fc_weight=ws, teacher_fc_weight=wt)
+        b, c = zs.shape
+        if c != self.num_classes:
+            raise ValueError(f"student_logits must have {self.num_classes} classes, got shape {tuple(zs.shape)}")
+        if zt.shape != zs.shape:
+            raise ValueError(f"teacher_logits must have the shape of student_logits {tuple(zs.shape)}, got {tuple(zt.shape)}")
+        V.length("labels", y, b, "student_logits")
+        V.length("student_features", fs, b, "student_logits")
+        V.length("teacher_features", ft, b, "student_logits")
+        if fs.shape[1] != self.student_dim:
+            raise ValueError(f"student_features must have {self.student_dim} channels, got shape {tuple(fs.shape)}")
+        if ft.shape[1] != self.teacher_dim:
+            raise ValueError(f"teacher_features must have {self.teacher_dim} channels, got shape {tuple(ft.shape)}")
+        if ws.shape != (self.num_classes, self.student_dim):
+            raise ValueError(f"student_fc_weight must be [{self.num_classes}, {self.student_dim}], got {tuple(ws.shape)}")
+        if wt.shape != (self.num_classes, self.teacher_dim):
+            raise ValueError(f"teacher_fc_weight must be [{self.num_classes}, {self.teacher_dim}], got {tuple(wt.shape)}")
+        V.label_range("labels", y, self.num_classes)
+
+    def _centroids(self, bank, f, labels, keep):
+        if bank is not None:
+            sums, counts = bank.sums_counts()
+        else:
+            sums = torch.zeros(self.num_classes, f.shape[1], dtype=torch.float32, device=f.device)
+            counts = torch.zeros(self.num_classes, dtype=torch.int64, device=f.device)
+        if keep is None:
+            return IF.class_centroids(sums, counts, f, labels, backend=self.backend)
+        # correct_only: masked rows drop out of the batch part without changing any shape
+        out = torch.promote_types(sums.dtype, f.dtype)
+        batch = torch.zeros(self.num_classes, f.shape[1], dtype=out, device=f.device)
+        batch = batch.index_add(0, labels, f.to(out) * keep.unsqueeze(1).to(out))
+        total = counts + torch.zeros_like(counts).index_add_(0, labels, keep.long())
+        return (sums.to(out) + batch) / total.clamp(min=1).unsqueeze(1).to(out), total
+
+    def forward(
+        self,
+        student_features: torch.Tensor,
+        student_logits: torch.Tensor,
+        teacher_features: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor,
+        student_fc_weight: torch.Tensor,
+        teacher_fc_weight: torch.Tensor,
+    ) -> ICAKDOutput:
+        self._check(student_features, student_logits, teacher_features, teacher_logits, labels,
+                    student_fc_weight, teacher_fc_weight)
+        labels = labels.long()
+        teacher_features = teacher_features.detach()
+        teacher_logits = teacher_logits.detach()
+        teacher_fc_weight = teacher_fc_weight.detach()
+
+        parts: dict[str, torch.Tensor] = {}
+        ce = F.cross_entropy(student_logits.float(), labels)
+        parts["ce"] = ce
+        loss = self.w_ce * ce
+        if self.use_kd:
+            kd = IF.kd_loss(student_logits, teacher_logits, self.tau)
+            parts["kd"] = kd
+            loss = loss + self.w_kd * kd
+
+        if self.use_structure:
+            hs, ws_ = student_features.shape[-2:]
+            if self.cam_weighting or self.use_cam_loss:
+                targets = labels if self.target == "label" else teacher_logits.argmax(dim=1)
+                alpha_s = IF.cam_weights_from_linear(student_fc_weight, targets, hs * ws_)
+                alpha_t = IF.cam_weights_from_linear(teacher_fc_weight, targets, teacher_features.shape[-2] * teacher_features.shape[-1])
+                cam_s, v_s = IF.class_activation_features(student_features, alpha_s, backend=self.backend)
+                with torch.no_grad():
+                    cam_t, v_t = IF.class_activation_features(teacher_features, alpha_t, backend=self.backend)
+                if self.use_cam_loss:
+                    w_cam = self.w_cam if self.w_cam is not None else 1000.0 / (hs * ws_)
+                    l_cam = IF.cam_constraint_loss(cam_s, cam_t)
+                    parts["cam"] = l_cam
+                    loss = loss + w_cam * l_cam
+            if not self.cam_weighting:
+                v_s = student_features.mean(dim=(2, 3))
+                v_t = teacher_features.mean(dim=(2, 3))
+
+            u_s = self.projector(v_s.to(self.projector.weight.dtype))
+            f_s = F.normalize(u_s.float(), dim=1)
+            f_t = F.normalize(v_t.float(), dim=1)
+
+            keep_s = keep_t = None
+            if self.correct_only:
+                keep_s = student_logits.detach().argmax(dim=1) == labels
+                keep_t = teacher_logits.argmax(dim=1) == labels
+            mu_s, n_s = self._centroids(self.bank_s, f_s, labels, keep_s)
+            with torch.no_grad():
+                mu_t, n_t = self._centroids(self.bank_t, f_t, labels, keep_t)
+            valid = (n_s >= self.min_count) & (n_t >= self.min_count)
+            live = torch.zeros(self.num_classes, dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
+
+            l_intra = IF.intra_class_loss(f_s, f_t, mu_s, mu_t, labels, valid, backend=self.backend)
+            l_inter = IF.inter_class_loss(mu_s, mu_t, valid, live=live, backend=self.backend)
+            parts["intra"] = l_intra
+            parts["inter"] = l_inter
+            loss = loss + self.w_intra * l_intra + self.w_inter * l_inter
+
+            if self.training and self.bank_s is not None:
+                self.bank_s.enqueue(f_s.detach(), labels, keep_s)
+                self.bank_t.enqueue(f_t.detach(), labels, keep_t)
+
+        return ICAKDOutput(loss=loss, parts={k: v.detach() for k, v in parts.items()})

@@ -1,0 +1,225 @@
+"""Incremental memory banks of (detached) features, per class (ring buffers) or FIFO.
+
+Both banks keep all state in registered buffers (saved by ``state_dict``, moved by ``.to()``),
+never synchronise with the host in ``enqueue`` (single process), validate every argument before
+writing anything, and under ``torch.distributed`` (world size > 1) all-gather the batch from every
+rank in rank order first, so that every rank holds an identical bank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import _validate as V
+from . import reference
+from ._backend import implementation, resolve
+from .functional import class_centroids
+
+__all__ = ["ClassMemoryBank", "FIFOMemoryBank"]
+
+_STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _gather_from_ranks(feats: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
+    """All-gather (feats, labels, mask) in rank order; batch sizes may differ between ranks.
+
+    Exchanging the batch sizes is the one host synchronisation of a distributed enqueue.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    n_local = torch.tensor([feats.shape[0]], dtype=torch.int64, device=feats.device)
+    sizes = [torch.zeros_like(n_local) for _ in range(world)]
+    dist.all_gather(sizes, n_local)
+    sizes = [int(s.item()) for s in sizes]
+    n_max = max(sizes)
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        pad = torch.zeros((n_max - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded = torch.cat([t, pad]).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    return gather(feats), gather(labels), gather(mask.to(torch.uint8)).bool()
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _BankBase(nn.Module):
+    num_classes: int
+    dim: int
+
+    def _check_enqueue(self, feats, labels, mask):
+        V.floating("feats", feats, 2)
+        V.integer("labels", labels, 1)
+        device = self.bank.device
+        if feats.device != device:
+            raise ValueError(f"feats is on {feats.device} but the bank is on {device}; move one of them")
+        if labels.device != device:
+            raise ValueError(f"labels is on {labels.device} but the bank is on {device}; move one of them")
+        if feats.shape[1] != self.dim:
+            raise ValueError(f"feats must be [N, {self.dim}] for this bank, got {tuple(feats.shape)}")
+        V.length("labels", labels, feats.shape[0], "feats")
+        if mask is None:
+            mask = torch.ones(feats.shape[0], dtype=torch.bool, device=device)
+        else:
+            V.boolean("mask", mask, 1)
+            if mask.device != device:
+                raise ValueError(f"mask is on {mask.device} but the bank is on {device}; move one of them")
+            V.length("mask", mask, feats.shape[0], "feats")
+        V.label_range("labels", labels, self.num_classes, mask)
+        feats = feats.detach()
+        labels = labels.long()
+        if _distributed():
+            feats, labels, mask = _gather_from_ranks(feats, labels, mask)
+        return feats, labels, mask
+
+    def centroids(self, feats: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+        """Class centroids over the bank plus (optionally) a live batch -> ``(centroids [C,D], counts [C])``."""
+        sums, counts = self.sums_counts()
+        if (feats is None) != (labels is None):
+            raise ValueError("feats and labels must be given together")
+        if feats is None:
+            feats = torch.zeros(0, self.dim, dtype=sums.dtype, device=sums.device)
+            labels = torch.zeros(0, dtype=torch.int64, device=sums.device)
+        return class_centroids(sums, counts, feats, labels, backend=self.backend)
+
+
+class ClassMemoryBank(_BankBase):
+    """Per-class ring buffer: ``bank`` [C,S,D] in a storage dtype, ``count``/``ptr`` [C] int64 and
+    float32 running ``sums`` [C,D].
+
+    ``enqueue`` writes each class's rows (the last ``S`` if more) to consecutive slots after the
+    class pointer and updates ``sums`` incrementally (``+= stored_new - stored_old``), O(B*D).
+    To bound float drift, sums are recomputed exactly from the stored rows on a rotating schedule:
+    each enqueue resyncs ``ceil(C / resync_every)`` classes, so every class is recomputed at least
+    once every ``resync_every`` enqueues with a fixed, small cost per step and no data-dependent
+    branch (``resync_every=0`` turns it off; ``resync()`` recomputes everything now).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        slots_per_class: int,
+        dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        resync_every: int = 1000,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.num_classes = _positive_int("num_classes", num_classes)
+        self.slots_per_class = _positive_int("slots_per_class", slots_per_class)
+        self.dim = _positive_int("dim", dim)
+        if dtype not in _STORAGE_DTYPES:
+            raise TypeError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")
+        if isinstance(resync_every, bool) or not isinstance(resync_every, int) or resync_every < 0:
+            raise ValueError(f"resync_every must be an int >= 0, got {resync_every!r}")
+        self.resync_every = resync_every
+        self.backend = backend
+        self.register_buffer("bank", torch.zeros(num_classes, slots_per_class, dim, dtype=dtype, device=device))
+        self.register_buffer("count", torch.zeros(num_classes, dtype=torch.int64, device=device))
+        self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.int64, device=device))
+        self.register_buffer("sums", torch.zeros(num_classes, dim, dtype=torch.float32, device=device))
+        self.register_buffer("resync_pos", torch.zeros((), dtype=torch.int64, device=device))
+        chunk = math.ceil(num_classes / resync_every) if resync_every else 0
+        self.register_buffer("_resync_offsets", torch.arange(chunk, dtype=torch.int64, device=device), persistent=False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, slots_per_class={self.slots_per_class}, dim={self.dim}, "
+            f"dtype={self.bank.dtype}, resync_every={self.resync_every}"
+        )
+
+    @torch.no_grad()
+    def enqueue(self, feats: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Store detached ``feats`` [N,D] under ``labels`` [N]; rows with ``mask`` False are skipped."""
+        feats, labels, mask = self._check_enqueue(feats, labels, mask)
+        name = resolve(self.backend, "class_bank", self.bank)
+        impl = reference if name == "reference" else implementation(name)
+        impl.class_bank_enqueue_(self.bank, self.count, self.ptr, self.sums, feats, labels, mask)
+        if self._resync_offsets.numel():
+            classes = (self.resync_pos + self._resync_offsets).remainder(self.num_classes)
+            impl.class_bank_resync_(self.bank, self.count, self.sums, classes)
+            self.resync_pos.copy_((self.resync_pos + self._resync_offsets.numel()).remainder(self.num_classes))
+
+    @torch.no_grad()
+    def resync(self) -> None:
+        """Recompute every class's float32 sum exactly from the stored rows."""
+        classes = torch.arange(self.num_classes, device=self.bank.device)
+        name = resolve(self.backend, "class_bank", self.bank)
+        impl = reference if name == "reference" else implementation(name)
+        impl.class_bank_resync_(self.bank, self.count, self.sums, classes)
+
+    def sums_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sums float32 [C,D], counts int64 [C])`` of the stored rows (previous batches only)."""
+        return self.sums, self.count
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        for buf in (self.bank, self.count, self.ptr, self.sums, self.resync_pos):
+            buf.zero_()
+
+
+class FIFOMemoryBank(_BankBase):
+    """One ring buffer of ``size`` rows for all classes: ``bank`` [N,D], ``labels`` [N] (-1 =
+    empty), ``ptr`` (0-dim). Per-class sums and counts come from a segment sum over the stored
+    labels (O(N*D) per call)."""
+
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        num_classes: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.size = _positive_int("size", size)
+        self.dim = _positive_int("dim", dim)
+        self.num_classes = _positive_int("num_classes", num_classes)
+        if dtype not in _STORAGE_DTYPES:
+            raise TypeError(f"dtype must be one of float32, float16, bfloat16, got {dtype}")
+        self.backend = backend
+        self.register_buffer("bank", torch.zeros(size, dim, dtype=dtype, device=device))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.int64, device=device))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.int64, device=device))
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, dim={self.dim}, num_classes={self.num_classes}, dtype={self.bank.dtype}"
+
+    @torch.no_grad()
+    def enqueue(self, feats: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Store detached ``feats`` [N,D] with ``labels`` [N]; rows with ``mask`` False are skipped."""
+        feats, labels, mask = self._check_enqueue(feats, labels, mask)
+        name = resolve(self.backend, "fifo_bank", self.bank)
+        impl = reference if name == "reference" else implementation(name)
+        impl.fifo_bank_enqueue_(self.bank, self.labels, self.ptr, feats, labels, mask)
+
+    def sums_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        name = resolve(self.backend, "fifo_bank", self.bank)
+        impl = reference if name == "reference" else implementation(name)
+        return impl.fifo_bank_sums(self.bank, self.labels, self.num_classes)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        self.bank.zero_()
+        self.labels.fill_(-1)
+        self.ptr.zero_()
