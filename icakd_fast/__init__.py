@@ -8,12 +8,14 @@
 """
 
 from . import functional
-from ._backend import BackendUnavailableError
+from ._backend import BackendUnavailableError, probe_all
 from .hooks import FeatureTap
 from .loss import ICAKDLoss, ICAKDOutput
 from .memory import ClassMemoryBank, FIFOMemoryBank
 
 __version__ = "0.1.0"
+
+probe_all()
 
 __all__ = [
     "BackendUnavailableError",

@@ -19,7 +19,6 @@ resolution is cheap and traceable by ``torch.compile``.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 import warnings
@@ -46,8 +45,7 @@ def triton_interpret() -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _probe(name: str) -> tuple[object | None, tuple[str, ...]]:
+def _run_probe(name: str) -> tuple[object | None, tuple[str, ...]]:
     """Import the backend's implementation module once: (module or None, reasons it cannot run)."""
     if name == "reference":
         return importlib.import_module("icakd_fast.reference"), ()
@@ -82,6 +80,25 @@ def _probe(name: str) -> tuple[object | None, tuple[str, ...]]:
     raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
 
 
+_PROBES: dict[str, tuple[object | None, tuple[str, ...], tuple[str, ...]]] = {}
+
+
+def _probe(name: str) -> tuple[object | None, tuple[str, ...]]:
+    """Cached (module or None, reasons it cannot run at all); also caches its device types."""
+    hit = _PROBES.get(name)
+    if hit is None:
+        mod, reasons = _run_probe(name)
+        types = ("cpu", "cuda", "meta") if name == "reference" else tuple(mod.device_types()) if mod is not None else ()
+        hit = _PROBES[name] = (mod, reasons, types)
+    return hit[0], hit[1]
+
+
+def probe_all() -> None:
+    """Run every probe now (``import icakd_fast`` does), so that no probe runs while tracing."""
+    for name in BACKENDS:
+        _probe(name)
+
+
 def not_supported_reasons(name: str, op: str | None = None, device: torch.device | str | None = None) -> list[str]:
     """Every reason why backend ``name`` cannot run ``op`` on ``device`` (empty list: it can)."""
     mod, reasons = _probe(name)
@@ -92,8 +109,7 @@ def not_supported_reasons(name: str, op: str | None = None, device: torch.device
         reasons.append(f"op {op!r} is not implemented by the {name} backend")
     if device is not None:
         dev = torch.device(device)
-        ok_types = mod.device_types() if hasattr(mod, "device_types") else ("cuda",)
-        if dev.type not in ok_types:
+        if dev.type not in _PROBES[name][2]:
             extra = " (set TRITON_INTERPRET=1 before importing triton to run it on CPU tensors)" if name == "triton" and dev.type == "cpu" else ""
             reasons.append(f"{name} does not run on {dev.type} tensors{extra}")
     return reasons

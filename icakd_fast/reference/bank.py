@@ -25,9 +25,9 @@ def _redirect_idle(write: torch.Tensor, index: torch.Tensor, values: torch.Tenso
     """Rows with ``write`` False repeat the first writing row's (index, value), or rewrite
     ``fallback_value`` at ``fallback_index`` (its current content) when no row writes."""
     any_write = write.any()
-    first = torch.argmax(write.to(torch.uint8))
-    dummy_index = torch.where(any_write, index[first], fallback_index)
-    dummy_value = torch.where(any_write, values[first], fallback_value)
+    first = torch.argmax(write.to(torch.uint8)).view(1)
+    dummy_index = torch.where(any_write, index.index_select(0, first)[0], fallback_index)
+    dummy_value = torch.where(any_write, values.index_select(0, first)[0], fallback_value)
     shape = (-1,) + (1,) * (values.dim() - 1)
     index = torch.where(write, index, dummy_index)
     values = torch.where(write.view(shape), values, dummy_value)
