@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One prepared GPU session: install without network, build the CUDA extension, run the GPU tests,
+# run the GPU benchmark. Every stage logs under $OUT (default ./gpu-out) and a failing stage never
+# stops the later ones. Usage: bash benchmarks/gpu_run.sh [OUT_DIR]
+set -u
+OUT=${1:-${OUT:-gpu-out}}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+cd "$(dirname "$0")/.."
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  nproc
+} 2>&1 | tee "$OUT/env.txt"
+
+# 1. the package (pure Python first, so tests can start at once), then the CUDA extension in the background
+ICAKD_SKIP_EXT=1 $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || echo "pure install failed" | tee -a "$OUT/summary.txt"
+( export FORCE_CUDA=1 ICAKD_CUDA_ARCHS=${ICAKD_CUDA_ARCHS:-9.0} MAX_JOBS=${MAX_JOBS:-12}
+  t0=$(date +%s)
+  timeout 300 $PY setup.py build_ext --inplace > "$OUT/build_ext.log" 2>&1; rc=$?
+  echo "cuda extension build rc=$rc in $(( $(date +%s) - t0 )) s" >> "$OUT/build_ext.log" ) &
+build_pid=$!
+
+# 2. Triton on the GPU: the kernel tests (the same files CI runs under the interpreter) + GPU-only tests
+timeout 240 $PY -m pytest tests/test_triton_*.py tests/test_gpu.py -q -x -p no:cacheprovider -m "not slow" \
+  > "$OUT/tests_triton_gpu.log" 2>&1
+echo "triton gpu tests rc=$? : $(tail -n 1 "$OUT/tests_triton_gpu.log")" | tee -a "$OUT/summary.txt"
+
+wait $build_pid
+tail -n 3 "$OUT/build_ext.log" | tee -a "$OUT/summary.txt"
+$PY -m icakd_fast.info 2>&1 | tee -a "$OUT/summary.txt"
+
+# 3. the CUDA extension's tests
+timeout 150 $PY -m pytest tests/test_cpp_*.py -q -p no:cacheprovider -m "not slow" > "$OUT/tests_cpp_gpu.log" 2>&1
+echo "cpp tests rc=$? : $(tail -n 1 "$OUT/tests_cpp_gpu.log")" | tee -a "$OUT/summary.txt"
+
+# 4. the benchmark (checks correctness before timing)
+timeout 300 $PY benchmarks/gpu_bench.py --out "$OUT" > "$OUT/bench.log" 2>&1
+echo "bench rc=$?" | tee -a "$OUT/summary.txt"
+tail -n 40 "$OUT/bench.log"
