@@ -50,7 +50,7 @@ def class_bank_enqueue_(
     labels = labels.long()
     keep = mask & (labels >= 0) & (labels < num_classes)
     lab = torch.where(keep, labels, num_classes)  # skipped rows form the sentinel class C
-    n = torch.bincount(lab, minlength=num_classes + 1)[:num_classes]
+    n = torch.zeros(num_classes + 1, dtype=torch.int64, device=lab.device).index_add_(0, lab, torch.ones_like(lab))[:num_classes]
     rank = _ranks_within_class(lab)
     cls = lab.clamp(max=num_classes - 1)
     n_row = n.index_select(0, cls)

@@ -22,7 +22,7 @@ def class_centroids(
     labels = labels.long()
     batch_sum = torch.zeros(num_classes, feats.shape[1], dtype=out, device=feats.device)
     batch_sum = batch_sum.index_add(0, labels, feats.to(out))
-    n = torch.bincount(labels, minlength=num_classes)[:num_classes]
+    n = torch.zeros(num_classes, dtype=torch.int64, device=labels.device).index_add_(0, labels, torch.ones_like(labels))
     total = counts.long() + n
     mu = (sums.to(out) + batch_sum) / total.clamp(min=1).unsqueeze(1).to(out)
     return mu, total

@@ -1,0 +1,81 @@
+"""Small helpers shared by the kernel launchers (no upward imports)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+try:  # torch >= 2.6: kernels launched through wrap_triton are visible to torch.compile
+    from torch.library import wrap_triton as _wrap_triton
+except ImportError:  # pragma: no cover - older torch: plain launches
+    def _wrap_triton(kernel):
+        return kernel
+
+
+def _is_fake(x) -> bool:
+    if not isinstance(x, torch.Tensor):
+        return False
+    if x.device.type == "meta":
+        return True
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover
+        return False
+    return is_fake(x)
+
+
+class _InterpretedLaunch:
+    """Interpreter kernels cannot be traced: their launch is skipped on fake/meta tensors (shape
+    propagation only -- every output is allocated by torch ops before the launch)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            if any(_is_fake(a) for a in args) or any(_is_fake(v) for v in kwargs.values()):
+                return None
+            return self.kernel[grid](*args, **kwargs)
+
+        return run
+
+
+def interpreter_kernel(kernel) -> bool:
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(kernel, JITFunction)
+
+
+def launch(kernel):
+    """``launch(kernel)[grid](...)``: a launch that ``torch.library.triton_op`` can trace."""
+    if interpreter_kernel(kernel):
+        return _InterpretedLaunch(kernel)
+    return _wrap_triton(kernel)
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def interpreting(t: torch.Tensor) -> bool:
+    """True when the kernels run through the Triton interpreter (CPU tensors)."""
+    return t.device.type != "cuda"
+
+
+def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float64 if any input is float64, else float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def f32_dot_tf32(*dtypes: torch.dtype) -> bool:
+    """Whether float32 dot products may use TF32 tensor cores.
+
+    Follows PyTorch's own switch (``torch.backends.cuda.matmul.allow_tf32`` /
+    ``torch.set_float32_matmul_precision``): exact IEEE float32 by default. Half inputs convert
+    exactly to TF32 (their mantissas fit), so they always use it; float64 never does.
+    """
+    if torch.float64 in dtypes:
+        return False
+    if all(d in (torch.float16, torch.bfloat16) for d in dtypes):
+        return True
+    return bool(torch.backends.cuda.matmul.allow_tf32)

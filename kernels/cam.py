@@ -1,0 +1,345 @@
+"""Grad-CAM weighting and CAM-weighted pooling.
+
+Forward (``cam_fwd``): one program per image. A first sweep over channel chunks accumulates
+``s[p] = sum_k w[k] A[k, p]`` in float32 registers (the whole padded map, ``H*W <= MAX_FUSED_HW``);
+ReLU, per-image min-max and the pooling weights are then computed in registers; a second sweep
+over the same channel chunks writes ``pooled[k] = sum_p pool_w[p] A[k, p]``. The feature map is
+read twice (the second read of an image is usually still in L2). With ``FROM_GRADS`` the weights
+are the spatial mean of a gradient tensor computed in the first sweep of the same launch.
+Larger maps take a tiled path: one kernel for ``s`` per (image, pixel tile), the tiny [B, H*W]
+min-max in torch, one pooling kernel per (image, channel tile).
+
+Backward (``cam_bwd``): one program per (image, channel chunk), looping over pixel tiles:
+``g_s = grad_cam * (cam > 0)``, ``dA = w g_s^T + g_pooled pool_w^T`` (one write of dA) and
+``dw = sum_p g_s A`` (one read of A) -- nothing of size [B, K, H, W] is stored by the forward.
+
+Every feature-map offset is int64 and every NCHW stride is honoured (channels_last included).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype, launch, next_pow2
+
+#: largest H*W handled by the single-launch forward (the padded map lives in registers)
+MAX_FUSED_HW = 4096
+
+
+@triton.jit
+def _cam_fwd_fused_kernel(
+    a_ptr, w_ptr, g_ptr, cam_ptr, pooled_ptr, pw_ptr, wout_ptr,
+    K, HW, WIDTH,
+    sab, sak, sah, saw,
+    swb, swk,
+    sgb, sgk, sgh, sgw,
+    WITH_POOLED: tl.constexpr, FROM_GRADS: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    acc_ty = pw_ptr.dtype.element_ty
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.arange(0, BLOCK_P)
+    pmask = p < HW
+    hh = (p // WIDTH).to(tl.int64)
+    ww = (p % WIDTH).to(tl.int64)
+    a_sp = hh * sah + ww * saw
+    a_base = a_ptr + b * sab
+    s = tl.zeros([BLOCK_P], dtype=acc_ty)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        k64 = k.to(tl.int64)
+        m2 = kmask[:, None] & pmask[None, :]
+        if FROM_GRADS:
+            g = tl.load(g_ptr + b * sgb + k64[:, None] * sgk + (hh * sgh + ww * sgw)[None, :], mask=m2, other=0.0)
+            wk = tl.sum(g.to(acc_ty), axis=1) / HW
+            wk_out = wk.to(wout_ptr.dtype.element_ty)
+            tl.store(wout_ptr + b * K + k64, wk_out, mask=kmask)
+            wk = wk_out.to(acc_ty)
+        else:
+            wk = tl.load(w_ptr + b * swb + k64 * swk, mask=kmask, other=0.0).to(acc_ty)
+        a = tl.load(a_base + k64[:, None] * sak + a_sp[None, :], mask=m2, other=0.0).to(acc_ty)
+        s += tl.sum(a * wk[:, None], axis=0)
+    cam = tl.maximum(s, 0.0)
+    tl.store(cam_ptr + b * HW + p, cam.to(cam_ptr.dtype.element_ty), mask=pmask)
+    if WITH_POOLED:
+        lo = tl.min(tl.where(pmask, cam, float("inf")), axis=0)
+        hi = tl.max(tl.where(pmask, cam, float("-inf")), axis=0)
+        m = tl.where(pmask, (cam - lo) / (hi - lo + 1e-7), 0.0)
+        den = tl.sum(m, axis=0)
+        safe = tl.where(den > 0, den, 1.0)
+        pw = tl.where(den > 0, m / safe, 1.0 / HW)
+        pw = tl.where(pmask, pw, 0.0)
+        tl.store(pw_ptr + b * HW + p, pw, mask=pmask)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < K
+            k64 = k.to(tl.int64)
+            a = tl.load(a_base + k64[:, None] * sak + a_sp[None, :], mask=kmask[:, None] & pmask[None, :], other=0.0)
+            pooled = tl.sum(a.to(acc_ty) * pw[None, :], axis=1)
+            tl.store(pooled_ptr + b * K + k64, pooled.to(pooled_ptr.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _cam_map_kernel(
+    a_ptr, w_ptr, cam_ptr, camf_ptr,
+    K, HW, WIDTH,
+    sab, sak, sah, saw,
+    swb, swk,
+    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Tiled path: ``relu(sum_k w A)`` for one (image, pixel tile)."""
+    acc_ty = camf_ptr.dtype.element_ty
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < HW
+    a_sp = (p // WIDTH).to(tl.int64) * sah + (p % WIDTH).to(tl.int64) * saw
+    s = tl.zeros([BLOCK_P], dtype=acc_ty)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        k64 = k.to(tl.int64)
+        wk = tl.load(w_ptr + b * swb + k64 * swk, mask=kmask, other=0.0).to(acc_ty)
+        a = tl.load(a_ptr + b * sab + k64[:, None] * sak + a_sp[None, :], mask=kmask[:, None] & pmask[None, :], other=0.0)
+        s += tl.sum(a.to(acc_ty) * wk[:, None], axis=0)
+    cam = tl.maximum(s, 0.0)
+    tl.store(camf_ptr + b * HW + p, cam, mask=pmask)
+    tl.store(cam_ptr + b * HW + p, cam.to(cam_ptr.dtype.element_ty), mask=pmask)
+
+
+@triton.jit
+def _pool_kernel(
+    a_ptr, pw_ptr, out_ptr,
+    K, HW, WIDTH,
+    sab, sak, sah, saw,
+    UNIFORM: tl.constexpr, ACC_F64: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """``out[b, k] = sum_p pw[b, p] A[b, k, p]`` (``UNIFORM``: the spatial mean) per (image, channel tile)."""
+    b = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = k < K
+    k64 = k.to(tl.int64)
+    if ACC_F64:
+        acc = tl.zeros([BLOCK_K], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for p0 in range(0, HW, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pmask = p < HW
+        a_sp = (p // WIDTH).to(tl.int64) * sah + (p % WIDTH).to(tl.int64) * saw
+        a = tl.load(a_ptr + b * sab + k64[:, None] * sak + a_sp[None, :], mask=kmask[:, None] & pmask[None, :], other=0.0)
+        a = a.to(acc.dtype)
+        if UNIFORM:
+            acc += tl.sum(a, axis=1)
+        else:
+            pw = tl.load(pw_ptr + b * HW + p, mask=pmask, other=0.0).to(acc.dtype)
+            acc += tl.sum(a * pw[None, :], axis=1)
+    if UNIFORM:
+        acc = acc / HW
+    tl.store(out_ptr + b * K + k64, acc.to(out_ptr.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _cam_bwd_kernel(
+    a_ptr, w_ptr, cam_ptr, pw_ptr, gc_ptr, gp_ptr, ga_ptr, gw_ptr,
+    K, HW, WIDTH,
+    sab, sak, sah, saw,
+    swb, swk,
+    sgcb, sgch, sgcw,
+    sgpb, sgpk,
+    sgab, sgak, sgah, sgaw,
+    HAS_GCAM: tl.constexpr, HAS_GPOOL: tl.constexpr,
+    NEED_F: tl.constexpr, NEED_W: tl.constexpr, ACC_F64: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = k < K
+    k64 = k.to(tl.int64)
+    if ACC_F64:
+        gw = tl.zeros([BLOCK_K], dtype=tl.float64)
+    else:
+        gw = tl.zeros([BLOCK_K], dtype=tl.float32)
+    acc_ty = gw.dtype
+    wk = tl.load(w_ptr + b * swb + k64 * swk, mask=kmask, other=0.0).to(acc_ty)
+    if HAS_GPOOL:
+        gp = tl.load(gp_ptr + b * sgpb + k64 * sgpk, mask=kmask, other=0.0).to(acc_ty)
+    for p0 in range(0, HW, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pmask = p < HW
+        hh = (p // WIDTH).to(tl.int64)
+        ww = (p % WIDTH).to(tl.int64)
+        m2 = kmask[:, None] & pmask[None, :]
+        if HAS_GCAM:
+            gc = tl.load(gc_ptr + b * sgcb + hh * sgch + ww * sgcw, mask=pmask, other=0.0).to(acc_ty)
+            cv = tl.load(cam_ptr + b * HW + p, mask=pmask, other=0.0).to(acc_ty)
+            gs = tl.where(cv > 0, gc, 0.0)
+        else:
+            gs = tl.zeros([BLOCK_P], dtype=acc_ty)
+        if NEED_F:
+            ga = wk[:, None] * gs[None, :]
+            if HAS_GPOOL:
+                pw = tl.load(pw_ptr + b * HW + p, mask=pmask, other=0.0).to(acc_ty)
+                ga += gp[:, None] * pw[None, :]
+            tl.store(
+                ga_ptr + b * sgab + k64[:, None] * sgak + (hh * sgah + ww * sgaw)[None, :],
+                ga.to(ga_ptr.dtype.element_ty),
+                mask=m2,
+            )
+        if NEED_W:
+            if HAS_GCAM:
+                a = tl.load(a_ptr + b * sab + k64[:, None] * sak + (hh * sah + ww * saw)[None, :], mask=m2, other=0.0)
+                gw += tl.sum(a.to(acc_ty) * gs[None, :], axis=1)
+    if NEED_W:
+        tl.store(gw_ptr + b * K + k64, gw.to(gw_ptr.dtype.element_ty), mask=kmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _fused_blocks(hw: int, k: int) -> tuple[int, int, int]:
+    block_p = next_pow2(hw)
+    block_k = max(1, min(next_pow2(k), 8192 // block_p, 128))
+    num_warps = 4 if block_p * block_k <= 4096 else 8
+    return block_k, block_p, num_warps
+
+
+def _tile_blocks(hw: int, k: int) -> tuple[int, int]:
+    block_p = min(next_pow2(hw), 128)
+    block_k = max(1, min(next_pow2(k), 4096 // block_p))
+    return block_k, block_p
+
+
+def cam_fwd(features: torch.Tensor, weights: torch.Tensor | None, with_pooled: bool, grads: torch.Tensor | None = None,
+            max_fused_hw: int | None = None):
+    """Returns ``(cam [B,H,W], pooled [B,K], pool_w [B,H*W], weights_out)``.
+
+    ``grads`` given: the weights are its spatial mean (``weights_out``, grads' dtype), computed
+    in the same launch; otherwise ``weights`` is used and ``weights_out`` is empty.
+    """
+    if max_fused_hw is None:
+        max_fused_hw = MAX_FUSED_HW
+    B, K, H, W = features.shape
+    HW = H * W
+    wdt = grads.dtype if grads is not None else weights.dtype
+    out_dt = torch.promote_types(features.dtype, wdt)
+    acc = acc_dtype(features.dtype, wdt)
+    dev = features.device
+    cam = torch.empty((B, H, W), dtype=out_dt, device=dev)
+    pooled = torch.empty((B, K) if with_pooled else (0,), dtype=out_dt, device=dev)
+    pool_w = torch.empty((B, HW) if with_pooled else (0,), dtype=acc, device=dev)
+    w_out = torch.empty((B, K) if grads is not None else (0,), dtype=wdt, device=dev)
+    if B == 0 or HW == 0:
+        if with_pooled:
+            pooled.zero_()
+            pool_w.fill_(1.0 / max(HW, 1))
+        return cam, pooled, pool_w, w_out
+    if K == 0:  # empty sum: cam = 0, uniform pooling of nothing
+        cam.zero_()
+        if with_pooled:
+            pool_w.fill_(1.0 / HW)
+        if grads is not None:
+            w_out.zero_()
+        return cam, pooled, pool_w, w_out
+    if HW > max_fused_hw and grads is not None:
+        w_out = spatial_mean(grads)
+        weights, grads = w_out, None
+    if HW <= max_fused_hw:
+        block_k, block_p, nw = _fused_blocks(HW, K)
+        pw_arg = pool_w if with_pooled else torch.empty((1,), dtype=acc, device=dev)
+        if grads is not None:
+            g, gs, w_arg, ws = grads, grads.stride(), grads, (0, 0)
+        else:
+            g, gs, w_arg, ws = weights, (0, 0, 0, 0), weights, weights.stride()
+        launch(_cam_fwd_fused_kernel)[(B,)](
+            features, w_arg, g, cam, pooled, pw_arg, w_out,
+            K, HW, W,
+            *features.stride(), *ws, *gs,
+            WITH_POOLED=with_pooled, FROM_GRADS=grads is not None,
+            BLOCK_K=block_k, BLOCK_P=block_p, num_warps=nw,
+        )
+        return cam, pooled, pool_w, w_out
+    # tiled path for large maps
+    block_k, block_p = _tile_blocks(HW, K)
+    camf = torch.empty((B, HW), dtype=acc, device=dev)
+    launch(_cam_map_kernel)[(B, triton.cdiv(HW, block_p))](
+        features, weights, cam, camf, K, HW, W, *features.stride(), *weights.stride(),
+        BLOCK_K=block_k, BLOCK_P=block_p, num_warps=4,
+    )
+    if with_pooled:
+        lo = camf.amin(dim=1, keepdim=True)
+        hi = camf.amax(dim=1, keepdim=True)
+        m = (camf - lo) / (hi - lo + 1e-7)
+        den = m.sum(dim=1, keepdim=True)
+        pw = torch.where(den > 0, m / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(m, 1.0 / HW))
+        pool_w.copy_(pw)
+        pk, pp = _tile_blocks(HW, K)
+        launch(_pool_kernel)[(B, triton.cdiv(K, pk))](
+            features, pool_w, pooled, K, HW, W, *features.stride(),
+            UNIFORM=False, ACC_F64=acc == torch.float64, BLOCK_K=pk, BLOCK_P=pp, num_warps=4,
+        )
+    return cam, pooled, pool_w, w_out
+
+
+def spatial_mean(grads: torch.Tensor) -> torch.Tensor:
+    B, K, H, W = grads.shape
+    HW = H * W
+    out = torch.empty((B, K), dtype=grads.dtype, device=grads.device)
+    if out.numel() == 0:
+        return out
+    if HW == 0:
+        return out.fill_(float("nan"))
+    block_k, block_p = _tile_blocks(HW, K)
+    launch(_pool_kernel)[(B, triton.cdiv(K, block_k))](
+        grads, out, out, K, HW, W, *grads.stride(),
+        UNIFORM=True, ACC_F64=grads.dtype == torch.float64, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=4,
+    )
+    return out
+
+
+def cam_bwd(grad_cam, grad_pooled, features, weights, cam, pool_w, need_features: bool, need_weights: bool):
+    """Returns ``(grad_features, grad_weights)``; an output not asked for is an empty tensor."""
+    B, K, H, W = features.shape
+    HW = H * W
+    dev = features.device
+    acc = acc_dtype(features.dtype, weights.dtype)
+    has_gc = grad_cam is not None
+    has_gp = grad_pooled is not None and pool_w.numel() > 0
+    ga = torch.empty_like(features) if need_features else torch.empty((0,), dtype=features.dtype, device=dev)
+    gw = torch.empty((B, K), dtype=weights.dtype, device=dev) if need_weights else torch.empty((0,), dtype=weights.dtype, device=dev)
+    if not (need_features or need_weights):
+        return ga, gw
+    if features.numel() == 0:
+        if need_weights:
+            gw.zero_()
+        return ga, gw
+    if not has_gc and not has_gp:
+        if need_features:
+            ga.zero_()
+        if need_weights:
+            gw.zero_()
+        return ga, gw
+    block_k, block_p = _tile_blocks(HW, K)
+    if block_p < 64 and HW <= 64:
+        block_p = next_pow2(HW)
+        block_k = max(1, min(next_pow2(K), 4096 // block_p, 128))
+    gc = grad_cam if has_gc else cam
+    gp = grad_pooled if has_gp else weights
+    ga_arg = ga if need_features else features
+    gw_arg = gw if need_weights else weights
+    launch(_cam_bwd_kernel)[(B, triton.cdiv(K, block_k))](
+        features, weights, cam, pool_w if has_gp else cam, gc, gp, ga_arg, gw_arg,
+        K, HW, W,
+        *features.stride(), *weights.stride(),
+        *(gc.stride() if has_gc else (0, 0, 0)),
+        *(gp.stride() if has_gp else (0, 0)),
+        *(ga.stride() if need_features else (0, 0, 0, 0)),
+        HAS_GCAM=has_gc, HAS_GPOOL=has_gp, NEED_F=need_features, NEED_W=need_weights,
+        ACC_F64=acc == torch.float64, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=4,
+    )
+    return ga, gw

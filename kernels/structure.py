@@ -1,0 +1,388 @@
+"""Centroids, intra-class loss and the tiled inter-class (cosine relation) loss.
+
+Inter forward: ``a[c] = valid[c] / max(|mu[c]|, eps)`` (one O(C*D) pass per side), then a 2-D
+grid of (row tile, column tile) programs over the upper triangle. Each program forms the student
+and the teacher Gram tiles with ``tl.dot`` over feature chunks of the raw rows, scales them by
+``a_k a_l`` (invalid rows have ``a = 0``), and writes the sum of squared differences of its tile
+(x2 off the diagonal) to its own slot of a [T*T] buffer; one ``torch.sum`` finishes. No C x C
+buffer and no float atomics: extra memory is O(C) + O(T^2).
+
+Inter backward: rows are taken in a "work-first" order (rows whose gradient is wanted -- live and
+valid -- first, sync-free ``argsort``); a (row tile, output chunk) program whose first row is not
+wanted exits at once, so with P wanted rows the cost is O(P*C*(Ds+Dt)) instead of O(C^2*D). A
+working program streams column tiles l, recomputes ``E = (G_s - G_t)`` for its rows and
+accumulates ``E @ (a_l * mu[l, chunk])`` in registers; a second per-row kernel chains the result
+through the row normalisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype, f32_dot_tf32, launch, next_pow2
+
+
+@triton.jit
+def _dot(a, b, acc, TF32: tl.constexpr):
+    if TF32:
+        return tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+# ----------------------------------------------------------------------------------------------
+# intra
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _intra_kernel(
+    fs_ptr, ft_ptr, ms_ptr, mt_ptr, lab_ptr, valid_ptr, go_ptr, nv_ptr, out_ptr,
+    B, D,
+    sfs0, sfs1, sft0, sft1, sms0, sms1, smt0, smt1,
+    so0, so1,
+    BACKWARD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Forward: ``out[b] = valid[y_b] |d_b|^2``. Backward: ``out[b] = 2 g d_b valid[y_b] / max(nv, 1)``."""
+    acc_ty = out_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    r64 = rows.to(tl.int64)
+    y = tl.load(lab_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    v = tl.load(valid_ptr + y, mask=rmask, other=0) != 0
+    if BACKWARD:
+        nv = tl.maximum(tl.load(nv_ptr).to(acc_ty), 1.0)
+        coef = 2.0 * tl.load(go_ptr).to(acc_ty) / nv
+        d_start = tl.program_id(1) * BLOCK_D
+        d_stop = d_start + BLOCK_D
+    else:
+        d_start = 0
+        d_stop = D
+        sq = tl.zeros([BLOCK_B], dtype=acc_ty)
+    for d0 in range(d_start, d_stop, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d64 = d.to(tl.int64)
+        m = rmask[:, None] & (d < D)[None, :]
+        fs = tl.load(fs_ptr + r64[:, None] * sfs0 + d64[None, :] * sfs1, mask=m, other=0.0).to(acc_ty)
+        ft = tl.load(ft_ptr + r64[:, None] * sft0 + d64[None, :] * sft1, mask=m, other=0.0).to(acc_ty)
+        ms = tl.load(ms_ptr + y[:, None] * sms0 + d64[None, :] * sms1, mask=m, other=0.0).to(acc_ty)
+        mt = tl.load(mt_ptr + y[:, None] * smt0 + d64[None, :] * smt1, mask=m, other=0.0).to(acc_ty)
+        diff = (fs - ms) - (ft - mt)
+        if BACKWARD:
+            g = tl.where(v[:, None], coef * diff, 0.0)
+            tl.store(out_ptr + r64[:, None] * so0 + d64[None, :] * so1, g, mask=m)
+        else:
+            sq += tl.sum(diff * diff, axis=1)
+    if not BACKWARD:
+        tl.store(out_ptr + r64 * so0, tl.where(v, sq, 0.0), mask=rmask)
+
+
+def _intra_blocks(D: int) -> tuple[int, int]:
+    bd = min(next_pow2(D), 256)
+    bb = max(1, min(64, 4096 // bd))
+    return bb, bd
+
+
+def intra_fwd(f_s, f_t, mu_s, mu_t, labels, valid):
+    B, D = f_s.shape
+    acc = acc_dtype(f_s.dtype, f_t.dtype, mu_s.dtype, mu_t.dtype)
+    labels = labels.contiguous()
+    vu8 = valid.contiguous().view(torch.uint8)
+    rows = torch.empty((B, 1), dtype=acc, device=f_s.device)
+    nv = valid.index_select(0, labels.long()).sum().to(acc) if B > 0 else torch.zeros((), dtype=acc, device=f_s.device)
+    if B > 0:
+        bb, bd = _intra_blocks(D)
+        launch(_intra_kernel)[(triton.cdiv(B, bb), 1)](
+            f_s, f_t, mu_s, mu_t, labels, vu8, rows, rows, rows,
+            B, D, *f_s.stride(), *f_t.stride(), *mu_s.stride(), *mu_t.stride(), *rows.stride(),
+            BACKWARD=False, BLOCK_B=bb, BLOCK_D=bd, num_warps=4,
+        )
+    return rows.sum() / nv.clamp(min=1)
+
+
+def intra_bwd(grad_out, f_s, f_t, mu_s, mu_t, labels, valid):
+    B, D = f_s.shape
+    acc = acc_dtype(f_s.dtype, f_t.dtype, mu_s.dtype, mu_t.dtype)
+    labels = labels.contiguous()
+    vu8 = valid.contiguous().view(torch.uint8)
+    gd = torch.empty((B, D), dtype=acc, device=f_s.device)
+    if B == 0 or D == 0:
+        return gd
+    nv = valid.index_select(0, labels.long()).sum().to(acc).reshape(1)
+    go = grad_out.to(acc).reshape(1)
+    bb, bd = _intra_blocks(D)
+    launch(_intra_kernel)[(triton.cdiv(B, bb), triton.cdiv(D, bd))](
+        f_s, f_t, mu_s, mu_t, labels, vu8, go, nv, gd,
+        B, D, *f_s.stride(), *f_t.stride(), *mu_s.stride(), *mu_t.stride(), *gd.stride(),
+        BACKWARD=True, BLOCK_B=bb, BLOCK_D=bd, num_warps=4,
+    )
+    return gd
+
+
+# ----------------------------------------------------------------------------------------------
+# inter
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_scale_kernel(
+    x_ptr, valid_ptr, a_ptr,
+    C, D, sx0, sx1, eps,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``a[c] = valid[c] / max(|x[c]|, eps)``."""
+    acc_ty = a_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < C
+    r64 = rows.to(tl.int64)
+    ss = tl.zeros([BLOCK_R], dtype=acc_ty)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + r64[:, None] * sx0 + d.to(tl.int64)[None, :] * sx1, mask=rmask[:, None] & (d < D)[None, :], other=0.0)
+        x = x.to(acc_ty)
+        ss += tl.sum(x * x, axis=1)
+    nrm = tl.maximum(tl.sqrt(ss), eps)
+    v = tl.load(valid_ptr + rows, mask=rmask, other=0) != 0
+    a = tl.where(v, 1.0 / nrm, 0.0)
+    tl.store(a_ptr + rows, a, mask=rmask)
+
+
+@triton.jit
+def _inter_fwd_kernel(
+    xs_ptr, xt_ptr, as_ptr, at_ptr, part_ptr,
+    C, DS, DT,
+    sxs0, sxs1, sxt0, sxt1,
+    TF32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    acc_ty = as_ptr.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_n >= pid_m:
+        rk = pid_m * BLOCK_T + tl.arange(0, BLOCK_T)
+        rl = pid_n * BLOCK_T + tl.arange(0, BLOCK_T)
+        km = rk < C
+        lm = rl < C
+        k64 = rk.to(tl.int64)
+        l64 = rl.to(tl.int64)
+        # one accumulator: E = (a_k xs_k)(a_l xs_l)^T - (b_k xt_k)(b_l xt_l)^T, rows pre-scaled
+        ask = tl.load(as_ptr + rk, mask=km, other=0.0)
+        asl = tl.load(as_ptr + rl, mask=lm, other=0.0)
+        atk = tl.load(at_ptr + rk, mask=km, other=0.0)
+        atl = tl.load(at_ptr + rl, mask=lm, other=0.0)
+        e = tl.zeros([BLOCK_T, BLOCK_T], dtype=acc_ty)
+        for d0 in range(0, DS, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < DS
+            d64 = d.to(tl.int64)
+            xk = tl.load(xs_ptr + k64[:, None] * sxs0 + d64[None, :] * sxs1, mask=km[:, None] & dm[None, :], other=0.0)
+            xl = tl.load(xs_ptr + l64[:, None] * sxs0 + d64[None, :] * sxs1, mask=lm[:, None] & dm[None, :], other=0.0)
+            e = _dot(xk.to(acc_ty) * ask[:, None], tl.trans(xl.to(acc_ty) * asl[:, None]), e, TF32)
+        for d0 in range(0, DT, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < DT
+            d64 = d.to(tl.int64)
+            xk = tl.load(xt_ptr + k64[:, None] * sxt0 + d64[None, :] * sxt1, mask=km[:, None] & dm[None, :], other=0.0)
+            xl = tl.load(xt_ptr + l64[:, None] * sxt0 + d64[None, :] * sxt1, mask=lm[:, None] & dm[None, :], other=0.0)
+            e = _dot(xk.to(acc_ty) * (-atk)[:, None], tl.trans(xl.to(acc_ty) * atl[:, None]), e, TF32)
+        tot = tl.sum(tl.sum(e * e, axis=1), axis=0)
+        if pid_n > pid_m:
+            tot = tot * 2.0
+        tl.store(part_ptr + pid_m * tl.num_programs(1) + pid_n, tot)
+
+
+@triton.jit
+def _inter_bwd_kernel(
+    xs_ptr, xt_ptr, xo_ptr, as_ptr, at_ptr, ao_ptr, order_ptr, want_ptr, dn_ptr,
+    C, DS, DT, DO,
+    sxs0, sxs1, sxt0, sxt1, sxo0, sxo1, sdn0, sdn1,
+    TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """``dn[k, o] = sum_l E[k, l] a_o[l] xo[l, o]`` for the wanted rows ``k`` of one row tile."""
+    acc_ty = as_ptr.dtype.element_ty
+    offs = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    inr = offs < C
+    rows = tl.load(order_ptr + offs, mask=inr, other=0).to(tl.int64)
+    ok = inr & (tl.load(want_ptr + rows, mask=inr, other=0) != 0)
+    if tl.max(ok.to(tl.int32), axis=0) > 0:
+        ask = tl.load(as_ptr + rows, mask=ok, other=0.0)
+        atk = tl.load(at_ptr + rows, mask=ok, other=0.0)
+        o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+        om = o < DO
+        o64 = o.to(tl.int64)
+        acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=acc_ty)
+        for l0 in range(0, C, BLOCK_N):
+            rl = l0 + tl.arange(0, BLOCK_N)
+            lm = rl < C
+            l64 = rl.to(tl.int64)
+            asl = tl.load(as_ptr + rl, mask=lm, other=0.0)
+            atl = tl.load(at_ptr + rl, mask=lm, other=0.0)
+            aol = tl.load(ao_ptr + rl, mask=lm, other=0.0)
+            e = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_ty)
+            for d0 in range(0, DS, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                dm = d < DS
+                d64 = d.to(tl.int64)
+                xk = tl.load(xs_ptr + rows[:, None] * sxs0 + d64[None, :] * sxs1, mask=ok[:, None] & dm[None, :], other=0.0)
+                xl = tl.load(xs_ptr + l64[:, None] * sxs0 + d64[None, :] * sxs1, mask=lm[:, None] & dm[None, :], other=0.0)
+                e = _dot(xk.to(acc_ty) * ask[:, None], tl.trans(xl.to(acc_ty) * asl[:, None]), e, TF32)
+            for d0 in range(0, DT, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                dm = d < DT
+                d64 = d.to(tl.int64)
+                xk = tl.load(xt_ptr + rows[:, None] * sxt0 + d64[None, :] * sxt1, mask=ok[:, None] & dm[None, :], other=0.0)
+                xl = tl.load(xt_ptr + l64[:, None] * sxt0 + d64[None, :] * sxt1, mask=lm[:, None] & dm[None, :], other=0.0)
+                e = _dot(xk.to(acc_ty) * (-atk)[:, None], tl.trans(xl.to(acc_ty) * atl[:, None]), e, TF32)
+            xo = tl.load(xo_ptr + l64[:, None] * sxo0 + o64[None, :] * sxo1, mask=lm[:, None] & om[None, :], other=0.0)
+            acc = _dot(e * aol[None, :], xo.to(acc_ty), acc, TF32)
+        tl.store(dn_ptr + rows[:, None] * sdn0 + o64[None, :] * sdn1, acc, mask=ok[:, None] & om[None, :])
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    x_ptr, dn_ptr, coef_ptr, order_ptr, want_ptr,
+    C, D, sx0, sx1, sdn0, sdn1, eps,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """In place: ``dn <- coef * (dn - n (n . dn)) / |x|`` (``coef * dn / eps`` where ``|x| <= eps``)."""
+    acc_ty = dn_ptr.dtype.element_ty
+    offs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    inr = offs < C
+    rows = tl.load(order_ptr + offs, mask=inr, other=0).to(tl.int64)
+    ok = inr & (tl.load(want_ptr + rows, mask=inr, other=0) != 0)
+    if tl.max(ok.to(tl.int32), axis=0) > 0:
+        ss = tl.zeros([BLOCK_R], dtype=acc_ty)
+        xd = tl.zeros([BLOCK_R], dtype=acc_ty)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d64 = d.to(tl.int64)
+            m = ok[:, None] & (d < D)[None, :]
+            x = tl.load(x_ptr + rows[:, None] * sx0 + d64[None, :] * sx1, mask=m, other=0.0).to(acc_ty)
+            g = tl.load(dn_ptr + rows[:, None] * sdn0 + d64[None, :] * sdn1, mask=m, other=0.0)
+            ss += tl.sum(x * x, axis=1)
+            xd += tl.sum(x * g, axis=1)
+        nrm = tl.sqrt(ss)
+        r = 1.0 / tl.maximum(nrm, eps)
+        proj = tl.where(nrm > eps, r * r * xd, 0.0)
+        coef = tl.load(coef_ptr).to(acc_ty)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d64 = d.to(tl.int64)
+            m = ok[:, None] & (d < D)[None, :]
+            x = tl.load(x_ptr + rows[:, None] * sx0 + d64[None, :] * sx1, mask=m, other=0.0).to(acc_ty)
+            g = tl.load(dn_ptr + rows[:, None] * sdn0 + d64[None, :] * sdn1, mask=m, other=0.0)
+            out = coef * r[:, None] * (g - x * proj[:, None])
+            tl.store(dn_ptr + rows[:, None] * sdn0 + d64[None, :] * sdn1, out, mask=m)
+
+
+def _row_scale(x, valid_u8, eps, acc):
+    C, D = x.shape
+    a = torch.empty((C,), dtype=acc, device=x.device)
+    if C == 0:
+        return a
+    bd = min(next_pow2(D), 256)
+    br = max(1, min(64, 4096 // bd))
+    launch(_row_scale_kernel)[(triton.cdiv(C, br),)](
+        x, valid_u8, a, C, D, *x.stride(), float(eps), BLOCK_R=br, BLOCK_D=bd, num_warps=4,
+    )
+    return a
+
+
+def _gpu_cfg(x: torch.Tensor, C: int):
+    if x.device.type != "cuda":  # interpreter: few, large blocks
+        return dict(fwd_t=32, fwd_d=32, bwd_m=16, bwd_n=32, bwd_d=32, bwd_o=64, warps=4, stages=1)
+    return dict(fwd_t=64 if C <= 4096 else 128, fwd_d=32, bwd_m=32, bwd_n=64, bwd_d=32, bwd_o=128, warps=4, stages=2)
+
+
+def inter_fwd(mu_s, mu_t, valid, eps: float):
+    C, DS = mu_s.shape
+    DT = mu_t.shape[1]
+    acc = acc_dtype(mu_s.dtype, mu_t.dtype)
+    vu8 = valid.contiguous().view(torch.uint8)
+    nv = valid.sum().to(acc)
+    if C == 0:
+        return torch.zeros((), dtype=acc, device=mu_s.device)
+    a_s = _row_scale(mu_s, vu8, eps, acc)
+    a_t = _row_scale(mu_t, vu8, eps, acc)
+    cfg = _gpu_cfg(mu_s, C)
+    bt = cfg["fwd_t"]
+    T = triton.cdiv(C, bt)
+    part = torch.zeros((T * T,), dtype=acc, device=mu_s.device)
+    warps = cfg["warps"] if bt <= 64 else 8
+    launch(_inter_fwd_kernel)[(T, T)](
+        mu_s, mu_t, a_s, a_t, part, C, DS, DT, *mu_s.stride(), *mu_t.stride(),
+        TF32=f32_dot_tf32(mu_s.dtype, mu_t.dtype), BLOCK_T=bt, BLOCK_D=cfg["fwd_d"],
+        num_warps=warps, num_stages=cfg["stages"],
+    )
+    return part.sum() / (nv * nv).clamp(min=1)
+
+
+def _work_order(want: torch.Tensor) -> torch.Tensor:
+    """Rows with ``want`` first (stable), as a static-size permutation: no host sync."""
+    return torch.argsort((~want).to(torch.int8), stable=True)
+
+
+def inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s: bool, need_t: bool, eps: float):
+    """Returns ``(grad_mu_s, grad_mu_t)`` in the accumulation dtype; one not asked for is empty."""
+    C, DS = mu_s.shape
+    DT = mu_t.shape[1]
+    dev = mu_s.device
+    acc = acc_dtype(mu_s.dtype, mu_t.dtype)
+    g_s = torch.zeros((C, DS) if need_s else (0,), dtype=acc, device=dev)
+    g_t = torch.zeros((C, DT) if need_t else (0,), dtype=acc, device=dev)
+    if C == 0 or not (need_s or need_t):
+        return g_s, g_t
+    vu8 = valid.contiguous().view(torch.uint8)
+    nv = valid.sum().to(acc)
+    base = grad_out.to(acc) * 4.0 / (nv * nv).clamp(min=1)
+    a_s = _row_scale(mu_s, vu8, eps, acc)
+    a_t = _row_scale(mu_t, vu8, eps, acc)
+    cfg = _gpu_cfg(mu_s, C)
+    tf32 = f32_dot_tf32(mu_s.dtype, mu_t.dtype)
+    bm, bn, bdd = cfg["bwd_m"], cfg["bwd_n"], cfg["bwd_d"]
+    for which, need in (("s", need_s), ("t", need_t)):
+        if not need:
+            continue
+        if which == "s":
+            want = valid if live is None else (valid & live)
+            xo, ao, out, D, coef = mu_s, a_s, g_s, DS, base.reshape(1)
+        else:
+            want = valid
+            xo, ao, out, D, coef = mu_t, a_t, g_t, DT, (-base).reshape(1)
+        if D == 0:
+            continue
+        order = _work_order(want)
+        wu8 = want.contiguous().view(torch.uint8)
+        bo = min(cfg["bwd_o"], next_pow2(D))
+        launch(_inter_bwd_kernel)[(triton.cdiv(C, bm), triton.cdiv(D, bo))](
+            mu_s, mu_t, xo, a_s, a_t, ao, order, wu8, out,
+            C, DS, DT, D, *mu_s.stride(), *mu_t.stride(), *xo.stride(), *out.stride(),
+            TF32=tf32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bdd, BLOCK_O=bo,
+            num_warps=cfg["warps"], num_stages=cfg["stages"],
+        )
+        bd = min(next_pow2(D), 256)
+        br = max(1, min(32, 4096 // bd))
+        launch(_norm_bwd_kernel)[(triton.cdiv(C, br),)](
+            xo, out, coef, order, wu8, C, D, *xo.stride(), *out.stride(), float(eps),
+            BLOCK_R=br, BLOCK_D=bd, num_warps=4,
+        )
+    return g_s, g_t
+
+
+# ----------------------------------------------------------------------------------------------
+# centroids
+# ----------------------------------------------------------------------------------------------
+
+
+def centroids_fwd(sums, counts, feats, labels):
+    from .bank import segment_launch, segments
+
+    C, D = sums.shape
+    out_dt = torch.promote_types(sums.dtype, feats.dtype)
+    order, start, end = segments(labels.long(), C)
+    total = counts.long() + (end - start)
+    mu = torch.empty((C, D), dtype=out_dt, device=sums.device)
+    segment_launch(feats, order, start, end, mu, base=sums, denom=total)
+    return mu, total

@@ -1,0 +1,158 @@
+"""GPU-only checks of the Triton backend (skipped without CUDA): bfloat16, channels_last,
+torch.compile through the triton ops with Inductor, CUDA-graph capture of a full ICAKDLoss step,
+and (slow) a feature map with more than 2**31 elements."""
+
+import pytest
+import torch
+
+import icakd_fast.functional as F
+import icakd_fast.reference as R
+
+from helpers import assert_close_rel
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cam_low_precision_and_layouts(dtype, layout):
+    f = torch.randn(8, 256, 7, 7, device=DEV).to(dtype)
+    if layout == "channels_last":
+        f = f.contiguous(memory_format=torch.channels_last)
+    f.requires_grad_(True)
+    w = (torch.randn(8, 256, device=DEV) / 49).to(dtype).requires_grad_(True)
+    cam, pooled = F.class_activation_features(f, w, backend="triton")
+    gc, gp = torch.randn_like(cam, dtype=torch.float32), torch.randn_like(pooled, dtype=torch.float32)
+    gf, gw = torch.autograd.grad((cam.float() * gc).sum() + (pooled.float() * gp).sum(), (f, w))
+    f64 = f.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    rc, rp = R.class_activation_features(f64, w64)
+    rgf, rgw = torch.autograd.grad((rc * gc.double()).sum() + (rp * gp.double()).sum(), (f64, w64))
+    assert gf.stride() == f.stride()
+    assert_close_rel(cam, rc, dtype, "cam")
+    assert_close_rel(pooled, rp, dtype, "pooled", factor=2)
+    assert_close_rel(gf, rgf, dtype, "grad_features", factor=2)
+    assert_close_rel(gw, rgw, dtype, "grad_weights", factor=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_structure_low_precision(dtype):
+    C, Ds, Dt, B = 300, 64, 96, 40
+    mu_s = torch.randn(C, Ds, device=DEV).to(dtype).requires_grad_(True)
+    mu_t = torch.randn(C, Dt, device=DEV).to(dtype)
+    valid = torch.rand(C, device=DEV) > 0.1
+    live = torch.zeros(C, dtype=torch.bool, device=DEV)
+    live[torch.randint(0, C, (B,), device=DEV)] = True
+    loss = F.inter_class_loss(mu_s, mu_t, valid, live=live, backend="triton")
+    s64 = mu_s.detach().double().requires_grad_(True)
+    ref = R.inter_class_loss(s64, mu_t.double(), valid, live)
+    (g,) = torch.autograd.grad(loss, mu_s)
+    (e,) = torch.autograd.grad(ref, s64)
+    assert_close_rel(loss, ref, dtype, "inter loss", factor=2)
+    assert_close_rel(g, e, dtype, "inter grad", factor=4)
+    feats = torch.randn(B, Ds, device=DEV).to(dtype)
+    labels = torch.randint(0, C, (B,), device=DEV)
+    sums = torch.randn(C, Ds, device=DEV)
+    counts = torch.randint(0, 5, (C,), device=DEV)
+    mu, total = F.class_centroids(sums, counts, feats, labels, backend="triton")
+    rmu, rtotal = R.class_centroids(sums.double(), counts, feats.double(), labels)
+    assert torch.equal(total, rtotal)
+    assert_close_rel(mu, rmu, dtype, "centroids")
+
+
+def test_bank_bf16_matches_reference_and_is_deterministic():
+    from icakd_fast import ClassMemoryBank
+
+    C, S, D = 50, 4, 64
+    a = ClassMemoryBank(C, S, D, dtype=torch.bfloat16, backend="triton", device=DEV)
+    b = ClassMemoryBank(C, S, D, dtype=torch.bfloat16, backend="triton", device=DEV)
+    r = ClassMemoryBank(C, S, D, dtype=torch.bfloat16, backend="reference", device=DEV)
+    for _ in range(10):
+        x = torch.randn(64, D, device=DEV)
+        y = torch.randint(0, C // 5, (64,), device=DEV)
+        for m in (a, b, r):
+            m.enqueue(x, y)
+    assert torch.equal(a.bank, b.bank) and torch.equal(a.sums, b.sums)
+    assert torch.equal(a.bank, r.bank) and torch.equal(a.count, r.count) and torch.equal(a.ptr, r.ptr)
+    torch.testing.assert_close(a.sums, r.sums, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_inductor_fullgraph():
+    torch._dynamo.reset()
+
+    def step(f, w, mu_s, mu_t, valid, live):
+        cam, pooled = F.class_activation_features(f, w, backend="triton")
+        return cam.float().square().mean() + pooled.float().sum() + F.inter_class_loss(
+            mu_s, mu_t, valid, live=live, backend="triton")
+
+    f = torch.randn(4, 64, 7, 7, device=DEV, requires_grad=True)
+    w = torch.randn(4, 64, device=DEV, requires_grad=True)
+    mu_s = torch.randn(100, 32, device=DEV, requires_grad=True)
+    mu_t = torch.randn(100, 48, device=DEV)
+    valid = torch.ones(100, dtype=torch.bool, device=DEV)
+    live = torch.rand(100, device=DEV) > 0.8
+    compiled = torch.compile(step, fullgraph=True)
+    out = compiled(f, w, mu_s, mu_t, valid, live)
+    got = torch.autograd.grad(out, (f, w, mu_s))
+    ref = step(f, w, mu_s, mu_t, valid, live)
+    exp = torch.autograd.grad(ref, (f, w, mu_s))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_cuda_graph_capture_of_icakd_step():
+    from icakd_fast import ICAKDLoss
+
+    torch.manual_seed(0)
+    B, C, Ks, Kt = 16, 10, 32, 48
+    crit = ICAKDLoss(C, Ks, Kt, backend="triton", slots_per_class=4).to(DEV).train()
+    fs = torch.randn(B, Ks, 4, 4, device=DEV, requires_grad=True)
+    ft = torch.randn(B, Kt, 4, 4, device=DEV)
+    zs = torch.randn(B, C, device=DEV, requires_grad=True)
+    zt = torch.randn(B, C, device=DEV)
+    y = torch.randint(0, C, (B,), device=DEV)
+    ws = torch.randn(C, Ks, device=DEV, requires_grad=True)
+    wt = torch.randn(C, Kt, device=DEV)
+    params = [fs, zs, ws] + list(crit.parameters())
+
+    def step():
+        out = crit(fs, zs, ft, zt, y, ws, wt)
+        grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+        return out.loss.detach(), grads
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):  # warm up (compiles the kernels)
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        loss, grads = step()
+    bank = getattr(crit, "bank_s", None)
+    count_before = bank.count.clone() if bank is not None and hasattr(bank, "count") else None
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss).all()
+    if count_before is not None:
+        assert bank.count.sum() >= count_before.sum()
+
+
+@pytest.mark.slow
+def test_feature_map_over_2_pow_31_elements():
+    free, _ = torch.cuda.mem_get_info()
+    B, K, H, W = 2, 16400, 256, 256  # more than 2**31 elements in all
+    need = B * K * H * W * 2 * 3  # bf16 features + grad + slack
+    if free < need:
+        pytest.skip("not enough GPU memory")
+    f = torch.empty(B, K, H, W, device=DEV, dtype=torch.bfloat16).normal_()
+    assert f.numel() > 2**31
+    w = torch.randn(B, K, device=DEV, dtype=torch.bfloat16) / K
+    cam, pooled = F.class_activation_features(f, w, backend="triton")
+    # check the last image (offsets beyond 2**31) on a slice of channels by the reference
+    rc = R.grad_cam(f[-1:].float(), w[-1:].float())
+    torch.testing.assert_close(cam[-1:].float(), rc.float(), rtol=2e-2, atol=2e-2)
+    mean = F.grad_cam_weights(f, backend="triton")
+    torch.testing.assert_close(mean[-1, -8:].float(), f[-1, -8:].float().mean(dim=(1, 2)), rtol=1e-2, atol=1e-3)

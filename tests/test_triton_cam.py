@@ -1,0 +1,131 @@
+"""Triton CAM kernels (interpreter on CPU, or a GPU) against the float64 reference."""
+
+import pytest
+import torch
+
+import icakd_fast.functional as F
+import icakd_fast.reference as R
+from icakd_fast._backend import is_available
+from icakd_fast.ops import cam_features
+
+from helpers import assert_close_rel, noncontig
+
+pytestmark = pytest.mark.skipif(not is_available("triton", "cam", "cpu") and not torch.cuda.is_available(),
+                                reason="triton backend unavailable")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+impl = pytest.importorskip("icakd_fast.ops._triton_impl")
+
+
+def _layout(x, layout):
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "noncontig":
+        return noncontig(x)
+    return x
+
+
+def _ref_all(f, w, gc, gp):
+    f64 = f.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    cam, pooled = R.class_activation_features(f64, w64)
+    loss = (cam * gc.double()).sum() + (pooled * gp.double()).sum()
+    gf, gw = torch.autograd.grad(loss, (f64, w64))
+    return cam, pooled, gf, gw
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 5, 3, 3), (3, 37, 7, 7), (2, 130, 4, 5)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontig"])
+def test_cam_features_forward_backward(dtype, shape, layout):
+    B, K, H, W = shape
+    f = _layout(torch.randn(shape, device=DEV).to(dtype), layout).requires_grad_(True)
+    w = torch.randn(B, K, device=DEV).to(dtype).requires_grad_(True)
+    cam, pooled = F.class_activation_features(f, w, backend="triton")
+    assert cam.dtype == dtype and pooled.dtype == dtype
+    gc = torch.randn(B, H, W, device=DEV)
+    gp = torch.randn(B, K, device=DEV)
+    gf, gw = torch.autograd.grad((cam.float() * gc).sum() + (pooled.float() * gp).sum(), (f, w))
+    rc, rp, rgf, rgw = _ref_all(f, w, gc, gp)
+    assert gf.shape == f.shape and gf.dtype == dtype and gw.dtype == dtype
+    assert_close_rel(cam, rc, dtype, "cam")
+    assert_close_rel(pooled, rp, dtype, "pooled", factor=2)
+    assert_close_rel(gf, rgf, dtype, "grad_features", factor=2)
+    assert_close_rel(gw, rgw, dtype, "grad_weights", factor=2)
+
+
+@pytest.mark.parametrize("which", ["cam", "pooled", "weights_only"])
+def test_cam_partial_gradients(which):
+    f = torch.randn(2, 9, 3, 5, device=DEV, requires_grad=True)
+    w = torch.randn(2, 9, device=DEV, requires_grad=which != "weights_only")
+    fin = f.detach() if which == "weights_only" else f
+    w = w if which != "weights_only" else w.detach().requires_grad_(True)
+    cam, pooled = F.class_activation_features(fin, w, backend="triton")
+    rc, rp = R.class_activation_features(fin.double(), w.double())
+    out, ref = (cam, rc) if which in ("cam", "weights_only") else (pooled, rp)
+    go = torch.randn_like(out)
+    inputs = (w,) if which == "weights_only" else (f, w)
+    got = torch.autograd.grad((out * go).sum(), inputs, allow_unused=True)
+    f64 = fin.detach().double().requires_grad_(which != "weights_only")
+    w64 = w.detach().double().requires_grad_(True)
+    rc, rp = R.class_activation_features(f64, w64)
+    ref = rc if which in ("cam", "weights_only") else rp
+    exp = torch.autograd.grad((ref * go.double()).sum(), (w64,) if which == "weights_only" else (f64, w64), allow_unused=True)
+    for g, e in zip(got, exp):
+        if e is None:
+            assert g is None or g.abs().max() == 0
+        else:
+            assert_close_rel(g, e, torch.float32, which)
+
+
+def test_grad_cam_public_api():
+    f = torch.randn(3, 11, 4, 4, device=DEV)
+    w = torch.randn(3, 11, device=DEV)
+    assert_close_rel(F.grad_cam(f, w, backend="triton"), R.grad_cam(f.double(), w.double()), torch.float32, "grad_cam")
+
+
+def test_all_zero_cam_falls_back_to_mean():
+    f = torch.randn(2, 6, 3, 3, device=DEV)
+    w = torch.zeros(2, 6, device=DEV)
+    cam, pooled = F.class_activation_features(f, w, backend="triton")
+    assert cam.abs().max() == 0
+    assert_close_rel(pooled, f.double().mean(dim=(2, 3)), torch.float32, "gap fallback")
+
+
+def test_tiled_path_for_large_maps(monkeypatch):
+    from icakd_fast.kernels import cam as kcam
+
+    monkeypatch.setattr(kcam, "MAX_FUSED_HW", 16)
+    f = torch.randn(2, 7, 5, 6, device=DEV, requires_grad=True)
+    w = torch.randn(2, 7, device=DEV, requires_grad=True)
+    cam, pooled = cam_features("triton", f, w)
+    rc, rp = R.class_activation_features(f.double(), w.double())
+    assert_close_rel(cam, rc, torch.float32, "cam tiled")
+    assert_close_rel(pooled, rp, torch.float32, "pooled tiled")
+    g = torch.randn(2, 5, 6, device=DEV)
+    out = impl.cam_fwd_from_grads(f.detach(), g.unsqueeze(1).expand(2, 7, 5, 6) * 1.5, True)
+    rw = R.grad_cam_weights(g.unsqueeze(1).expand(2, 7, 5, 6).double() * 1.5)
+    assert_close_rel(out[3], rw, torch.float32, "weights tiled")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_spatial_mean_and_fused_generic_path(dtype):
+    g = noncontig(torch.randn(3, 10, 5, 3, device=DEV).to(dtype))
+    f = torch.randn(3, 10, 5, 3, device=DEV).to(dtype).contiguous(memory_format=torch.channels_last)
+    mean = F.grad_cam_weights(g, backend="triton")
+    assert mean.dtype == dtype
+    assert_close_rel(mean, R.grad_cam_weights(g.double()), dtype, "spatial_mean")
+    cam, pooled, pool_w, w = impl.cam_fwd_from_grads(f, g, True)
+    rw = R.grad_cam_weights(g.double()).to(dtype)
+    rc, rp = R.class_activation_features(f.double(), rw.double())
+    assert torch.equal(w, mean)
+    assert_close_rel(cam, rc, dtype, "cam (generic)")
+    assert_close_rel(pooled, rp, dtype, "pooled (generic)", factor=2)
+    assert_close_rel(pool_w, R.cam_pool_weights(rc), dtype, "pool_w (generic)", factor=2)
+
+
+def test_gradcheck_float64():
+    f = torch.randn(2, 5, 3, 2, dtype=torch.float64, device=DEV, requires_grad=True)
+    w = torch.randn(2, 5, dtype=torch.float64, device=DEV, requires_grad=True)
+    # pooled's map is a stop-gradient, so only the CAM itself has a numerical derivative to match
+    torch.autograd.gradcheck(lambda a, b: cam_features("triton", a, b)[0], (f, w), eps=1e-6, atol=1e-6)

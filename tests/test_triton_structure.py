@@ -1,0 +1,149 @@
+"""Triton centroid, intra-class and inter-class kernels against the float64 reference."""
+
+import pytest
+import torch
+
+import icakd_fast.functional as F
+import icakd_fast.reference as R
+from icakd_fast._backend import is_available
+from icakd_fast.ops import inter_loss, intra_loss
+
+from helpers import assert_close_rel, noncontig
+
+pytestmark = pytest.mark.skipif(not is_available("triton", "inter", "cpu") and not torch.cuda.is_available(),
+                                reason="triton backend unavailable")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+impl = pytest.importorskip("icakd_fast.ops._triton_impl")
+
+
+def _leaf(x, dtype, nc=False):
+    x = x.to(DEV).to(dtype)
+    if nc:
+        x = noncontig(x)
+    return x.requires_grad_(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("C,B,D", [(5, 9, 7), (1, 1, 3), (13, 4, 130)])
+def test_centroids(dtype, C, B, D):
+    sums = torch.randn(C, D, device=DEV) * 3
+    counts = torch.randint(0, 4, (C,), device=DEV)
+    feats = _leaf(torch.randn(B, D), dtype, nc=True)
+    labels = torch.randint(0, C, (B,), device=DEV)
+    mu, total = F.class_centroids(sums, counts, feats, labels, backend="triton")
+    f64 = feats.detach().double().requires_grad_(True)
+    rmu, rtotal = R.class_centroids(sums.double(), counts, f64, labels)
+    assert mu.dtype == torch.float32 and torch.equal(total, rtotal)
+    assert_close_rel(mu, rmu, dtype)
+    go = torch.randn(C, D, device=DEV)
+    (g,) = torch.autograd.grad((mu * go).sum(), feats)
+    (rg,) = torch.autograd.grad((rmu * go.double()).sum(), f64)
+    assert g.dtype == dtype
+    assert_close_rel(g, rg, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("C,B,D", [(5, 9, 7), (3, 1, 1), (11, 70, 300)])
+def test_intra_loss(dtype, C, B, D):
+    f_s = _leaf(torch.randn(B, D), dtype, nc=True)
+    f_t = _leaf(torch.randn(B, D), dtype)
+    mu_s = torch.randn(C, D, device=DEV).to(dtype)
+    mu_t = _leaf(torch.randn(C, D), dtype, nc=True)
+    labels = torch.randint(0, C, (B,), device=DEV)
+    valid = torch.rand(C, device=DEV) > 0.3
+    loss = F.intra_class_loss(f_s, f_t, mu_s, mu_t, labels, valid, backend="triton")
+    ins = [t.detach().double().requires_grad_(True) for t in (f_s, f_t, mu_t)]
+    ref = R.intra_class_loss(ins[0], ins[1], mu_s.double(), ins[2], labels, valid)
+    assert_close_rel(loss, ref, dtype)
+    go = 0.7
+    got = torch.autograd.grad(loss * go, (f_s, f_t, mu_t))
+    exp = torch.autograd.grad(ref * go, ins)
+    for name, g, e in zip(("f_s", "f_t", "mu_t"), got, exp):
+        assert_close_rel(g, e, dtype, name)
+
+
+def test_intra_no_valid_rows_is_zero():
+    f = torch.randn(4, 5, device=DEV, requires_grad=True)
+    mu = torch.randn(3, 5, device=DEV)
+    loss = F.intra_class_loss(f, f.detach(), mu, mu, torch.zeros(4, dtype=torch.int64, device=DEV),
+                              torch.zeros(3, dtype=torch.bool, device=DEV), backend="triton")
+    assert loss.item() == 0
+    (g,) = torch.autograd.grad(loss, f)
+    assert g.abs().max() == 0
+
+
+def _inter_case(C, Ds, Dt, dtype, nc, zero_row=False):
+    mu_s = torch.randn(C, Ds)
+    mu_t = torch.randn(C, Dt)
+    if zero_row and C > 2:
+        mu_s[1] = 0
+        mu_t[2] = 0
+    return _leaf(mu_s, dtype, nc), _leaf(mu_t, dtype, nc)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("C,Ds,Dt", [(1, 3, 5), (7, 20, 33), (45, 16, 70)])
+@pytest.mark.parametrize("use_live", [False, True])
+def test_inter_loss(dtype, C, Ds, Dt, use_live):
+    # a zero row has gradient dn / eps (huge), which overflows float16 in every backend
+    mu_s, mu_t = _inter_case(C, Ds, Dt, dtype, nc=C == 7, zero_row=dtype == torch.float32)
+    valid = torch.rand(C, device=DEV) > 0.25
+    live = (torch.rand(C, device=DEV) > 0.6) if use_live else None
+    loss = F.inter_class_loss(mu_s, mu_t, valid, live=live, backend="triton")
+    s64 = mu_s.detach().double().requires_grad_(True)
+    t64 = mu_t.detach().double().requires_grad_(True)
+    ref = R.inter_class_loss(s64, t64, valid, live)
+    assert loss.dtype == torch.float32 or loss.dtype == dtype
+    if ref.abs().item() < 1e-6:  # a single class: only the diagonal, (1 - 1)^2 up to rounding
+        assert loss.abs().item() < 1e-5
+    else:
+        assert_close_rel(loss, ref, dtype, "loss", factor=2)
+    go = 1.3
+    got = torch.autograd.grad(loss * go, (mu_s, mu_t))
+    exp = torch.autograd.grad(ref * go, (s64, t64))
+    for name, g, e in zip(("mu_s", "mu_t"), got, exp):
+        assert g.dtype == dtype
+        if e.abs().max() < 1e-6:
+            assert g.abs().max() < 1e-4, name
+        else:
+            assert_close_rel(g, e, dtype, name, factor=4)
+    if live is not None:
+        assert got[0][~live].abs().max() == 0 if (~live).any() else True
+
+
+def test_inter_only_student_grad_and_no_valid():
+    mu_s, mu_t = _inter_case(9, 8, 12, torch.float32, nc=False)
+    mu_t = mu_t.detach()
+    valid = torch.zeros(9, dtype=torch.bool, device=DEV)
+    loss = inter_loss("triton", mu_s, mu_t, valid, None, 1e-12)
+    assert loss.item() == 0
+    (g,) = torch.autograd.grad(loss, mu_s)
+    assert g.abs().max() == 0
+
+
+def test_inter_contract_direct():
+    C, Ds, Dt = 10, 6, 9
+    mu_s = torch.randn(C, Ds, device=DEV)
+    mu_t = torch.randn(C, Dt, device=DEV)
+    valid = torch.ones(C, dtype=torch.bool, device=DEV)
+    live = torch.zeros(C, dtype=torch.bool, device=DEV)
+    live[3] = True
+    g_s, g_t = impl.inter_bwd(torch.tensor(2.0, device=DEV), mu_s, mu_t, valid, live, True, False, 1e-12)
+    assert g_t is None and g_s.dtype == torch.float32
+    s64 = mu_s.double().requires_grad_(True)
+    ref = R.inter_class_loss(s64, mu_t.double(), valid, live) * 2
+    (e,) = torch.autograd.grad(ref, s64)
+    assert_close_rel(g_s, e, torch.float32)
+
+
+def test_gradcheck_float64():
+    mu_s = torch.randn(6, 4, dtype=torch.float64, device=DEV, requires_grad=True)
+    mu_t = torch.randn(6, 5, dtype=torch.float64, device=DEV, requires_grad=True)
+    valid = torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.bool, device=DEV)
+    torch.autograd.gradcheck(lambda a, b: inter_loss("triton", a, b, valid, None, 1e-12), (mu_s, mu_t))
+    f_s = torch.randn(5, 4, dtype=torch.float64, device=DEV, requires_grad=True)
+    f_t = torch.randn(5, 4, dtype=torch.float64, device=DEV, requires_grad=True)
+    mu = torch.randn(6, 4, dtype=torch.float64, device=DEV)
+    labels = torch.tensor([0, 1, 2, 1, 5], device=DEV)
+    torch.autograd.gradcheck(lambda a, b: intra_loss("triton", a, b, mu, mu, labels, valid), (f_s, f_t))
