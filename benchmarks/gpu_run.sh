@@ -16,27 +16,27 @@ cd "$(dirname "$0")/.."
 } 2>&1 | tee "$OUT/env.txt"
 
 # 1. the package (pure Python first, so tests can start at once), then the CUDA extension in the background
-ICAKD_SKIP_EXT=1 $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || echo "pure install failed" | tee -a "$OUT/summary.txt"
+ICAKD_SKIP_EXT=1 $PY -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1 || echo "pure install failed" | tee -a "$OUT/summary.txt"
 ( export FORCE_CUDA=1 ICAKD_CUDA_ARCHS=${ICAKD_CUDA_ARCHS:-9.0} MAX_JOBS=${MAX_JOBS:-12}
   t0=$(date +%s)
-  timeout 300 $PY setup.py build_ext --inplace > "$OUT/build_ext.log" 2>&1; rc=$?
-  echo "cuda extension build rc=$rc in $(( $(date +%s) - t0 )) s" >> "$OUT/build_ext.log" ) &
+  timeout 300 $PY setup.py build_ext --inplace >> "$OUT/build.log" 2>&1; rc=$?
+  echo "cuda extension build rc=$rc in $(( $(date +%s) - t0 )) s" >> "$OUT/build.log" ) &
 build_pid=$!
 
 # 2. Triton on the GPU: the kernel tests (the same files CI runs under the interpreter) + GPU-only tests
-timeout 240 $PY -m pytest tests/test_triton_*.py tests/test_gpu.py -q -x -p no:cacheprovider -m "not slow" \
+timeout -s INT ${TRITON_TESTS_TIMEOUT:-180} $PY -m pytest tests/test_gpu.py tests/test_triton_*.py -q -rf --tb=short -p no:cacheprovider -m "not slow" \
   > "$OUT/tests_triton_gpu.log" 2>&1
-echo "triton gpu tests rc=$? : $(tail -n 1 "$OUT/tests_triton_gpu.log")" | tee -a "$OUT/summary.txt"
+echo "triton gpu tests rc=$? : $(tail -n 1 "$OUT/tests_triton_gpu.log")"; grep -E "^FAILED|^ERROR" "$OUT/tests_triton_gpu.log" | head -20 | tee -a "$OUT/summary.txt"
 
 wait $build_pid
-tail -n 3 "$OUT/build_ext.log" | tee -a "$OUT/summary.txt"
+tail -n 1 "$OUT/build.log" | tee -a "$OUT/summary.txt"
 $PY -m icakd_fast.info 2>&1 | tee -a "$OUT/summary.txt"
 
-# 3. the CUDA extension's tests
-timeout 150 $PY -m pytest tests/test_cpp_*.py -q -p no:cacheprovider -m "not slow" > "$OUT/tests_cpp_gpu.log" 2>&1
-echo "cpp tests rc=$? : $(tail -n 1 "$OUT/tests_cpp_gpu.log")" | tee -a "$OUT/summary.txt"
-
-# 4. the benchmark (checks correctness before timing)
-timeout 300 $PY benchmarks/gpu_bench.py --out "$OUT" > "$OUT/bench.log" 2>&1
+# 3. the benchmark (checks correctness before timing)
+timeout -s INT ${BENCH_TIMEOUT:-150} $PY benchmarks/gpu_bench.py --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" | tee -a "$OUT/summary.txt"
+
+# 4. the CUDA extension's tests (GPU-marked ones included)
+timeout -s INT ${CPP_TIMEOUT:-80} $PY -m pytest tests/test_cpp_*.py -q -rf --tb=short -p no:cacheprovider -m "not slow" > "$OUT/tests_cpp_gpu.log" 2>&1
+echo "cpp tests rc=$? : $(tail -n 1 "$OUT/tests_cpp_gpu.log")"; grep -E "^FAILED|^ERROR" "$OUT/tests_cpp_gpu.log" | head -20 | tee -a "$OUT/summary.txt"
 tail -n 40 "$OUT/bench.log"
