@@ -46,10 +46,24 @@ def interpreter_kernel(kernel) -> bool:
     return not isinstance(kernel, JITFunction)
 
 
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # pragma: no cover
+    def _get_current_dispatch_mode():
+        return True
+
+
 def launch(kernel):
-    """``launch(kernel)[grid](...)``: a launch that ``torch.library.triton_op`` can trace."""
+    """``launch(kernel)[grid](...)``: a launch that ``torch.library.triton_op`` can trace.
+
+    While tracing (fake tensors, dispatch modes, torch.compile) the launch goes through
+    ``wrap_triton``; in eager mode the compiled kernel is called directly, because the wrapper's
+    dispatch costs hundreds of microseconds of host time per launch.
+    """
     if interpreter_kernel(kernel):
         return _InterpretedLaunch(kernel)
+    if _get_current_dispatch_mode() is None and not torch.compiler.is_compiling():
+        return kernel
     return _wrap_triton(kernel)
 
 

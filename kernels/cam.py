@@ -1,19 +1,28 @@
 """Grad-CAM weighting and CAM-weighted pooling.
 
-Forward (``cam_fwd``): one program per image. A first sweep over channel chunks accumulates
-``s[p] = sum_k w[k] A[k, p]`` in float32 registers (the whole padded map, ``H*W <= MAX_FUSED_HW``);
-ReLU, per-image min-max and the pooling weights are then computed in registers; a second sweep
-over the same channel chunks writes ``pooled[k] = sum_p pool_w[p] A[k, p]``. The feature map is
-read twice (the second read of an image is usually still in L2). With ``FROM_GRADS`` the weights
-are the spatial mean of a gradient tensor computed in the first sweep of the same launch.
-Larger maps take a tiled path: one kernel for ``s`` per (image, pixel tile), the tiny [B, H*W]
-min-max in torch, one pooling kernel per (image, channel tile).
+Forward (``cam_fwd``), ``H*W <= MAX_FUSED_HW``: the channels are split across programs, one per
+(image, channel block), each holding a whole padded map (``BLOCK_P = next_pow2(H*W)``):
 
-Backward (``cam_bwd``): one program per (image, channel chunk), looping over pixel tiles:
-``g_s = grad_cam * (cam > 0)``, ``dA = w g_s^T + g_pooled pool_w^T`` (one write of dA) and
-``dw = sum_p g_s A`` (one read of A) -- nothing of size [B, K, H, W] is stored by the forward.
+1. ``_cam_partial_kernel`` writes ``part[b, kb, p] = sum_{k in kb} w_k A[k, p]`` (float32, small);
+   with ``FROM_GRADS`` the weights are the spatial mean of a gradient tensor, computed (and
+   written) by the same programs.
+2. ``_cam_pool_kernel`` recomputes its image's reduction of the partials in a fixed order (so
+   every program gets bit-identical values), ReLU, min-max and ``pool_w``; the program of block 0
+   stores cam and pool_w; each program writes ``pooled[k] = sum_p pool_w[p] A[k, p]`` for its
+   block. When the partials of one image are large, ``_cam_norm_kernel`` (one program per image)
+   does the reduction once and the pooling programs load pool_w instead. Deterministic: no atomics.
 
-Every feature-map offset is int64 and every NCHW stride is honoured (channels_last included).
+The feature map is read twice. Larger maps take a tiled path: one kernel for ``s`` per (image,
+pixel tile), the tiny [B, H*W] min-max in torch, one pooling kernel per (image, channel tile).
+
+Backward (``cam_bwd``): one program per (image, channel block): ``g_s = grad_cam * (cam > 0)``,
+``dA = w g_s^T + g_pooled pool_w^T`` (one write of dA) and ``dw = sum_p g_s A`` (one read of A)
+-- nothing of size [B, K, H, W] is stored by the forward.
+
+Every feature-map offset is int64 and every NCHW stride is honoured (channels_last included);
+maps whose rows are evenly spaced (``stride_h == W * stride_w``: NCHW- and NHWC-contiguous) are
+addressed by flat pixel index (``FLAT``), without a per-element division. Eager calls launch the
+kernels directly; under tracing they go through ``launch`` (``wrap_triton``).
 """
 
 from __future__ import annotations
@@ -22,64 +31,130 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, launch, next_pow2
+from ._common import acc_dtype, interpreter_kernel, launch, next_pow2
+
+_launch = launch
 
 #: largest H*W handled by the single-launch forward (the padded map lives in registers)
 MAX_FUSED_HW = 4096
 
 
 @triton.jit
-def _cam_fwd_fused_kernel(
-    a_ptr, w_ptr, g_ptr, cam_ptr, pooled_ptr, pw_ptr, wout_ptr,
-    K, HW, WIDTH,
+def _split_p(p, WIDTH, FLAT: tl.constexpr):
+    """(row, column) of flat pixel ``p`` as int64; ``FLAT``: every map has ``stride_h == W stride_w``,
+    so ``(0, p)`` addresses the same element without a division."""
+    if FLAT:
+        return tl.zeros_like(p).to(tl.int64), p.to(tl.int64)
+    else:
+        return (p // WIDTH).to(tl.int64), (p % WIDTH).to(tl.int64)
+
+
+@triton.jit
+def _cam_partial_kernel(
+    a_ptr, w_ptr, g_ptr, part_ptr, wout_ptr,
+    K, HW, WIDTH, NKB,
     sab, sak, sah, saw,
     swb, swk,
     sgb, sgk, sgh, sgw,
-    WITH_POOLED: tl.constexpr, FROM_GRADS: tl.constexpr,
+    FROM_GRADS: tl.constexpr, FLAT: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    acc_ty = pw_ptr.dtype.element_ty
+    """Pass 1, one program per (image, channel block): ``part[b, kb, p] = sum_{k in kb} w_k A[k, p]``."""
+    acc_ty = part_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // NKB
+    kb = pid % NKB
+    p = tl.arange(0, BLOCK_P)
+    pmask = p < HW
+    hh, ww = _split_p(p, WIDTH, FLAT)
+    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = k < K
+    k64 = k.to(tl.int64)
+    m2 = kmask[:, None] & pmask[None, :]
+    if FROM_GRADS:
+        g = tl.load(g_ptr + b * sgb + k64[:, None] * sgk + (hh * sgh + ww * sgw)[None, :], mask=m2, other=0.0)
+        wk = tl.sum(g.to(acc_ty), axis=1) / HW
+        wk_out = wk.to(wout_ptr.dtype.element_ty)
+        tl.store(wout_ptr + b * K + k64, wk_out, mask=kmask)
+        wk = wk_out.to(acc_ty)
+    else:
+        wk = tl.load(w_ptr + b * swb + k64 * swk, mask=kmask, other=0.0).to(acc_ty)
+    a = tl.load(a_ptr + b * sab + k64[:, None] * sak + (hh * sah + ww * saw)[None, :], mask=m2, other=0.0)
+    s = tl.sum(a.to(acc_ty) * wk[:, None], axis=0)
+    tl.store(part_ptr + pid * BLOCK_P + p, s)
+
+
+@triton.jit
+def _cam_from_partials(part_ptr, b, NKB, HW, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Reduces the partial sums of image ``b`` in a fixed order; returns ``(cam, pool_w)`` (padded lanes 0)."""
+    acc_ty = part_ptr.dtype.element_ty
+    p = tl.arange(0, BLOCK_P)
+    pmask = p < HW
+    base = part_ptr + b * NKB * BLOCK_P
+    acc = tl.zeros([BLOCK_R, BLOCK_P], dtype=acc_ty)
+    for r0 in range(0, NKB, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        acc += tl.load(base + r.to(tl.int64)[:, None] * BLOCK_P + p[None, :], mask=(r < NKB)[:, None], other=0.0)
+    cam = tl.maximum(tl.sum(acc, axis=0), 0.0)
+    lo = tl.min(tl.where(pmask, cam, float("inf")), axis=0)
+    hi = tl.max(tl.where(pmask, cam, float("-inf")), axis=0)
+    m = tl.where(pmask, (cam - lo) / (hi - lo + 1e-7), 0.0)
+    den = tl.sum(m, axis=0)
+    safe = tl.where(den > 0, den, 1.0)
+    pw = tl.where(den > 0, m / safe, 1.0 / HW)
+    pw = tl.where(pmask, pw, 0.0)
+    return cam, pw
+
+
+@triton.jit
+def _cam_norm_kernel(
+    part_ptr, cam_ptr, pw_ptr, NKB, HW,
+    WITH_POOLED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Pass 2, one program per image: cam and pool_w from the partial sums."""
     b = tl.program_id(0).to(tl.int64)
     p = tl.arange(0, BLOCK_P)
     pmask = p < HW
-    hh = (p // WIDTH).to(tl.int64)
-    ww = (p % WIDTH).to(tl.int64)
-    a_sp = hh * sah + ww * saw
-    a_base = a_ptr + b * sab
-    s = tl.zeros([BLOCK_P], dtype=acc_ty)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < K
-        k64 = k.to(tl.int64)
-        m2 = kmask[:, None] & pmask[None, :]
-        if FROM_GRADS:
-            g = tl.load(g_ptr + b * sgb + k64[:, None] * sgk + (hh * sgh + ww * sgw)[None, :], mask=m2, other=0.0)
-            wk = tl.sum(g.to(acc_ty), axis=1) / HW
-            wk_out = wk.to(wout_ptr.dtype.element_ty)
-            tl.store(wout_ptr + b * K + k64, wk_out, mask=kmask)
-            wk = wk_out.to(acc_ty)
-        else:
-            wk = tl.load(w_ptr + b * swb + k64 * swk, mask=kmask, other=0.0).to(acc_ty)
-        a = tl.load(a_base + k64[:, None] * sak + a_sp[None, :], mask=m2, other=0.0).to(acc_ty)
-        s += tl.sum(a * wk[:, None], axis=0)
-    cam = tl.maximum(s, 0.0)
+    cam, pw = _cam_from_partials(part_ptr, b, NKB, HW, BLOCK_P, BLOCK_R)
     tl.store(cam_ptr + b * HW + p, cam.to(cam_ptr.dtype.element_ty), mask=pmask)
     if WITH_POOLED:
-        lo = tl.min(tl.where(pmask, cam, float("inf")), axis=0)
-        hi = tl.max(tl.where(pmask, cam, float("-inf")), axis=0)
-        m = tl.where(pmask, (cam - lo) / (hi - lo + 1e-7), 0.0)
-        den = tl.sum(m, axis=0)
-        safe = tl.where(den > 0, den, 1.0)
-        pw = tl.where(den > 0, m / safe, 1.0 / HW)
-        pw = tl.where(pmask, pw, 0.0)
-        tl.store(pw_ptr + b * HW + p, pw, mask=pmask)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            kmask = k < K
-            k64 = k.to(tl.int64)
-            a = tl.load(a_base + k64[:, None] * sak + a_sp[None, :], mask=kmask[:, None] & pmask[None, :], other=0.0)
-            pooled = tl.sum(a.to(acc_ty) * pw[None, :], axis=1)
-            tl.store(pooled_ptr + b * K + k64, pooled.to(pooled_ptr.dtype.element_ty), mask=kmask)
+        tl.store(pw_ptr + b * HW + p, pw.to(pw_ptr.dtype.element_ty), mask=pmask)
+
+
+@triton.jit
+def _cam_pool_kernel(
+    a_ptr, part_ptr, cam_ptr, pw_ptr, pooled_ptr,
+    K, HW, WIDTH, NKB,
+    sab, sak, sah, saw,
+    FUSED: tl.constexpr, FLAT: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Pass 3, one program per (image, channel block): ``pooled[b, k] = sum_p pool_w[b, p] A[b, k, p]``.
+
+    ``FUSED``: every program recomputes its image's (small) partial-sum reduction and min-max
+    itself; the program of channel block 0 stores cam and pool_w. Otherwise pool_w is loaded.
+    """
+    acc_ty = part_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // NKB
+    kb = pid % NKB
+    p = tl.arange(0, BLOCK_P)
+    pmask = p < HW
+    if FUSED:
+        cam, pw = _cam_from_partials(part_ptr, b, NKB, HW, BLOCK_P, BLOCK_R)
+        first = pmask & (kb == 0)
+        tl.store(cam_ptr + b * HW + p, cam.to(cam_ptr.dtype.element_ty), mask=first)
+        tl.store(pw_ptr + b * HW + p, pw.to(pw_ptr.dtype.element_ty), mask=first)
+    else:
+        pw = tl.load(pw_ptr + b * HW + p, mask=pmask, other=0.0).to(acc_ty)
+    hh, ww = _split_p(p, WIDTH, FLAT)
+    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = k < K
+    k64 = k.to(tl.int64)
+    a = tl.load(a_ptr + b * sab + k64[:, None] * sak + (hh * sah + ww * saw)[None, :],
+                mask=kmask[:, None] & pmask[None, :], other=0.0)
+    pooled = tl.sum(a.to(acc_ty) * pw[None, :], axis=1)
+    tl.store(pooled_ptr + b * K + k64, pooled.to(pooled_ptr.dtype.element_ty), mask=kmask)
 
 
 @triton.jit
@@ -145,18 +220,19 @@ def _pool_kernel(
 @triton.jit
 def _cam_bwd_kernel(
     a_ptr, w_ptr, cam_ptr, pw_ptr, gc_ptr, gp_ptr, ga_ptr, gw_ptr,
-    K, HW, WIDTH,
+    K, HW, WIDTH, NKB,
     sab, sak, sah, saw,
     swb, swk,
     sgcb, sgch, sgcw,
     sgpb, sgpk,
     sgab, sgak, sgah, sgaw,
     HAS_GCAM: tl.constexpr, HAS_GPOOL: tl.constexpr,
-    NEED_F: tl.constexpr, NEED_W: tl.constexpr, ACC_F64: tl.constexpr,
+    NEED_F: tl.constexpr, NEED_W: tl.constexpr, ACC_F64: tl.constexpr, FLAT: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // NKB
+    k = (pid % NKB) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = k < K
     k64 = k.to(tl.int64)
     if ACC_F64:
@@ -170,8 +246,7 @@ def _cam_bwd_kernel(
     for p0 in range(0, HW, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         pmask = p < HW
-        hh = (p // WIDTH).to(tl.int64)
-        ww = (p % WIDTH).to(tl.int64)
+        hh, ww = _split_p(p, WIDTH, FLAT)
         m2 = kmask[:, None] & pmask[None, :]
         if HAS_GCAM:
             gc = tl.load(gc_ptr + b * sgcb + hh * sgch + ww * sgcw, mask=pmask, other=0.0).to(acc_ty)
@@ -202,11 +277,29 @@ def _cam_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _fused_blocks(hw: int, k: int) -> tuple[int, int, int]:
+#: elements per [BLOCK_K, BLOCK_P] tile: forward passes (loads only) and backward (load + store)
+_FWD_TILE = 8192
+_BWD_TILE = 4096
+#: the pooling pass recomputes its image's partial-sum reduction when it is at most this many elements
+_FUSE_PARTIALS = 8192
+
+
+_BWD_WARPS = 4
+
+
+def _flat(width: int, *maps) -> bool:
+    """Whether every given map (``[..., H, W]``) has ``stride(-2) == W * stride(-1)``."""
+    for t in maps:
+        if t is not None and t.dim() >= 2 and t.shape[-2] > 1 and t.stride(-2) != width * t.stride(-1):
+            return False
+    return True
+
+
+def _fused_blocks(hw: int, k: int, tile: int = _FWD_TILE) -> tuple[int, int]:
+    """Whole padded map per program: ``(BLOCK_K, BLOCK_P)`` with ``BLOCK_K * BLOCK_P ~ tile``."""
     block_p = next_pow2(hw)
-    block_k = max(1, min(next_pow2(k), 8192 // block_p, 128))
-    num_warps = 4 if block_p * block_k <= 4096 else 8
-    return block_k, block_p, num_warps
+    block_k = max(1, min(next_pow2(k), tile // block_p))
+    return block_k, block_p
 
 
 def _tile_blocks(hw: int, k: int) -> tuple[int, int]:
@@ -250,24 +343,38 @@ def cam_fwd(features: torch.Tensor, weights: torch.Tensor | None, with_pooled: b
         w_out = spatial_mean(grads)
         weights, grads = w_out, None
     if HW <= max_fused_hw:
-        block_k, block_p, nw = _fused_blocks(HW, K)
-        pw_arg = pool_w if with_pooled else torch.empty((1,), dtype=acc, device=dev)
+        block_k, block_p = _fused_blocks(HW, K)
+        nkb = triton.cdiv(K, block_k)
+        block_r = max(1, min(next_pow2(nkb), _FWD_TILE // block_p))
+        part = torch.empty((B, nkb, block_p), dtype=acc, device=dev)
         if grads is not None:
             g, gs, w_arg, ws = grads, grads.stride(), grads, (0, 0)
         else:
             g, gs, w_arg, ws = weights, (0, 0, 0, 0), weights, weights.stride()
-        launch(_cam_fwd_fused_kernel)[(B,)](
-            features, w_arg, g, cam, pooled, pw_arg, w_out,
-            K, HW, W,
+        _launch(_cam_partial_kernel)[(B * nkb,)](
+            features, w_arg, g, part, w_out if grads is not None else part,
+            K, HW, W, nkb,
             *features.stride(), *ws, *gs,
-            WITH_POOLED=with_pooled, FROM_GRADS=grads is not None,
-            BLOCK_K=block_k, BLOCK_P=block_p, num_warps=nw,
+            FROM_GRADS=grads is not None, FLAT=_flat(W, features, grads), BLOCK_K=block_k, BLOCK_P=block_p, num_warps=4,
         )
+        fused = with_pooled and nkb * block_p <= _FUSE_PARTIALS
+        if not fused:
+            _launch(_cam_norm_kernel)[(B,)](
+                part, cam, pool_w if with_pooled else part, nkb, HW,
+                WITH_POOLED=with_pooled, BLOCK_P=block_p, BLOCK_R=block_r, num_warps=4,
+            )
+        if with_pooled:
+            _launch(_cam_pool_kernel)[(B * nkb,)](
+                features, part, cam, pool_w, pooled,
+                K, HW, W, nkb,
+                *features.stride(),
+                FUSED=fused, FLAT=_flat(W, features), BLOCK_K=block_k, BLOCK_P=block_p, BLOCK_R=block_r, num_warps=4,
+            )
         return cam, pooled, pool_w, w_out
     # tiled path for large maps
     block_k, block_p = _tile_blocks(HW, K)
     camf = torch.empty((B, HW), dtype=acc, device=dev)
-    launch(_cam_map_kernel)[(B, triton.cdiv(HW, block_p))](
+    _launch(_cam_map_kernel)[(B, triton.cdiv(HW, block_p))](
         features, weights, cam, camf, K, HW, W, *features.stride(), *weights.stride(),
         BLOCK_K=block_k, BLOCK_P=block_p, num_warps=4,
     )
@@ -279,7 +386,7 @@ def cam_fwd(features: torch.Tensor, weights: torch.Tensor | None, with_pooled: b
         pw = torch.where(den > 0, m / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(m, 1.0 / HW))
         pool_w.copy_(pw)
         pk, pp = _tile_blocks(HW, K)
-        launch(_pool_kernel)[(B, triton.cdiv(K, pk))](
+        _launch(_pool_kernel)[(B, triton.cdiv(K, pk))](
             features, pool_w, pooled, K, HW, W, *features.stride(),
             UNIFORM=False, ACC_F64=acc == torch.float64, BLOCK_K=pk, BLOCK_P=pp, num_warps=4,
         )
@@ -295,7 +402,7 @@ def spatial_mean(grads: torch.Tensor) -> torch.Tensor:
     if HW == 0:
         return out.fill_(float("nan"))
     block_k, block_p = _tile_blocks(HW, K)
-    launch(_pool_kernel)[(B, triton.cdiv(K, block_k))](
+    _launch(_pool_kernel)[(B, triton.cdiv(K, block_k))](
         grads, out, out, K, HW, W, *grads.stride(),
         UNIFORM=True, ACC_F64=grads.dtype == torch.float64, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=4,
     )
@@ -324,22 +431,24 @@ def cam_bwd(grad_cam, grad_pooled, features, weights, cam, pool_w, need_features
         if need_weights:
             gw.zero_()
         return ga, gw
-    block_k, block_p = _tile_blocks(HW, K)
-    if block_p < 64 and HW <= 64:
-        block_p = next_pow2(HW)
-        block_k = max(1, min(next_pow2(K), 4096 // block_p, 128))
+    if HW <= MAX_FUSED_HW:
+        block_k, block_p = _fused_blocks(HW, K, _BWD_TILE)
+    else:
+        block_k, block_p = _tile_blocks(HW, K)
+    nkb = triton.cdiv(K, block_k)
     gc = grad_cam if has_gc else cam
     gp = grad_pooled if has_gp else weights
     ga_arg = ga if need_features else features
     gw_arg = gw if need_weights else weights
-    launch(_cam_bwd_kernel)[(B, triton.cdiv(K, block_k))](
+    _launch(_cam_bwd_kernel)[(B * nkb,)](
         features, weights, cam, pool_w if has_gp else cam, gc, gp, ga_arg, gw_arg,
-        K, HW, W,
+        K, HW, W, nkb,
         *features.stride(), *weights.stride(),
         *(gc.stride() if has_gc else (0, 0, 0)),
         *(gp.stride() if has_gp else (0, 0)),
         *(ga.stride() if need_features else (0, 0, 0, 0)),
         HAS_GCAM=has_gc, HAS_GPOOL=has_gp, NEED_F=need_features, NEED_W=need_weights,
-        ACC_F64=acc == torch.float64, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=4,
+        ACC_F64=acc == torch.float64, FLAT=_flat(W, features, grad_cam, ga if need_features else None),
+        BLOCK_K=block_k, BLOCK_P=block_p, num_warps=_BWD_WARPS,
     )
     return ga, gw

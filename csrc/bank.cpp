@@ -1,0 +1,14 @@
+// Schemas of the memory-bank ops (see docs/backend_contract.md, "class_bank" and "fifo_bank").
+// Mutated buffers are annotated (a!), ...; the mutating ops return nothing.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(icakd_fast_C, m) {
+  m.def(
+      "class_bank_enqueue_(Tensor(a!) bank, Tensor(b!) count, Tensor(c!) ptr, Tensor(d!) sums, "
+      "Tensor feats, Tensor labels, Tensor mask) -> ()");
+  m.def("class_bank_resync_(Tensor bank, Tensor count, Tensor(a!) sums, Tensor classes) -> ()");
+  m.def(
+      "fifo_bank_enqueue_(Tensor(a!) bank, Tensor(b!) bank_labels, Tensor(c!) ptr, Tensor feats, "
+      "Tensor labels, Tensor mask) -> ()");
+  m.def("fifo_bank_sums(Tensor bank, Tensor bank_labels, int num_classes) -> (Tensor, Tensor)");
+}

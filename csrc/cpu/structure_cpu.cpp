@@ -1,0 +1,351 @@
+// CPU kernels of the centroid, intra-class and inter-class ops.
+//
+// Inter loss: with n = mu / max(|mu|, eps) and v the valid mask, the masked relation difference
+// is E = A B^T where A = [v n_s, v n_t] and B = [v n_s, -v n_t] ([C, Ds + Dt] each), so one GEMM
+// per tile of rows gives a [T, C] block of E and one more (E_tile B) gives both dL/dn rows. Tiles
+// of 64 rows are independent tasks (at::parallel_for; the GEMM inside a task is single-threaded),
+// each task writes its own partial sum / its own rows, and partial sums are added in tile order,
+// so results do not depend on the thread count. Extra memory: A, B, and one [64, C] tile per
+// thread -- never a C x C matrix.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../common.h"
+
+namespace icakd {
+namespace {
+
+using at::Tensor;
+constexpr int64_t kTile = 64;
+
+// ---------------------------------------------------------------------------------------------
+// centroids
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> centroids_fwd_cpu(const Tensor& sums_, const Tensor& counts_, const Tensor& feats_,
+                                             const Tensor& labels_) {
+  check_float(sums_, "sums");
+  check_float(feats_, "feats");
+  check_dim(sums_, 2, "sums");
+  check_dim(feats_, 2, "feats");
+  check_dtype(counts_, at::kLong, "counts");
+  check_dtype(labels_, at::kLong, "labels");
+  const int64_t C = sums_.size(0), D = sums_.size(1), B = feats_.size(0);
+  TORCH_CHECK(feats_.size(1) == D, "feats must be [B, ", D, "], got ", feats_.sizes());
+  TORCH_CHECK(counts_.dim() == 1 && counts_.size(0) == C, "counts must be [C], got ", counts_.sizes());
+  TORCH_CHECK(labels_.dim() == 1 && labels_.size(0) == B, "labels must be [B], got ", labels_.sizes());
+  const auto out_dt = at::promote_types(sums_.scalar_type(), feats_.scalar_type());
+  const Tensor sums = sums_.to(out_dt).contiguous();
+  const Tensor counts = counts_.contiguous();
+  const Tensor feats = feats_.contiguous();
+  const Tensor labels = labels_.contiguous();
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(lab[b] >= 0 && lab[b] < C, "labels out of range [0, ", C, "): ", lab[b]);
+  const ClassCSR csr = class_csr(lab, 1, nullptr, 0, B, C);
+  Tensor mu = at::empty({C, D}, sums.options());
+  Tensor total = at::empty({C}, counts.options());
+  const int64_t* cnt = counts.const_data_ptr<int64_t>();
+  int64_t* tot = total.data_ptr<int64_t>();
+  for (int64_t c = 0; c < C; ++c) tot[c] = cnt[c] + (csr.offsets[c + 1] - csr.offsets[c]);
+  AT_DISPATCH_FLOATING_TYPES(out_dt, "icakd_centroids_fwd_cpu", [&] {
+    using out_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "icakd_centroids_fwd_cpu_f", [&] {
+      const scalar_t* f = feats.const_data_ptr<scalar_t>();
+      const out_t* s = sums.const_data_ptr<out_t>();
+      out_t* m = mu.data_ptr<out_t>();
+      at::parallel_for(0, C, std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1)), [&](int64_t c0, int64_t c1) {
+        std::vector<out_t> acc(D);
+        for (int64_t c = c0; c < c1; ++c) {
+          std::fill(acc.begin(), acc.end(), out_t(0));
+          for (int64_t j = csr.offsets[c]; j < csr.offsets[c + 1]; ++j) {
+            const scalar_t* row = f + csr.rows[j] * D;
+            for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<out_t>(row[d]);
+          }
+          const out_t den = static_cast<out_t>(std::max<int64_t>(tot[c], 1));
+          for (int64_t d = 0; d < D; ++d) m[c * D + d] = (s[c * D + d] + acc[d]) / den;
+        }
+      });
+    });
+  });
+  return {mu, total};
+}
+
+// ---------------------------------------------------------------------------------------------
+// intra
+// ---------------------------------------------------------------------------------------------
+
+struct IntraArgs {
+  Tensor f_s, f_t, mu_s, mu_t, labels, valid;
+  int64_t B, D, C;
+  at::ScalarType acc;
+};
+
+IntraArgs intra_args(const Tensor& f_s, const Tensor& f_t, const Tensor& mu_s, const Tensor& mu_t,
+                     const Tensor& labels, const Tensor& valid) {
+  check_float(f_s, "f_s");
+  check_float(f_t, "f_t");
+  check_float(mu_s, "mu_s");
+  check_float(mu_t, "mu_t");
+  check_dim(f_s, 2, "f_s");
+  check_dim(mu_s, 2, "mu_s");
+  check_dtype(labels, at::kLong, "labels");
+  check_dtype(valid, at::kBool, "valid");
+  IntraArgs a;
+  a.B = f_s.size(0);
+  a.D = f_s.size(1);
+  a.C = mu_s.size(0);
+  TORCH_CHECK(f_t.sizes() == f_s.sizes(), "f_t must have the shape of f_s ", f_s.sizes(), ", got ", f_t.sizes());
+  TORCH_CHECK(mu_s.size(1) == a.D && mu_t.sizes() == mu_s.sizes(), "mu_s and mu_t must be [C, ", a.D, "]");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == a.B, "labels must be [B], got ", labels.sizes());
+  TORCH_CHECK(valid.dim() == 1 && valid.size(0) == a.C, "valid must be [C], got ", valid.sizes());
+  const bool dbl = f_s.scalar_type() == at::kDouble || f_t.scalar_type() == at::kDouble ||
+                   mu_s.scalar_type() == at::kDouble || mu_t.scalar_type() == at::kDouble;
+  a.acc = dbl ? at::kDouble : at::kFloat;
+  // [B, D] and [C, D] operands: converting to the accumulation dtype costs one pass and keeps the
+  // kernel to a single instantiation per accumulation dtype.
+  a.f_s = f_s.to(a.acc).contiguous();
+  a.f_t = f_t.to(a.acc).contiguous();
+  a.mu_s = mu_s.to(a.acc).contiguous();
+  a.mu_t = mu_t.to(a.acc).contiguous();
+  a.labels = labels.contiguous();
+  a.valid = valid.contiguous();
+  const int64_t* lab = a.labels.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < a.B; ++b)
+    TORCH_CHECK(lab[b] >= 0 && lab[b] < a.C, "labels out of range [0, ", a.C, "): ", lab[b]);
+  return a;
+}
+
+// per-row |d|^2 (0 for invalid rows), d written to dout when given; returns #valid rows
+template <typename acc_t>
+int64_t intra_rows(const IntraArgs& a, acc_t* per_row, acc_t* dout, acc_t dscale_unused = 0) {
+  (void)dscale_unused;
+  const acc_t* fs = a.f_s.const_data_ptr<acc_t>();
+  const acc_t* ft = a.f_t.const_data_ptr<acc_t>();
+  const acc_t* ms = a.mu_s.const_data_ptr<acc_t>();
+  const acc_t* mt = a.mu_t.const_data_ptr<acc_t>();
+  const int64_t* lab = a.labels.const_data_ptr<int64_t>();
+  const bool* val = a.valid.const_data_ptr<bool>();
+  const int64_t D = a.D;
+  int64_t nvalid = 0;
+  for (int64_t b = 0; b < a.B; ++b) nvalid += val[lab[b]] ? 1 : 0;
+  at::parallel_for(0, a.B, std::max<int64_t>(1, 8192 / std::max<int64_t>(D, 1)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t c = lab[b];
+      const bool ok = val[c];
+      acc_t t = 0;
+      if (dout) {
+        for (int64_t d = 0; d < D; ++d) {
+          const acc_t x = (fs[b * D + d] - ms[c * D + d]) - (ft[b * D + d] - mt[c * D + d]);
+          dout[b * D + d] = ok ? x : acc_t(0);
+        }
+      }
+#pragma omp simd reduction(+ : t)
+      for (int64_t d = 0; d < D; ++d) {
+        const acc_t x = (fs[b * D + d] - ms[c * D + d]) - (ft[b * D + d] - mt[c * D + d]);
+        t += x * x;
+      }
+      if (per_row) per_row[b] = ok ? t : acc_t(0);
+    }
+  });
+  return nvalid;
+}
+
+Tensor intra_fwd_cpu(const Tensor& f_s, const Tensor& f_t, const Tensor& mu_s, const Tensor& mu_t, const Tensor& labels,
+                     const Tensor& valid) {
+  const IntraArgs a = intra_args(f_s, f_t, mu_s, mu_t, labels, valid);
+  Tensor out = at::empty({}, f_s.options().dtype(a.acc));
+  AT_DISPATCH_FLOATING_TYPES(a.acc, "icakd_intra_fwd_cpu", [&] {
+    std::vector<scalar_t> per_row(a.B);
+    const int64_t nvalid = intra_rows<scalar_t>(a, per_row.data(), nullptr);
+    scalar_t total = 0;
+    for (int64_t b = 0; b < a.B; ++b) total += per_row[b];
+    out.fill_(total / static_cast<scalar_t>(std::max<int64_t>(nvalid, 1)));
+  });
+  return out;
+}
+
+Tensor intra_bwd_cpu(const Tensor& grad_out, const Tensor& f_s, const Tensor& f_t, const Tensor& mu_s,
+                     const Tensor& mu_t, const Tensor& labels, const Tensor& valid) {
+  const IntraArgs a = intra_args(f_s, f_t, mu_s, mu_t, labels, valid);
+  TORCH_CHECK(grad_out.numel() == 1, "grad_out must be a scalar");
+  Tensor gd = at::empty({a.B, a.D}, f_s.options().dtype(a.acc));
+  AT_DISPATCH_FLOATING_TYPES(a.acc, "icakd_intra_bwd_cpu", [&] {
+    const int64_t nvalid = intra_rows<scalar_t>(a, nullptr, gd.data_ptr<scalar_t>());
+    const scalar_t g = grad_out.to(at::kDouble).item<double>();
+    gd.mul_(2 * g / static_cast<scalar_t>(std::max<int64_t>(nvalid, 1)));
+  });
+  return gd;
+}
+
+// ---------------------------------------------------------------------------------------------
+// inter
+// ---------------------------------------------------------------------------------------------
+
+struct InterOperands {
+  Tensor A;     // [C, Ds + Dt] = [v n_s, v n_t]
+  Tensor B;     // [C, Ds + Dt] = [v n_s, -v n_t]
+  Tensor norm_s, norm_t;  // [C] row norms (acc dtype)
+  int64_t C, Ds, Dt, nvalid;
+  at::ScalarType acc;
+};
+
+InterOperands inter_operands(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, double eps) {
+  check_float(mu_s, "mu_s");
+  check_float(mu_t, "mu_t");
+  check_dim(mu_s, 2, "mu_s");
+  check_dim(mu_t, 2, "mu_t");
+  check_dtype(valid, at::kBool, "valid");
+  InterOperands op;
+  op.C = mu_s.size(0);
+  op.Ds = mu_s.size(1);
+  op.Dt = mu_t.size(1);
+  TORCH_CHECK(mu_t.size(0) == op.C, "mu_t must have ", op.C, " rows, got ", mu_t.sizes());
+  TORCH_CHECK(valid.dim() == 1 && valid.size(0) == op.C, "valid must be [C], got ", valid.sizes());
+  op.acc = acc_type_of(mu_s.scalar_type(), mu_t.scalar_type());
+  const Tensor v = valid.to(op.acc).unsqueeze(1);
+  const Tensor ms = mu_s.to(op.acc);
+  const Tensor mt = mu_t.to(op.acc);
+  op.norm_s = at::linalg_vector_norm(ms, 2, {1}, false, std::nullopt);
+  op.norm_t = at::linalg_vector_norm(mt, 2, {1}, false, std::nullopt);
+  op.A = at::empty({op.C, op.Ds + op.Dt}, ms.options());
+  op.B = at::empty({op.C, op.Ds + op.Dt}, ms.options());
+  const Tensor ns = ms / op.norm_s.clamp_min(eps).unsqueeze(1) * v;
+  const Tensor nt = mt / op.norm_t.clamp_min(eps).unsqueeze(1) * v;
+  op.A.narrow(1, 0, op.Ds).copy_(ns);
+  op.A.narrow(1, op.Ds, op.Dt).copy_(nt);
+  op.B.narrow(1, 0, op.Ds).copy_(ns);
+  op.B.narrow(1, op.Ds, op.Dt).copy_(nt).neg_();
+  op.nvalid = valid.sum().item<int64_t>();
+  return op;
+}
+
+Tensor inter_fwd_cpu(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, double eps) {
+  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps);
+  const int64_t C = op.C;
+  const int64_t ntiles = (C + kTile - 1) / kTile;
+  // E is symmetric: tile i covers its diagonal block once and the blocks to its right twice.
+  // Work item w pairs tile w with tile ntiles-1-w so that the tasks have equal cost.
+  const int64_t nwork = (ntiles + 1) / 2;
+  std::vector<double> partial(ntiles, 0.0);
+  const Tensor Bt = op.B.t();
+  auto run_tile = [&](int64_t tile) {
+    const int64_t r0 = tile * kTile, r1 = std::min(C, r0 + kTile);
+    const Tensor E = at::mm(op.A.narrow(0, r0, r1 - r0), Bt.narrow(1, r0, C - r0));  // [T, C - r0]
+    AT_DISPATCH_FLOATING_TYPES(op.acc, "icakd_inter_fwd_tile", [&] {
+      const scalar_t* e = E.const_data_ptr<scalar_t>();
+      const int64_t T = r1 - r0, W = C - r0;
+      double diag = 0.0, off = 0.0;
+      for (int64_t i = 0; i < T; ++i) {
+        const scalar_t* row = e + i * W;
+        diag += static_cast<double>(sumsq_acc<scalar_t>(row, T));
+        off += static_cast<double>(sumsq_acc<scalar_t>(row + T, W - T));
+      }
+      partial[tile] = diag + 2.0 * off;
+    });
+  };
+  at::parallel_for(0, nwork, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      run_tile(w);
+      if (ntiles - 1 - w != w) run_tile(ntiles - 1 - w);
+    }
+  });
+  double total = 0.0;
+  for (double p : partial) total += p;
+  const double nv = static_cast<double>(op.nvalid);
+  const double den = std::max(nv * nv, 1.0);
+  return at::full({}, total / den, mu_s.options().dtype(op.acc));
+}
+
+// dmu = (dn - n (n . dn)) / |mu| where |mu| > eps, dn / eps otherwise (rows of n are v * n)
+Tensor normalize_backward(const Tensor& dn, const Tensor& n, const Tensor& norm, double eps) {
+  const Tensor proj = (n * dn).sum(1, true);
+  const Tensor big = norm.gt(eps).unsqueeze(1);
+  const Tensor nrm = norm.unsqueeze(1);
+  return at::where(big, (dn - n * proj) / at::where(big, nrm, at::ones_like(nrm)), dn / eps);
+}
+
+std::tuple<Tensor, Tensor> inter_bwd_cpu(const Tensor& grad_out, const Tensor& mu_s, const Tensor& mu_t,
+                                         const Tensor& valid, const std::optional<Tensor>& live, bool need_s,
+                                         bool need_t, double eps) {
+  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps);
+  const int64_t C = op.C, Ds = op.Ds, Dt = op.Dt;
+  const auto opts = mu_s.options().dtype(op.acc);
+  if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
+  TORCH_CHECK(grad_out.numel() == 1, "grad_out must be a scalar");
+  const bool has_live = live.has_value() && live->defined();
+  if (has_live) {
+    check_dtype(*live, at::kBool, "live");
+    TORCH_CHECK(live->dim() == 1 && live->size(0) == C, "live must be [C], got ", live->sizes());
+  }
+  const double g = grad_out.to(at::kDouble).item<double>();
+  const double nv = static_cast<double>(op.nvalid);
+  const double scale = 4.0 * g / std::max(nv * nv, 1.0);
+
+  // rows whose dL/dn is computed: every valid row, or only valid & live rows when grad_mu_t is
+  // not needed (rows outside `live` get a zero grad_mu_s).
+  const Tensor valid_c = valid.contiguous();
+  const bool* vp = valid_c.const_data_ptr<bool>();
+  Tensor live_c;
+  const bool* lp = nullptr;
+  if (has_live) {
+    live_c = live->contiguous();
+    lp = live_c.const_data_ptr<bool>();
+  }
+  const bool rows_live_only = has_live && !need_t;
+  std::vector<int64_t> rows;
+  rows.reserve(C);
+  for (int64_t c = 0; c < C; ++c)
+    if (vp[c] && (!rows_live_only || lp[c])) rows.push_back(c);
+  const int64_t R = static_cast<int64_t>(rows.size());
+
+  // columns of B needed by the second GEMM: [Ds] for n_s, [Dt] for n_t, or both
+  const int64_t col0 = need_s ? 0 : Ds;
+  const int64_t ncol = (need_s ? Ds : 0) + (need_t ? Dt : 0);
+  Tensor G = at::zeros({C, Ds + Dt}, opts);  // dL/dn (unscaled), zero outside `rows`
+  const Tensor Bt = op.B.t();
+  const Tensor Bsel = op.B.narrow(1, col0, ncol);
+  const int64_t ntiles = (R + kTile - 1) / kTile;
+  const Tensor rows_t = at::from_blob(rows.data(), {R}, at::TensorOptions().dtype(at::kLong)).clone();
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = t * kTile, i1 = std::min(R, i0 + kTile);
+      const bool contiguous_rows = rows[i1 - 1] - rows[i0] == i1 - 1 - i0;
+      const Tensor idx = rows_t.narrow(0, i0, i1 - i0);
+      const Tensor At = contiguous_rows ? op.A.narrow(0, rows[i0], i1 - i0) : op.A.index_select(0, idx);
+      const Tensor E = at::mm(At, Bt);  // [T, C]
+      const Tensor Gt = at::mm(E, Bsel);  // [T, ncol]
+      if (contiguous_rows) {
+        G.narrow(0, rows[i0], i1 - i0).narrow(1, col0, ncol).copy_(Gt);
+      } else {
+        for (int64_t i = i0; i < i1; ++i) G[rows[i]].narrow(0, col0, ncol).copy_(Gt[i - i0]);
+      }
+    }
+  });
+  G.mul_(scale);
+  Tensor gs = at::empty({0}, opts), gt = at::empty({0}, opts);
+  if (need_s) {
+    gs = normalize_backward(G.narrow(1, 0, Ds), op.A.narrow(1, 0, Ds), op.norm_s, eps);
+    if (has_live) gs.mul_(live_c.to(op.acc).unsqueeze(1));
+  }
+  if (need_t) {
+    gt = normalize_backward(G.narrow(1, Ds, Dt), op.A.narrow(1, Ds, Dt), op.norm_t, eps);
+  }
+  return {gs, gt};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(icakd_fast_C, CPU, m) {
+  m.impl("centroids_fwd", &centroids_fwd_cpu);
+  m.impl("intra_fwd", &intra_fwd_cpu);
+  m.impl("intra_bwd", &intra_bwd_cpu);
+  m.impl("inter_fwd", &inter_fwd_cpu);
+  m.impl("inter_bwd", &inter_bwd_cpu);
+}
+
+}  // namespace icakd

@@ -1,0 +1,239 @@
+// CUDA kernels of the Grad-CAM ops: one thread block per image.
+//
+// Forward: threads own pixels for the weighted channel sum (coalesced over H*W), then a block
+// reduction gives the min/max/sum of the map, then warps own channels for the CAM-weighted
+// pooling. Backward: threads own (channel, pixel) elements for grad_features, warps own channels
+// for grad_weights. float32 accumulation (float64 for float64 inputs).
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../common.h"
+#include "cuda_utils.cuh"
+
+namespace icakd {
+namespace {
+
+using at::Tensor;
+using cuda::kThreads;
+
+template <typename scalar_t, typename acc_t>
+__global__ void cam_fwd_kernel(const scalar_t* __restrict__ A, const acc_t* __restrict__ w, acc_t* __restrict__ cam,
+                               acc_t* __restrict__ pool_w, acc_t* __restrict__ pooled, int64_t K, int64_t P,
+                               bool with_pooled) {
+  __shared__ acc_t red[32];
+  const int64_t b = blockIdx.x;
+  const scalar_t* Ab = A + b * K * P;
+  const acc_t* wb = w + b * K;
+  acc_t* camb = cam + b * P;
+  acc_t lo = INFINITY, hi = -INFINITY;
+  for (int64_t p = threadIdx.x; p < P; p += blockDim.x) {
+    acc_t s = 0;
+    for (int64_t k = 0; k < K; ++k) s += wb[k] * static_cast<acc_t>(Ab[k * P + p]);
+    const acc_t v = s > acc_t(0) ? s : acc_t(0);
+    camb[p] = v;
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+  }
+  if (!with_pooled) return;  // uniform over the block
+  lo = cuda::block_reduce(lo, cuda::MinOp(), acc_t(INFINITY), red);
+  hi = cuda::block_reduce(hi, cuda::MaxOp(), acc_t(-INFINITY), red);
+  const acc_t den_mm = (hi - lo) + acc_t(1e-7);
+  acc_t* pwb = pool_w + b * P;
+  acc_t msum = 0;
+  for (int64_t p = threadIdx.x; p < P; p += blockDim.x) {
+    const acc_t m = (camb[p] - lo) / den_mm;
+    pwb[p] = m;
+    msum += m;
+  }
+  msum = cuda::block_reduce(msum, cuda::SumOp(), acc_t(0), red);
+  const acc_t uniform = acc_t(1) / static_cast<acc_t>(P);
+  for (int64_t p = threadIdx.x; p < P; p += blockDim.x) pwb[p] = msum > acc_t(0) ? pwb[p] / msum : uniform;
+  __syncthreads();  // pool_w of this image complete and visible to the block
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  for (int64_t k = warp; k < K; k += nwarps) {
+    const scalar_t* row = Ab + k * P;
+    acc_t t = 0;
+    for (int64_t p = lane; p < P; p += 32) t += pwb[p] * static_cast<acc_t>(row[p]);
+    t = cuda::warp_reduce(t, cuda::SumOp());
+    if (lane == 0) pooled[b * K + k] = t;
+  }
+}
+
+// grid (B, k-chunks): block (b, j) handles channels [j*kc, min(K, (j+1)*kc))
+template <typename scalar_t, typename acc_t>
+__global__ void cam_bwd_kernel(const scalar_t* __restrict__ A, const acc_t* __restrict__ w,
+                               const acc_t* __restrict__ gs, const acc_t* __restrict__ gp,
+                               const acc_t* __restrict__ pw, scalar_t* __restrict__ gf, acc_t* __restrict__ gw,
+                               int64_t K, int64_t P, int64_t kc) {
+  const int64_t b = blockIdx.x;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kc;
+  const int64_t k1 = k0 + kc < K ? k0 + kc : K;
+  if (k0 >= k1) return;
+  const acc_t* gsb = gs ? gs + b * P : nullptr;
+  const acc_t* pwb = gp ? pw + b * P : nullptr;
+  if (gf) {
+    const int64_t n = (k1 - k0) * P;
+    scalar_t* out = gf + (b * K + k0) * P;
+    for (int64_t idx = threadIdx.x; idx < n; idx += blockDim.x) {
+      const int64_t k = k0 + idx / P;
+      const int64_t p = idx % P;
+      acc_t v = 0;
+      if (gsb) v += gsb[p] * w[b * K + k];
+      if (pwb) v += gp[b * K + k] * pwb[p];
+      out[idx] = static_cast<scalar_t>(v);
+    }
+  }
+  if (gw) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    for (int64_t k = k0 + warp; k < k1; k += nwarps) {
+      acc_t t = 0;
+      if (gsb) {
+        const scalar_t* row = A + (b * K + k) * P;
+        for (int64_t p = lane; p < P; p += 32) t += gsb[p] * static_cast<acc_t>(row[p]);
+      }
+      t = cuda::warp_reduce(t, cuda::SumOp());
+      if (lane == 0) gw[b * K + k] = t;
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void spatial_mean_kernel(const scalar_t* __restrict__ g, scalar_t* __restrict__ out, int64_t rows, int64_t P) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (r >= rows) return;  // whole warp leaves together
+  acc_t t = 0;
+  for (int64_t p = lane; p < P; p += 32) t += static_cast<acc_t>(g[r * P + p]);
+  t = cuda::warp_reduce(t, cuda::SumOp());
+  if (lane == 0) out[r] = static_cast<scalar_t>(t / static_cast<acc_t>(P));
+}
+
+void check_cam_inputs(const Tensor& features, const Tensor& weights) {
+  check_float(features, "features");
+  check_float(weights, "weights");
+  check_dim(features, 4, "features");
+  check_dim(weights, 2, "weights");
+  TORCH_CHECK(weights.size(0) == features.size(0) && weights.size(1) == features.size(1), "weights must be [B, K] = [",
+              features.size(0), ", ", features.size(1), "], got ", weights.sizes());
+  check_same_device(features, weights, "weights");
+}
+
+std::tuple<Tensor, Tensor, Tensor> cam_fwd_cuda(const Tensor& features, const Tensor& weights, bool with_pooled) {
+  check_cam_inputs(features, weights);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const int64_t B = features.size(0), K = features.size(1), H = features.size(2), W = features.size(3);
+  const int64_t P = H * W;
+  const auto out_dt = at::promote_types(features.scalar_type(), weights.scalar_type());
+  const auto acc = acc_type_of(features.scalar_type(), weights.scalar_type());
+  const Tensor A = features.contiguous();
+  const Tensor w = weights.to(acc).contiguous();
+  const auto opts = features.options().dtype(acc);
+  Tensor cam = at::empty({B, H, W}, opts);
+  Tensor pooled = with_pooled ? at::empty({B, K}, opts) : at::empty({0}, features.options().dtype(out_dt));
+  Tensor pool_w = with_pooled ? at::empty({B, P}, opts) : at::empty({0}, opts);
+  if (B > 0 && P > 0) {
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "icakd_cam_fwd_cuda", [&] {
+      if (acc == at::kDouble) {
+        cam_fwd_kernel<scalar_t, double><<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(
+            A.const_data_ptr<scalar_t>(), w.const_data_ptr<double>(), cam.data_ptr<double>(),
+            with_pooled ? pool_w.data_ptr<double>() : nullptr, with_pooled ? pooled.data_ptr<double>() : nullptr, K, P,
+            with_pooled);
+      } else {
+        cam_fwd_kernel<scalar_t, float><<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(
+            A.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(), cam.data_ptr<float>(),
+            with_pooled ? pool_w.data_ptr<float>() : nullptr, with_pooled ? pooled.data_ptr<float>() : nullptr, K, P,
+            with_pooled);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else if (with_pooled) {
+    pooled.zero_();
+  }
+  return {cam.to(out_dt), pooled.to(out_dt), pool_w};
+}
+
+std::tuple<Tensor, Tensor> cam_bwd_cuda(const std::optional<Tensor>& grad_cam, const std::optional<Tensor>& grad_pooled,
+                                        const Tensor& features, const Tensor& weights, const Tensor& cam,
+                                        const Tensor& pool_w, bool need_features, bool need_weights) {
+  check_cam_inputs(features, weights);
+  const c10::cuda::CUDAGuard guard(features.device());
+  const int64_t B = features.size(0), K = features.size(1), H = features.size(2), W = features.size(3);
+  const int64_t P = H * W;
+  const auto acc = acc_type_of(features.scalar_type(), weights.scalar_type());
+  const auto opts = features.options().dtype(acc);
+  const bool has_gc = grad_cam.has_value() && grad_cam->defined();
+  const bool has_gp = grad_pooled.has_value() && grad_pooled->defined();
+  Tensor gs, gp, pw;
+  if (has_gc) {
+    TORCH_CHECK(grad_cam->numel() == B * P, "grad_cam must have B*H*W elements, got ", grad_cam->sizes());
+    TORCH_CHECK(cam.numel() == B * P, "cam must have B*H*W elements, got ", cam.sizes());
+    gs = (grad_cam->reshape({B, P}).to(acc) * cam.reshape({B, P}).gt(0).to(acc)).contiguous();
+  }
+  if (has_gp) {
+    TORCH_CHECK(grad_pooled->numel() == B * K, "grad_pooled must be [B, K], got ", grad_pooled->sizes());
+    TORCH_CHECK(pool_w.numel() == B * P, "pool_w must be [B, H*W], got ", pool_w.sizes());
+    gp = grad_pooled->reshape({B, K}).to(acc).contiguous();
+    pw = pool_w.reshape({B, P}).to(acc).contiguous();
+  }
+  const Tensor A = features.contiguous();
+  const Tensor w = weights.to(acc).contiguous();
+  Tensor gf = need_features ? at::empty({B, K, H, W}, features.options()) : at::empty({0}, features.options());
+  Tensor gw = need_weights ? at::empty({B, K}, opts) : at::empty({0}, opts);
+  if ((need_features || need_weights) && B * K * P > 0) {
+    // about 8 warps' worth of channels per block, at most 65535 chunks
+    int64_t kc = std::max<int64_t>(8, (K + 65534) / 65535);
+    const dim3 grid(static_cast<unsigned int>(B), static_cast<unsigned int>((K + kc - 1) / kc));
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "icakd_cam_bwd_cuda", [&] {
+      if (acc == at::kDouble) {
+        cam_bwd_kernel<scalar_t, double><<<grid, kThreads, 0, stream>>>(
+            A.const_data_ptr<scalar_t>(), w.const_data_ptr<double>(), has_gc ? gs.const_data_ptr<double>() : nullptr,
+            has_gp ? gp.const_data_ptr<double>() : nullptr, has_gp ? pw.const_data_ptr<double>() : nullptr,
+            need_features ? gf.data_ptr<scalar_t>() : nullptr, need_weights ? gw.data_ptr<double>() : nullptr, K, P,
+            kc);
+      } else {
+        cam_bwd_kernel<scalar_t, float><<<grid, kThreads, 0, stream>>>(
+            A.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(), has_gc ? gs.const_data_ptr<float>() : nullptr,
+            has_gp ? gp.const_data_ptr<float>() : nullptr, has_gp ? pw.const_data_ptr<float>() : nullptr,
+            need_features ? gf.data_ptr<scalar_t>() : nullptr, need_weights ? gw.data_ptr<float>() : nullptr, K, P,
+            kc);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else {
+    if (need_features) gf.zero_();
+    if (need_weights) gw.zero_();
+  }
+  return {gf, need_weights ? gw.to(weights.scalar_type()) : at::empty({0}, weights.options())};
+}
+
+Tensor spatial_mean_cuda(const Tensor& grads) {
+  check_float(grads, "grads");
+  check_dim(grads, 4, "grads");
+  const c10::cuda::CUDAGuard guard(grads.device());
+  const int64_t B = grads.size(0), K = grads.size(1), P = grads.size(2) * grads.size(3);
+  const Tensor g = grads.contiguous();
+  Tensor out = at::empty({B, K}, grads.options());
+  if (B * K == 0) return out;
+  if (P == 0) return out.fill_(NAN);
+  const int64_t rows = B * K, warps = kThreads / 32;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "icakd_spatial_mean_cuda", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    spatial_mean_kernel<scalar_t, acc_t><<<cuda::blocks_for(rows, warps), kThreads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, P);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(icakd_fast_C, CUDA, m) {
+  m.impl("cam_fwd", &cam_fwd_cuda);
+  m.impl("cam_bwd", &cam_bwd_cuda);
+  m.impl("spatial_mean", &spatial_mean_cuda);
+}
+
+}  // namespace icakd

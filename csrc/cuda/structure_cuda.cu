@@ -1,0 +1,347 @@
+// CUDA kernels of the centroid, intra-class and inter-class ops (no host synchronisation).
+//
+// centroids: the batch is grouped by class with a stable sort, then one block per class (threads
+//   own columns) adds its rows in batch order: deterministic, no atomics.
+// intra: one block per row; the mean over valid rows is a device-side reduction.
+// inter: E = A B^T with A = [v n_s, v n_t], B = [v n_s, -v n_t] is formed tile by tile with
+//   cuBLAS (at::mm); the forward adds |E_tile|^2 (symmetric: diagonal block once, right blocks
+//   twice); the backward multiplies E_tile by B. With `live` and no teacher gradient, a dedicated
+//   kernel computes only the live rows: one block per row, blocks of other rows exit at once, so
+//   the cost is O(P*C*D) without knowing P on the host.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../common.h"
+#include "cuda_utils.cuh"
+
+namespace icakd {
+namespace {
+
+using at::Tensor;
+using cuda::kThreads;
+
+template <typename acc_t>
+__global__ void centroids_kernel(const acc_t* __restrict__ sums, const int64_t* __restrict__ counts,
+                                 const acc_t* __restrict__ feats, const int64_t* __restrict__ order,
+                                 const int64_t* __restrict__ offsets, acc_t* __restrict__ mu,
+                                 int64_t* __restrict__ total, int64_t D) {
+  const int64_t c = blockIdx.x;
+  const int64_t d = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t beg = offsets[c], end = offsets[c + 1];
+  const int64_t tot = counts[c] + (end - beg);
+  if (blockIdx.y == 0 && threadIdx.x == 0) total[c] = tot;
+  if (d >= D) return;
+  acc_t acc = 0;
+  for (int64_t j = beg; j < end; ++j) acc += feats[order[j] * D + d];
+  mu[c * D + d] = (sums[c * D + d] + acc) / static_cast<acc_t>(tot > 1 ? tot : 1);
+}
+
+// per row b: d = f_s - mu_s[y] - f_t + mu_t[y] (zero when y is not valid) -> dout, |d|^2 -> per_row
+template <typename acc_t>
+__global__ void intra_rows_kernel(const acc_t* __restrict__ fs, const acc_t* __restrict__ ft,
+                                  const acc_t* __restrict__ ms, const acc_t* __restrict__ mt,
+                                  const int64_t* __restrict__ labels, const bool* __restrict__ valid,
+                                  acc_t* __restrict__ per_row, acc_t* __restrict__ dout, int64_t C, int64_t D) {
+  __shared__ acc_t red[32];
+  const int64_t b = blockIdx.x;
+  const int64_t c = labels[b];
+  const bool ok = c >= 0 && c < C && valid[c];
+  acc_t t = 0;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    acc_t x = 0;
+    if (ok) x = (fs[b * D + d] - ms[c * D + d]) - (ft[b * D + d] - mt[c * D + d]);
+    t += x * x;
+    if (dout) dout[b * D + d] = x;
+  }
+  if (per_row) {
+    t = cuda::block_reduce(t, cuda::SumOp(), acc_t(0), red);
+    if (threadIdx.x == 0) per_row[b] = t;
+  }
+}
+
+// out[k, :Ds] = sum_l (A[k] . B[l]) * B[l, :Ds] for rows k with live[k]; other rows untouched.
+template <typename acc_t>
+__global__ void inter_live_rows_kernel(const acc_t* __restrict__ A, const acc_t* __restrict__ B,
+                                       const bool* __restrict__ live, acc_t* __restrict__ out, int64_t C, int64_t Ds,
+                                       int64_t Dtot) {
+  constexpr int kCols = 64;
+  __shared__ acc_t e[kCols];
+  const int64_t k = blockIdx.x;
+  if (!live[k]) return;  // uniform
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const acc_t* a = A + k * Dtot;
+  acc_t* o = out + k * Ds;
+  for (int64_t l0 = 0; l0 < C; l0 += kCols) {
+    const int64_t ncols = (C - l0) < kCols ? (C - l0) : kCols;
+    for (int j = warp; j < kCols; j += nwarps) {
+      acc_t s = 0;
+      if (j < ncols) {
+        const acc_t* bl = B + (l0 + j) * Dtot;
+        for (int64_t d = lane; d < Dtot; d += 32) s += a[d] * bl[d];
+      }
+      s = cuda::warp_reduce(s, cuda::SumOp());
+      if (lane == 0) e[j] = s;
+    }
+    __syncthreads();
+    for (int64_t d = threadIdx.x; d < Ds; d += blockDim.x) {
+      acc_t acc = o[d];
+      for (int j = 0; j < ncols; ++j) acc += e[j] * B[(l0 + j) * Dtot + d];
+      o[d] = acc;
+    }
+    __syncthreads();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> centroids_fwd_cuda(const Tensor& sums_, const Tensor& counts_, const Tensor& feats_,
+                                              const Tensor& labels_) {
+  check_float(sums_, "sums");
+  check_float(feats_, "feats");
+  check_dim(sums_, 2, "sums");
+  check_dim(feats_, 2, "feats");
+  check_dtype(counts_, at::kLong, "counts");
+  check_dtype(labels_, at::kLong, "labels");
+  const int64_t C = sums_.size(0), D = sums_.size(1), B = feats_.size(0);
+  TORCH_CHECK(feats_.size(1) == D, "feats must be [B, ", D, "], got ", feats_.sizes());
+  TORCH_CHECK(counts_.dim() == 1 && counts_.size(0) == C, "counts must be [C], got ", counts_.sizes());
+  TORCH_CHECK(labels_.dim() == 1 && labels_.size(0) == B, "labels must be [B], got ", labels_.sizes());
+  check_same_device(sums_, feats_, "feats");
+  const c10::cuda::CUDAGuard guard(sums_.device());
+  const auto out_dt = at::promote_types(sums_.scalar_type(), feats_.scalar_type());
+  const Tensor sums = sums_.to(out_dt).contiguous();
+  const Tensor feats = feats_.to(out_dt).contiguous();
+  const Tensor counts = counts_.contiguous();
+  const auto sorted = at::sort(labels_, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const Tensor order = std::get<1>(sorted).contiguous();
+  const Tensor offsets = at::searchsorted(std::get<0>(sorted), at::arange(C + 1, labels_.options())).contiguous();
+  Tensor mu = at::empty({C, D}, sums.options());
+  Tensor total = at::empty({C}, counts.options());
+  if (C == 0) return {mu, total};
+  const dim3 grid(static_cast<unsigned int>(C), cuda::blocks_for(D, kThreads));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(out_dt, "icakd_centroids_cuda", [&] {
+    centroids_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        sums.const_data_ptr<scalar_t>(), counts.const_data_ptr<int64_t>(), feats.const_data_ptr<scalar_t>(),
+        order.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), mu.data_ptr<scalar_t>(),
+        total.data_ptr<int64_t>(), D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {mu, total};
+}
+
+struct IntraArgs {
+  Tensor f_s, f_t, mu_s, mu_t, labels, valid;
+  int64_t B, D, C;
+  at::ScalarType acc;
+};
+
+IntraArgs intra_args(const Tensor& f_s, const Tensor& f_t, const Tensor& mu_s, const Tensor& mu_t,
+                     const Tensor& labels, const Tensor& valid) {
+  check_float(f_s, "f_s");
+  check_float(f_t, "f_t");
+  check_float(mu_s, "mu_s");
+  check_float(mu_t, "mu_t");
+  check_dim(f_s, 2, "f_s");
+  check_dim(mu_s, 2, "mu_s");
+  check_dtype(labels, at::kLong, "labels");
+  check_dtype(valid, at::kBool, "valid");
+  IntraArgs a;
+  a.B = f_s.size(0);
+  a.D = f_s.size(1);
+  a.C = mu_s.size(0);
+  TORCH_CHECK(f_t.sizes() == f_s.sizes(), "f_t must have the shape of f_s ", f_s.sizes(), ", got ", f_t.sizes());
+  TORCH_CHECK(mu_s.size(1) == a.D && mu_t.sizes() == mu_s.sizes(), "mu_s and mu_t must be [C, ", a.D, "]");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == a.B, "labels must be [B], got ", labels.sizes());
+  TORCH_CHECK(valid.dim() == 1 && valid.size(0) == a.C, "valid must be [C], got ", valid.sizes());
+  const bool dbl = f_s.scalar_type() == at::kDouble || f_t.scalar_type() == at::kDouble ||
+                   mu_s.scalar_type() == at::kDouble || mu_t.scalar_type() == at::kDouble;
+  a.acc = dbl ? at::kDouble : at::kFloat;
+  a.f_s = f_s.to(a.acc).contiguous();
+  a.f_t = f_t.to(a.acc).contiguous();
+  a.mu_s = mu_s.to(a.acc).contiguous();
+  a.mu_t = mu_t.to(a.acc).contiguous();
+  a.labels = labels.contiguous();
+  a.valid = valid.contiguous();
+  return a;
+}
+
+// number of rows whose class is valid (device tensor, acc dtype)
+Tensor intra_valid_rows(const IntraArgs& a) {
+  return a.valid.index_select(0, a.labels.clamp(0, std::max<int64_t>(a.C - 1, 0))).to(a.acc).sum();
+}
+
+Tensor intra_fwd_cuda(const Tensor& f_s, const Tensor& f_t, const Tensor& mu_s, const Tensor& mu_t,
+                      const Tensor& labels, const Tensor& valid) {
+  const IntraArgs a = intra_args(f_s, f_t, mu_s, mu_t, labels, valid);
+  const c10::cuda::CUDAGuard guard(f_s.device());
+  if (a.B == 0) return at::zeros({}, f_s.options().dtype(a.acc));
+  Tensor per_row = at::empty({a.B}, f_s.options().dtype(a.acc));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(a.acc, "icakd_intra_fwd_cuda", [&] {
+    intra_rows_kernel<scalar_t><<<static_cast<unsigned int>(a.B), kThreads, 0, stream>>>(
+        a.f_s.const_data_ptr<scalar_t>(), a.f_t.const_data_ptr<scalar_t>(), a.mu_s.const_data_ptr<scalar_t>(),
+        a.mu_t.const_data_ptr<scalar_t>(), a.labels.const_data_ptr<int64_t>(), a.valid.const_data_ptr<bool>(),
+        per_row.data_ptr<scalar_t>(), nullptr, a.C, a.D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return per_row.sum() / intra_valid_rows(a).clamp_min(1);
+}
+
+Tensor intra_bwd_cuda(const Tensor& grad_out, const Tensor& f_s, const Tensor& f_t, const Tensor& mu_s,
+                      const Tensor& mu_t, const Tensor& labels, const Tensor& valid) {
+  const IntraArgs a = intra_args(f_s, f_t, mu_s, mu_t, labels, valid);
+  TORCH_CHECK(grad_out.numel() == 1, "grad_out must be a scalar");
+  const c10::cuda::CUDAGuard guard(f_s.device());
+  Tensor gd = at::empty({a.B, a.D}, f_s.options().dtype(a.acc));
+  if (a.B == 0) return gd;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(a.acc, "icakd_intra_bwd_cuda", [&] {
+    intra_rows_kernel<scalar_t><<<static_cast<unsigned int>(a.B), kThreads, 0, stream>>>(
+        a.f_s.const_data_ptr<scalar_t>(), a.f_t.const_data_ptr<scalar_t>(), a.mu_s.const_data_ptr<scalar_t>(),
+        a.mu_t.const_data_ptr<scalar_t>(), a.labels.const_data_ptr<int64_t>(), a.valid.const_data_ptr<bool>(),
+        nullptr, gd.data_ptr<scalar_t>(), a.C, a.D);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const Tensor scale = grad_out.reshape({}).to(a.acc) * 2 / intra_valid_rows(a).clamp_min(1);
+  return gd.mul_(scale);
+}
+
+struct InterOperands {
+  Tensor A, B;            // [C, Ds + Dt]
+  Tensor norm_s, norm_t;  // [C]
+  Tensor nvalid;          // 0-dim, acc dtype (device)
+  int64_t C, Ds, Dt;
+  at::ScalarType acc;
+};
+
+InterOperands inter_operands(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, double eps) {
+  check_float(mu_s, "mu_s");
+  check_float(mu_t, "mu_t");
+  check_dim(mu_s, 2, "mu_s");
+  check_dim(mu_t, 2, "mu_t");
+  check_dtype(valid, at::kBool, "valid");
+  InterOperands op;
+  op.C = mu_s.size(0);
+  op.Ds = mu_s.size(1);
+  op.Dt = mu_t.size(1);
+  TORCH_CHECK(mu_t.size(0) == op.C, "mu_t must have ", op.C, " rows, got ", mu_t.sizes());
+  TORCH_CHECK(valid.dim() == 1 && valid.size(0) == op.C, "valid must be [C], got ", valid.sizes());
+  check_same_device(mu_s, mu_t, "mu_t");
+  check_same_device(mu_s, valid, "valid");
+  op.acc = acc_type_of(mu_s.scalar_type(), mu_t.scalar_type());
+  const Tensor v = valid.to(op.acc);
+  const Tensor ms = mu_s.to(op.acc);
+  const Tensor mt = mu_t.to(op.acc);
+  op.norm_s = at::linalg_vector_norm(ms, 2, {1}, false, std::nullopt);
+  op.norm_t = at::linalg_vector_norm(mt, 2, {1}, false, std::nullopt);
+  op.A = at::empty({op.C, op.Ds + op.Dt}, ms.options());
+  op.B = at::empty({op.C, op.Ds + op.Dt}, ms.options());
+  const Tensor ns = ms * (v / op.norm_s.clamp_min(eps)).unsqueeze(1);
+  const Tensor nt = mt * (v / op.norm_t.clamp_min(eps)).unsqueeze(1);
+  op.A.narrow(1, 0, op.Ds).copy_(ns);
+  op.A.narrow(1, op.Ds, op.Dt).copy_(nt);
+  op.B.narrow(1, 0, op.Ds).copy_(ns);
+  op.B.narrow(1, op.Ds, op.Dt).copy_(nt).neg_();
+  op.nvalid = v.sum();
+  return op;
+}
+
+// rows per tile: a [T, C] tile of E holds at most 2^25 elements (128 MiB in float32)
+int64_t inter_tile_rows(int64_t C) {
+  const int64_t t = (int64_t(1) << 25) / std::max<int64_t>(C, 1);
+  return std::max<int64_t>(64, std::min<int64_t>(t, std::max<int64_t>(C, 1)));
+}
+
+Tensor inter_fwd_cuda(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, double eps) {
+  const c10::cuda::CUDAGuard guard(mu_s.device());
+  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps);
+  const int64_t C = op.C, T = inter_tile_rows(C);
+  Tensor diag = at::zeros({}, op.A.options());
+  Tensor off = at::zeros({}, op.A.options());
+  for (int64_t r0 = 0; r0 < C; r0 += T) {
+    const int64_t rows = std::min(T, C - r0);
+    const Tensor At = op.A.narrow(0, r0, rows);
+    const Tensor Ed = at::mm(At, op.B.narrow(0, r0, rows).t()).view({-1});
+    diag.add_(at::dot(Ed, Ed));
+    if (r0 + rows < C) {
+      const Tensor Eo = at::mm(At, op.B.narrow(0, r0 + rows, C - r0 - rows).t()).view({-1});
+      off.add_(at::dot(Eo, Eo));
+    }
+  }
+  return (diag + 2 * off) / (op.nvalid * op.nvalid).clamp_min(1);
+}
+
+Tensor normalize_backward(const Tensor& dn, const Tensor& n, const Tensor& norm, double eps) {
+  const Tensor proj = (n * dn).sum(1, true);
+  const Tensor big = norm.gt(eps).unsqueeze(1);
+  const Tensor nrm = norm.unsqueeze(1);
+  return at::where(big, (dn - n * proj) / at::where(big, nrm, at::ones_like(nrm)), dn / eps);
+}
+
+std::tuple<Tensor, Tensor> inter_bwd_cuda(const Tensor& grad_out, const Tensor& mu_s, const Tensor& mu_t,
+                                          const Tensor& valid, const std::optional<Tensor>& live, bool need_s,
+                                          bool need_t, double eps) {
+  const c10::cuda::CUDAGuard guard(mu_s.device());
+  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps);
+  const int64_t C = op.C, Ds = op.Ds, Dt = op.Dt, Dtot = Ds + Dt;
+  const auto opts = op.A.options();
+  if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
+  TORCH_CHECK(grad_out.numel() == 1, "grad_out must be a scalar");
+  const bool has_live = live.has_value() && live->defined();
+  Tensor live_c;
+  if (has_live) {
+    check_dtype(*live, at::kBool, "live");
+    TORCH_CHECK(live->dim() == 1 && live->size(0) == C, "live must be [C], got ", live->sizes());
+    live_c = live->contiguous();
+  }
+  const Tensor scale = grad_out.reshape({}).to(op.acc) * 4 / (op.nvalid * op.nvalid).clamp_min(1);
+  Tensor gs = at::empty({0}, opts), gt = at::empty({0}, opts);
+  if (has_live && !need_t) {
+    Tensor dn = at::zeros({C, Ds}, opts);
+    if (C > 0) {
+      auto stream = c10::cuda::getCurrentCUDAStream();
+      AT_DISPATCH_FLOATING_TYPES(op.acc, "icakd_inter_live_rows_cuda", [&] {
+        inter_live_rows_kernel<scalar_t><<<static_cast<unsigned int>(C), kThreads, 0, stream>>>(
+            op.A.const_data_ptr<scalar_t>(), op.B.const_data_ptr<scalar_t>(), live_c.const_data_ptr<bool>(),
+            dn.data_ptr<scalar_t>(), C, Ds, Dtot);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    dn.mul_(scale);
+    gs = normalize_backward(dn, op.A.narrow(1, 0, Ds), op.norm_s, eps);
+    return {gs, gt};
+  }
+  const int64_t col0 = need_s ? 0 : Ds;
+  const int64_t ncol = (need_s ? Ds : 0) + (need_t ? Dt : 0);
+  const Tensor Bsel = op.B.narrow(1, col0, ncol);
+  Tensor G = at::empty({C, ncol}, opts);
+  const int64_t T = inter_tile_rows(C);
+  for (int64_t r0 = 0; r0 < C; r0 += T) {
+    const int64_t rows = std::min(T, C - r0);
+    const Tensor E = at::mm(op.A.narrow(0, r0, rows), op.B.t());
+    Tensor Gt = G.narrow(0, r0, rows);
+    at::mm_out(Gt, E, Bsel);
+  }
+  G.mul_(scale);
+  if (need_s) {
+    gs = normalize_backward(G.narrow(1, 0, Ds), op.A.narrow(1, 0, Ds), op.norm_s, eps);
+    if (has_live) gs.mul_(live_c.to(op.acc).unsqueeze(1));
+  }
+  if (need_t) {
+    gt = normalize_backward(G.narrow(1, need_s ? Ds : 0, Dt), op.A.narrow(1, Ds, Dt), op.norm_t, eps);
+  }
+  return {gs, gt};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(icakd_fast_C, CUDA, m) {
+  m.impl("centroids_fwd", &centroids_fwd_cuda);
+  m.impl("intra_fwd", &intra_fwd_cuda);
+  m.impl("intra_bwd", &intra_bwd_cuda);
+  m.impl("inter_fwd", &inter_fwd_cuda);
+  m.impl("inter_bwd", &inter_bwd_cuda);
+}
+
+}  // namespace icakd

@@ -1,0 +1,181 @@
+"""C++/CUDA backend: the low-level functions of ``docs/backend_contract.md`` over ``icakd_fast._C``.
+
+The compiled library registers its operators with ``TORCH_LIBRARY`` in the ``icakd_fast_C``
+namespace (schemas in ``csrc/<op>.cpp``, CPU kernels in ``csrc/cpu``, CUDA kernels in
+``csrc/cuda``). This module loads it (``icakd_fast._ext``), registers the fake (meta) kernels so
+that ``torch.compile(fullgraph=True)`` traces through the ops, and exposes the contract functions
+that the autograd Functions in ``icakd_fast.ops`` and the memory banks call.
+
+Importing this module raises ImportError when the library is missing or unusable; ``_backend``
+turns that into a reason.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+
+if not _ext.load():
+    raise ImportError(f"icakd_fast._C is unavailable: {_ext.reason()}")
+
+OPS = ("cam", "grad_cam_weights", "class_bank", "fifo_bank", "centroids", "intra", "inter")
+UNAVAILABLE_REASONS: tuple = ()
+
+_C = getattr(torch.ops, _ext.NAMESPACE)
+_NS = _ext.NAMESPACE
+
+
+def device_types() -> tuple:
+    """``("cpu",)``, plus ``"cuda"`` when the library was built with CUDA kernels and a GPU is present."""
+    if _ext.with_cuda() and torch.cuda.is_available():
+        return ("cpu", "cuda")
+    return ("cpu",)
+
+
+def _acc(*dtypes: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# fake (meta) kernels: shapes and dtypes only, identical to what the real kernels return
+# ----------------------------------------------------------------------------------------------
+
+_fake = torch.library.register_fake
+
+
+@_fake(f"{_NS}::cam_fwd")
+def _cam_fwd_fake(features, weights, with_pooled):
+    b, k, h, w = features.shape
+    out = torch.promote_types(features.dtype, weights.dtype)
+    acc = _acc(features.dtype, weights.dtype)
+    cam = features.new_empty((b, h, w), dtype=out)
+    if with_pooled:
+        return cam, features.new_empty((b, k), dtype=out), features.new_empty((b, h * w), dtype=acc)
+    return cam, features.new_empty((0,), dtype=out), features.new_empty((0,), dtype=acc)
+
+
+@_fake(f"{_NS}::cam_bwd")
+def _cam_bwd_fake(grad_cam, grad_pooled, features, weights, cam, pool_w, need_features, need_weights):
+    gf = features.new_empty(features.shape) if need_features else features.new_empty((0,))
+    gw = weights.new_empty(weights.shape) if need_weights else weights.new_empty((0,))
+    return gf, gw
+
+
+@_fake(f"{_NS}::spatial_mean")
+def _spatial_mean_fake(grads):
+    return grads.new_empty(grads.shape[:2])
+
+
+@_fake(f"{_NS}::class_bank_enqueue_")
+def _class_bank_enqueue_fake(bank, count, ptr, sums, feats, labels, mask):
+    return None
+
+
+@_fake(f"{_NS}::class_bank_resync_")
+def _class_bank_resync_fake(bank, count, sums, classes):
+    return None
+
+
+@_fake(f"{_NS}::fifo_bank_enqueue_")
+def _fifo_bank_enqueue_fake(bank, bank_labels, ptr, feats, labels, mask):
+    return None
+
+
+@_fake(f"{_NS}::fifo_bank_sums")
+def _fifo_bank_sums_fake(bank, bank_labels, num_classes):
+    return (
+        bank.new_empty((num_classes, bank.shape[1]), dtype=torch.float32),
+        bank_labels.new_empty((num_classes,), dtype=torch.int64),
+    )
+
+
+@_fake(f"{_NS}::centroids_fwd")
+def _centroids_fwd_fake(sums, counts, feats, labels):
+    out = torch.promote_types(sums.dtype, feats.dtype)
+    return sums.new_empty(sums.shape, dtype=out), counts.new_empty(counts.shape, dtype=torch.int64)
+
+
+@_fake(f"{_NS}::intra_fwd")
+def _intra_fwd_fake(f_s, f_t, mu_s, mu_t, labels, valid):
+    return f_s.new_empty((), dtype=_acc(f_s.dtype, f_t.dtype, mu_s.dtype, mu_t.dtype))
+
+
+@_fake(f"{_NS}::intra_bwd")
+def _intra_bwd_fake(grad_out, f_s, f_t, mu_s, mu_t, labels, valid):
+    return f_s.new_empty(f_s.shape, dtype=_acc(f_s.dtype, f_t.dtype, mu_s.dtype, mu_t.dtype))
+
+
+@_fake(f"{_NS}::inter_fwd")
+def _inter_fwd_fake(mu_s, mu_t, valid, eps):
+    return mu_s.new_empty((), dtype=_acc(mu_s.dtype, mu_t.dtype))
+
+
+@_fake(f"{_NS}::inter_bwd")
+def _inter_bwd_fake(grad_out, mu_s, mu_t, valid, live, need_s, need_t, eps):
+    acc = _acc(mu_s.dtype, mu_t.dtype)
+    gs = mu_s.new_empty(mu_s.shape, dtype=acc) if need_s else mu_s.new_empty((0,), dtype=acc)
+    gt = mu_t.new_empty(mu_t.shape, dtype=acc) if need_t else mu_t.new_empty((0,), dtype=acc)
+    return gs, gt
+
+
+# ----------------------------------------------------------------------------------------------
+# the contract functions (thin: map "not asked for" outputs to None, fill optional arguments)
+# ----------------------------------------------------------------------------------------------
+
+
+def cam_fwd(features: torch.Tensor, weights: torch.Tensor, with_pooled: bool):
+    """``(cam [B,H,W], pooled [B,K], pool_w [B,H*W])``; pooled/pool_w empty when not asked for."""
+    return _C.cam_fwd(features, weights, bool(with_pooled))
+
+
+def cam_bwd(grad_cam, grad_pooled, features, weights, cam, pool_w, need_features: bool, need_weights: bool):
+    gf, gw = _C.cam_bwd(grad_cam, grad_pooled, features, weights, cam, pool_w, bool(need_features), bool(need_weights))
+    return (gf if need_features else None), (gw if need_weights else None)
+
+
+def spatial_mean(grads: torch.Tensor) -> torch.Tensor:
+    return _C.spatial_mean(grads.detach())
+
+
+def _mask_or_all(mask, feats):
+    if mask is None:
+        return torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
+    return mask
+
+
+def class_bank_enqueue_(bank, count, ptr, sums, feats, labels, mask=None) -> None:
+    _C.class_bank_enqueue_(bank, count, ptr, sums, feats.detach(), labels.long(), _mask_or_all(mask, feats))
+
+
+def class_bank_resync_(bank, count, sums, classes) -> None:
+    _C.class_bank_resync_(bank, count, sums, classes.long())
+
+
+def fifo_bank_enqueue_(bank, bank_labels, ptr, feats, labels, mask=None) -> None:
+    _C.fifo_bank_enqueue_(bank, bank_labels, ptr, feats.detach(), labels.long(), _mask_or_all(mask, feats))
+
+
+def fifo_bank_sums(bank, bank_labels, num_classes: int):
+    return _C.fifo_bank_sums(bank, bank_labels, int(num_classes))
+
+
+def centroids_fwd(sums, counts, feats, labels):
+    return _C.centroids_fwd(sums, counts.long(), feats.detach(), labels.long())
+
+
+def intra_fwd(f_s, f_t, mu_s, mu_t, labels, valid):
+    return _C.intra_fwd(f_s.detach(), f_t.detach(), mu_s.detach(), mu_t.detach(), labels.long(), valid)
+
+
+def intra_bwd(grad_out, f_s, f_t, mu_s, mu_t, labels, valid):
+    return _C.intra_bwd(grad_out, f_s.detach(), f_t.detach(), mu_s.detach(), mu_t.detach(), labels.long(), valid)
+
+
+def inter_fwd(mu_s, mu_t, valid, eps: float):
+    return _C.inter_fwd(mu_s.detach(), mu_t.detach(), valid, float(eps))
+
+
+def inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s: bool, need_t: bool, eps: float):
+    g_s, g_t = _C.inter_bwd(grad_out, mu_s.detach(), mu_t.detach(), valid, live, bool(need_s), bool(need_t), float(eps))
+    return (g_s if need_s else None), (g_t if need_t else None)

@@ -1,0 +1,416 @@
+"""The cpp backend's CPU kernels against the reference: every contract function, forward and
+every gradient, float64 gradcheck, low precision, odd shapes, non-contiguous inputs, opcheck.
+
+Skipped when the extension ``icakd_fast._C`` is not built.
+"""
+
+import pytest
+import torch
+
+from icakd_fast import _ext
+
+if not _ext.load():
+    pytest.skip(f"icakd_fast._C is not built: {_ext.reason()}", allow_module_level=True)
+
+from icakd_fast import ops, reference  # noqa: E402
+from icakd_fast.ops import _cpp_impl as cpp  # noqa: E402
+
+pytestmark = pytest.mark.cpp
+
+C_OPS = torch.ops.icakd_fast_C
+EPS = reference.NORM_EPS
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    torch.float16: dict(rtol=5e-3, atol=5e-3),
+}
+
+
+def close(actual, expected, dtype=torch.float32, scale=1.0, msg=""):
+    tol = TOL[dtype]
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=tol["rtol"] * scale, atol=tol["atol"] * scale, msg=msg or None
+    )
+
+
+def noncontig(x: torch.Tensor) -> torch.Tensor:
+    """Same values, non-contiguous layout (the last dim strided by 2)."""
+    wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+    wide[..., ::2] = x
+    out = wide[..., ::2]
+    assert not out.is_contiguous() or out.numel() <= 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# cam
+# ---------------------------------------------------------------------------------------------
+
+CAM_SHAPES = [(1, 1, 1, 1), (3, 7, 5, 6), (2, 33, 7, 7), (4, 64, 8, 8), (1, 5, 1, 13)]
+
+
+@pytest.mark.parametrize("shape", CAM_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cam_fwd_matches_reference(shape, dtype):
+    b, k, h, w = shape
+    f = torch.randn(shape).to(dtype)
+    wt = torch.randn(b, k).to(dtype)
+    cam, pooled, pool_w = cpp.cam_fwd(f, wt, True)
+    r_cam, r_pooled = reference.class_activation_features(f, wt)
+    assert cam.dtype == dtype and pooled.dtype == dtype and cam.shape == (b, h, w) and pooled.shape == (b, k)
+    close(cam, r_cam, dtype)
+    close(pooled, r_pooled, dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    r_pw = reference.cam_pool_weights(reference.cam._cam_acc(f, wt))
+    assert pool_w.dtype == acc
+    close(pool_w, r_pw, acc)
+    cam2, pooled2, pw2 = cpp.cam_fwd(f, wt, False)
+    assert torch.equal(cam2, cam) and pooled2.numel() == 0 and pw2.numel() == 0
+
+
+def test_cam_mixed_dtypes_noncontiguous_and_constant_map():
+    f = torch.randn(3, 9, 4, 5, dtype=torch.bfloat16)
+    w = torch.randn(3, 9, dtype=torch.float32)
+    cam, pooled, _ = cpp.cam_fwd(f, w, True)
+    r_cam, r_pooled = reference.class_activation_features(f, w)
+    assert cam.dtype == torch.float32
+    close(cam, r_cam, torch.bfloat16)
+    close(pooled, r_pooled, torch.bfloat16)
+    # channels_last and strided views
+    f32 = torch.randn(4, 6, 5, 7)
+    for view in (f32.to(memory_format=torch.channels_last), f32.transpose(2, 3), noncontig(f32)):
+        wv = noncontig(torch.randn(view.shape[0], view.shape[1]))
+        c1, p1, _ = cpp.cam_fwd(view, wv, True)
+        c2, p2 = reference.class_activation_features(view, wv)
+        close(c1, c2)
+        close(p1, p2)
+    # all-zero CAM: uniform pooling (plain spatial mean)
+    f = torch.randn(2, 4, 3, 3)
+    cam, pooled, pool_w = cpp.cam_fwd(f, torch.zeros(2, 4), True)
+    assert torch.all(cam == 0)
+    close(pooled, f.mean(dim=(2, 3)))
+    close(pool_w, torch.full_like(pool_w, 1 / 9))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 7, 5, 6), (2, 40, 8, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cam_backward_matches_reference(shape, dtype):
+    b, k, h, w = shape
+    f0 = torch.randn(shape).to(dtype)
+    w0 = torch.randn(b, k).to(dtype)
+    g_cam = torch.randn(b, h, w).to(dtype)
+    g_pool = torch.randn(b, k).to(dtype)
+
+    def run(fn):
+        f = f0.clone().requires_grad_()
+        wt = w0.clone().requires_grad_()
+        cam, pooled = fn(f, wt)
+        torch.autograd.backward([cam, pooled], [g_cam, g_pool])
+        return cam, pooled, f.grad, wt.grad
+
+    out = run(lambda f, w: ops.cam_features("cpp", f, w))
+    ref = run(reference.class_activation_features)
+    for a, r in zip(out, ref):
+        assert a.dtype == r.dtype and a.shape == r.shape
+        close(a, r, dtype, scale=2.0)
+
+
+def test_cam_backward_partial_needs():
+    f = torch.randn(2, 5, 3, 4)
+    w = torch.randn(2, 5)
+    cam, pooled, pool_w = cpp.cam_fwd(f, w, True)
+    gc, gp = torch.randn_like(cam), torch.randn_like(pooled)
+    gf_full, gw_full = cpp.cam_bwd(gc, gp, f, w, cam, pool_w, True, True)
+    gf, gw = cpp.cam_bwd(gc, gp, f, w, cam, pool_w, True, False)
+    assert gw is None and torch.equal(gf, gf_full)
+    gf, gw = cpp.cam_bwd(gc, gp, f, w, cam, pool_w, False, True)
+    assert gf is None and torch.equal(gw, gw_full)
+    # only one output received a gradient
+    gf, gw = cpp.cam_bwd(None, gp, f, w, cam, pool_w, True, True)
+    close(gf, gp[:, :, None, None] * pool_w.view(2, 1, 3, 4))
+    assert torch.all(gw == 0)
+    gf, gw = cpp.cam_bwd(gc, None, f, w, cam, pool_w, True, True)
+    gf2, gw2 = cpp.cam_bwd(gc, torch.zeros_like(gp), f, w, cam, pool_w, True, True)
+    close(gf, gf2)
+    close(gw, gw2)
+
+
+def test_cam_gradcheck_float64():
+    f = torch.randn(2, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    # the map itself (pool_w is a stop-gradient constant, so `pooled` is checked against autograd above)
+    assert torch.autograd.gradcheck(lambda f, w: ops.cam_features("cpp", f, w, with_pooled=False)[0], (f, w))
+    # the pooled output with the pooling weights held constant: linear in features
+    pool_w = cpp.cam_fwd(f.detach(), w.detach(), True)[2]
+
+    def pooled_fixed(f):
+        cam, pooled, pw = ops.cam.CAMFeaturesFunction.apply("cpp", f, w.detach(), True)
+        return pooled
+
+    gf = torch.autograd.functional.jacobian(pooled_fixed, f.detach())
+    expected = torch.einsum("bp,kj,bc->bkcjp", pool_w, torch.eye(4, dtype=torch.float64), torch.eye(2, dtype=torch.float64))
+    close(gf.reshape(2, 4, 2, 4, 15), expected, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_spatial_mean(dtype):
+    g = torch.randn(3, 11, 5, 7).to(dtype)
+    out = cpp.spatial_mean(g)
+    assert out.dtype == dtype
+    close(out, reference.grad_cam_weights(g), dtype)
+    close(cpp.spatial_mean(g.transpose(2, 3)), reference.grad_cam_weights(g), dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# centroids and intra
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("c,d,b", [(1, 1, 1), (7, 13, 20), (50, 64, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_centroids(c, d, b, dtype):
+    sums = torch.randn(c, d) * 3
+    counts = torch.randint(0, 4, (c,))
+    sums[counts == 0] = 0
+    feats = torch.randn(b, d).to(dtype)
+    labels = torch.randint(0, c, (b,))
+    g = torch.randn(c, d)
+    f1 = feats.clone().requires_grad_()
+    mu, total = ops.centroids("cpp", sums, counts, f1, labels)
+    f2 = feats.clone().requires_grad_()
+    r_mu, r_total = reference.class_centroids(sums, counts, f2, labels)
+    assert mu.dtype == r_mu.dtype and torch.equal(total, r_total)
+    close(mu, r_mu, dtype)
+    (mu * g.to(mu.dtype)).sum().backward()
+    (r_mu * g.to(r_mu.dtype)).sum().backward()
+    close(f1.grad, f2.grad, dtype)
+    mu_nc, _ = cpp.centroids_fwd(noncontig(sums), counts, noncontig(feats), labels)
+    close(mu_nc, r_mu, dtype)
+
+
+def test_centroids_gradcheck():
+    sums = torch.randn(6, 5, dtype=torch.float64)
+    counts = torch.randint(0, 3, (6,))
+    feats = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 6, (9,))
+    assert torch.autograd.gradcheck(lambda f: ops.centroids("cpp", sums, counts, f, labels)[0], (feats,))
+
+
+def _intra_inputs(b, c, d, dtype):
+    f_s = torch.randn(b, d).to(dtype)
+    f_t = torch.randn(b, d).to(dtype)
+    mu_s = torch.randn(c, d).to(dtype)
+    mu_t = torch.randn(c, d).to(dtype)
+    labels = torch.randint(0, c, (b,))
+    valid = torch.rand(c) > 0.3
+    return f_s, f_t, mu_s, mu_t, labels, valid
+
+
+@pytest.mark.parametrize("b,c,d", [(1, 1, 1), (17, 5, 13), (64, 100, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_intra(b, c, d, dtype):
+    inputs = _intra_inputs(b, c, d, dtype)
+    g = torch.tensor(1.7)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in inputs[:4]]
+        loss = fn(*leaves, *inputs[4:])
+        (loss * g.to(loss.dtype)).backward()
+        return [loss] + [leaves[0].grad, leaves[1].grad, leaves[3].grad] + [leaves[2].grad]
+
+    out = run(lambda *a: ops.intra_loss("cpp", *a))
+    ref = run(reference.intra_class_loss)
+    close(out[0], ref[0], dtype)
+    for a, r in zip(out[1:4], ref[1:4]):
+        assert a.dtype == r.dtype
+        close(a, r, dtype)
+    assert out[4] is None and ref[4] is None  # mu_s is detached
+
+
+def test_intra_no_valid_row_and_noncontiguous():
+    f_s, f_t, mu_s, mu_t, labels, _ = _intra_inputs(8, 4, 6, torch.float32)
+    valid = torch.zeros(4, dtype=torch.bool)
+    assert cpp.intra_fwd(f_s, f_t, mu_s, mu_t, labels, valid).item() == 0
+    assert torch.all(cpp.intra_bwd(torch.tensor(1.0), f_s, f_t, mu_s, mu_t, labels, valid) == 0)
+    valid = torch.ones(4, dtype=torch.bool)
+    a = cpp.intra_fwd(noncontig(f_s), noncontig(f_t), noncontig(mu_s), noncontig(mu_t), labels, valid)
+    close(a, reference.intra_class_loss(f_s, f_t, mu_s, mu_t, labels, valid))
+
+
+def test_intra_gradcheck():
+    f_s, f_t, mu_s, mu_t, labels, valid = _intra_inputs(7, 4, 5, torch.float64)
+    valid[labels[0]] = True
+    leaves = [t.requires_grad_() for t in (f_s, f_t, mu_t)]
+    assert torch.autograd.gradcheck(
+        lambda a, b, m: ops.intra_loss("cpp", a, b, mu_s, m, labels, valid), tuple(leaves)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# inter
+# ---------------------------------------------------------------------------------------------
+
+
+def _inter_inputs(c, ds, dt, dtype, frac_valid=0.8, zero_row=False):
+    mu_s = torch.randn(c, ds).to(dtype)
+    mu_t = torch.randn(c, dt).to(dtype)
+    valid = torch.rand(c) < frac_valid
+    valid[0] = True
+    if zero_row and c > 2:
+        mu_s[1] = 0
+        mu_t[2] = 0
+    return mu_s, mu_t, valid
+
+
+@pytest.mark.parametrize("c,ds,dt", [(1, 1, 1), (7, 5, 9), (130, 32, 48), (200, 16, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_inter_forward(c, ds, dt, dtype):
+    mu_s, mu_t, valid = _inter_inputs(c, ds, dt, dtype, zero_row=True)
+    out = cpp.inter_fwd(mu_s, mu_t, valid, EPS)
+    ref = reference.inter_class_loss(mu_s, mu_t, valid)
+    assert out.dtype == ref.dtype and out.dim() == 0
+    close(out, ref, dtype)
+    close(cpp.inter_fwd(noncontig(mu_s), noncontig(mu_t), valid, EPS), ref, dtype)
+
+
+@pytest.mark.parametrize("c,ds,dt", [(1, 3, 2), (9, 5, 7), (150, 24, 40)])
+@pytest.mark.parametrize("use_live", [False, True])
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inter_backward(c, ds, dt, use_live, need, dtype):
+    mu_s0, mu_t0, valid = _inter_inputs(c, ds, dt, dtype, zero_row=True)
+    live = (torch.rand(c) < 0.3) if use_live else None
+    g = torch.tensor(0.7, dtype=dtype)
+
+    def run(fn):
+        mu_s = mu_s0.clone().requires_grad_(need[0])
+        mu_t = mu_t0.clone().requires_grad_(need[1])
+        loss = fn(mu_s, mu_t)
+        (loss * g).backward()
+        return loss, mu_s.grad, mu_t.grad
+
+    out = run(lambda s, t: ops.inter_loss("cpp", s, t, valid, live, EPS))
+    ref = run(lambda s, t: reference.inter_class_loss(s, t, valid, live))
+    close(out[0], ref[0], dtype)
+    for a, r in zip(out[1:], ref[1:]):
+        assert (a is None) == (r is None)
+        if a is not None:
+            assert a.dtype == r.dtype
+            close(a, r, dtype, scale=10.0)
+    if use_live and need[0]:
+        assert torch.all(out[1][~live] == 0)
+
+
+def test_inter_bf16_backward():
+    mu_s0, mu_t0, valid = _inter_inputs(70, 16, 24, torch.bfloat16)
+    live = torch.rand(70) < 0.5
+    s1 = mu_s0.clone().requires_grad_()
+    ops.inter_loss("cpp", s1, mu_t0, valid, live, EPS).backward()
+    s2 = mu_s0.clone().requires_grad_()
+    reference.inter_class_loss(s2, mu_t0, valid, live).backward()
+    assert s1.grad.dtype == torch.bfloat16
+    close(s1.grad, s2.grad, torch.bfloat16, scale=2.0)
+
+
+def test_inter_no_valid_class():
+    mu_s, mu_t, valid = _inter_inputs(5, 3, 4, torch.float32)
+    valid[:] = False
+    assert cpp.inter_fwd(mu_s, mu_t, valid, EPS).item() == 0
+    gs, gt = cpp.inter_bwd(torch.tensor(1.0), mu_s, mu_t, valid, None, True, True, EPS)
+    assert torch.all(gs == 0) and torch.all(gt == 0)
+
+
+def test_inter_gradcheck():
+    mu_s, mu_t, valid = _inter_inputs(11, 4, 6, torch.float64)
+    mu_s.requires_grad_()
+    mu_t.requires_grad_()
+    assert torch.autograd.gradcheck(lambda s, t: ops.inter_loss("cpp", s, t, valid, None, EPS), (mu_s, mu_t))
+    live = torch.rand(11) < 0.5
+    live[0] = True
+    base, idx = mu_s.detach(), live.nonzero().squeeze(1)
+
+    def live_rows_only(rows):  # only the live rows are variables; the others are constants
+        return ops.inter_loss("cpp", base.index_put((idx,), rows), mu_t.detach(), valid, live, EPS)
+
+    assert torch.autograd.gradcheck(live_rows_only, (base[idx].clone().requires_grad_(),))
+
+
+def test_inter_is_deterministic_and_tiles_exactly():
+    # several 64-row tiles, uneven last tile; the loss does not depend on the thread count
+    mu_s, mu_t, valid = _inter_inputs(301, 8, 12, torch.float32)
+    a = cpp.inter_fwd(mu_s, mu_t, valid, EPS)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        b = cpp.inter_fwd(mu_s, mu_t, valid, EPS)
+        gb = cpp.inter_bwd(torch.tensor(1.0), mu_s, mu_t, valid, None, True, True, EPS)
+    finally:
+        torch.set_num_threads(threads)
+    ga = cpp.inter_bwd(torch.tensor(1.0), mu_s, mu_t, valid, None, True, True, EPS)
+    assert torch.equal(a, b)
+    assert torch.equal(ga[0], gb[0]) and torch.equal(ga[1], gb[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# schema / fake kernels: torch.library.opcheck on every registered op
+# ---------------------------------------------------------------------------------------------
+
+
+def _opcheck_cases():
+    f = torch.randn(2, 5, 3, 4)
+    w = torch.randn(2, 5)
+    cam, pooled, pool_w = cpp.cam_fwd(f, w, True)
+    bank = torch.randn(6, 3, 4)
+    count = torch.tensor([0, 1, 3, 2, 0, 3])
+    ptr = torch.tensor([0, 1, 0, 2, 0, 1])
+    sums = (bank * (torch.arange(3)[None, :, None] < count[:, None, None])).sum(1)
+    feats = torch.randn(7, 4)
+    labels = torch.tensor([0, 2, 2, 5, 1, 2, 2])
+    mask = torch.tensor([True, True, False, True, True, True, True])
+    fifo = torch.randn(5, 4)
+    fifo_labels = torch.tensor([0, -1, 3, 1, -1])
+    mu_s, mu_t, valid = _inter_inputs(9, 4, 6, torch.float32)
+    live = torch.rand(9) < 0.5
+    f_s, f_t, m_s, m_t, lab, val = _intra_inputs(6, 4, 5, torch.float32)
+    g = torch.tensor(1.3)
+    return {
+        "cam_fwd": [(f, w, True), (f, w, False)],
+        "cam_bwd": [
+            (torch.randn_like(cam), torch.randn_like(pooled), f, w, cam, pool_w, True, True),
+            (None, torch.randn_like(pooled), f, w, cam, pool_w, True, False),
+        ],
+        "spatial_mean": [(f,)],
+        "class_bank_enqueue_": [(bank.clone(), count.clone(), ptr.clone(), sums.clone(), feats, labels, mask)],
+        "class_bank_resync_": [(bank, count, sums.clone(), torch.tensor([1, 3]))],
+        "fifo_bank_enqueue_": [(fifo.clone(), fifo_labels.clone(), torch.tensor(3), feats, labels, mask)],
+        "fifo_bank_sums": [(fifo, fifo_labels, 4)],
+        "centroids_fwd": [(sums, count, feats, labels)],
+        "intra_fwd": [(f_s, f_t, m_s, m_t, lab, val)],
+        "intra_bwd": [(g, f_s, f_t, m_s, m_t, lab, val)],
+        "inter_fwd": [(mu_s, mu_t, valid, EPS)],
+        "inter_bwd": [(g, mu_s, mu_t, valid, live, True, False, EPS), (g, mu_s, mu_t, valid, None, True, True, EPS)],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_opcheck_cases().keys()))
+def test_opcheck(name):
+    for args in _opcheck_cases()[name]:
+        torch.library.opcheck(getattr(C_OPS, name).default, args)
+
+
+def test_every_op_has_a_cpu_kernel_and_a_fake():
+    for name in _opcheck_cases():
+        assert _ext.has_kernel(name, "CPU"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"icakd_fast_C::{name}", "Meta"), name
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(RuntimeError, match="weights"):
+        cpp.cam_fwd(torch.randn(2, 3, 4, 4), torch.randn(2, 4), True)
+    with pytest.raises(RuntimeError, match="labels"):
+        cpp.centroids_fwd(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), torch.randn(2, 2), torch.tensor([0, 3]))
+    with pytest.raises(RuntimeError, match="valid"):
+        cpp.inter_fwd(torch.randn(4, 2), torch.randn(4, 3), torch.ones(5, dtype=torch.bool), EPS)
+    with pytest.raises(RuntimeError, match="mu_t"):
+        cpp.inter_fwd(torch.randn(4, 2), torch.randn(3, 3), torch.ones(4, dtype=torch.bool), EPS)
