@@ -8,9 +8,9 @@ Three backends implement the performance-critical ops:
 * ``cpp``       -- the compiled extension ``icakd_fast._C`` (CPU kernels and CUDA kernels).
 
 ``resolve(backend, op, *tensors)`` picks one. ``backend=None`` (or ``"auto"``) means: the
-``ICAKD_BACKEND`` environment variable if set, otherwise the automatic order (CUDA tensors:
-triton, cpp, reference; CPU tensors: cpp, reference -- plus triton on CPU when the interpreter
-is on). The automatic choice falls back silently; a backend asked for by name that cannot run
+``ICAKD_BACKEND`` environment variable if set, otherwise the automatic order: on CPU tensors
+cpp, reference (plus triton after cpp when the interpreter is on); on CUDA tensors a per-op order
+chosen from GPU measurements (``_CUDA_ORDER``; triton, cpp, reference for the rest). The automatic choice falls back silently; a backend asked for by name that cannot run
 raises ``BackendUnavailableError`` listing every reason.
 
 Import-time probes run once and are cached; per-call checks are plain attribute reads, so the
@@ -127,9 +127,22 @@ def implementation(name: str):
     return mod
 
 
-def _auto_order(device: torch.device) -> tuple[str, ...]:
+#: automatic order on CUDA tensors, per op, from the H200 measurements recorded in
+#: benchmarks/results (gpu_bench_H200_run2): the C++ CUDA kernels were faster than the Triton
+#: ones for the CAM features and the bank, the Triton inter loss needs 16x less memory than the C++
+#: one (43 MB vs 684 MB at C=21841), and for centroids + intra plain PyTorch was fastest.
+_CUDA_ORDER = {
+    "cam": ("cpp", "triton", "reference"),
+    "class_bank": ("cpp", "triton", "reference"),
+    "fifo_bank": ("cpp", "triton", "reference"),
+    "centroids": ("reference",),
+    "intra": ("reference",),
+}
+
+
+def _auto_order(device: torch.device, op: str | None = None) -> tuple[str, ...]:
     if device.type == "cuda":
-        return ("triton", "cpp", "reference")
+        return _CUDA_ORDER.get(op, ("triton", "cpp", "reference"))
     if device.type == "cpu" and triton_interpret():
         # the interpreter is a correctness tool, never the fast path: cpp first
         return ("cpp", "triton", "reference")
@@ -150,7 +163,7 @@ def resolve(backend: str | None, op: str, *tensors: object) -> str:
         backend = env if env and env != "auto" else None
     device = _device_of(tensors)
     if backend is None:
-        for name in _auto_order(device):
+        for name in _auto_order(device, op):
             if name == "reference" or not not_supported_reasons(name, op, device):
                 return name
         return "reference"

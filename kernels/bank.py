@@ -214,7 +214,7 @@ def _plan(labels, keep, count, ptr, num_classes, slots, single_class):
 
 
 def _keep_u8(mask: torch.Tensor) -> torch.Tensor:
-    return mask.contiguous().view(torch.uint8)
+    return mask.to(torch.uint8)
 
 
 def _block_d(d: int) -> int:

@@ -89,7 +89,7 @@ def intra_fwd(f_s, f_t, mu_s, mu_t, labels, valid):
     B, D = f_s.shape
     acc = acc_dtype(f_s.dtype, f_t.dtype, mu_s.dtype, mu_t.dtype)
     labels = labels.contiguous()
-    vu8 = valid.contiguous().view(torch.uint8)
+    vu8 = valid.to(torch.uint8)
     rows = torch.empty((B, 1), dtype=acc, device=f_s.device)
     nv = valid.index_select(0, labels.long()).sum().to(acc) if B > 0 else torch.zeros((), dtype=acc, device=f_s.device)
     if B > 0:
@@ -106,7 +106,7 @@ def intra_bwd(grad_out, f_s, f_t, mu_s, mu_t, labels, valid):
     B, D = f_s.shape
     acc = acc_dtype(f_s.dtype, f_t.dtype, mu_s.dtype, mu_t.dtype)
     labels = labels.contiguous()
-    vu8 = valid.contiguous().view(torch.uint8)
+    vu8 = valid.to(torch.uint8)
     gd = torch.empty((B, D), dtype=acc, device=f_s.device)
     if B == 0 or D == 0:
         return gd
@@ -300,7 +300,7 @@ def inter_fwd(mu_s, mu_t, valid, eps: float):
     C, DS = mu_s.shape
     DT = mu_t.shape[1]
     acc = acc_dtype(mu_s.dtype, mu_t.dtype)
-    vu8 = valid.contiguous().view(torch.uint8)
+    vu8 = valid.to(torch.uint8)
     nv = valid.sum().to(acc)
     if C == 0:
         return torch.zeros((), dtype=acc, device=mu_s.device)
@@ -334,7 +334,7 @@ def inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s: bool, need_t: bool, eps
     g_t = torch.zeros((C, DT) if need_t else (0,), dtype=acc, device=dev)
     if C == 0 or not (need_s or need_t):
         return g_s, g_t
-    vu8 = valid.contiguous().view(torch.uint8)
+    vu8 = valid.to(torch.uint8)
     nv = valid.sum().to(acc)
     base = grad_out.to(acc) * 4.0 / (nv * nv).clamp(min=1)
     a_s = _row_scale(mu_s, vu8, eps, acc)
@@ -354,7 +354,7 @@ def inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s: bool, need_t: bool, eps
         if D == 0:
             continue
         order = _work_order(want)
-        wu8 = want.contiguous().view(torch.uint8)
+        wu8 = want.to(torch.uint8)
         bo = min(cfg["bwd_o"], next_pow2(D))
         launch(_inter_bwd_kernel)[(triton.cdiv(C, bm), triton.cdiv(D, bo))](
             mu_s, mu_t, xo, a_s, a_t, ao, order, wu8, out,
