@@ -7,6 +7,11 @@ import torch
 from .._backend import implementation
 
 
+def _exact(t: torch.Tensor):
+    """Kernels choose their own precision: autocast must not recast the ops they call inside."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 class CAMFeaturesFunction(torch.autograd.Function):
     """``(cam, pooled) = class_activation_features(features, weights)``.
 
@@ -18,7 +23,8 @@ class CAMFeaturesFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, backend: str, features: torch.Tensor, weights: torch.Tensor, with_pooled: bool):
         impl = implementation(backend)
-        cam, pooled, pool_w = impl.cam_fwd(features, weights, with_pooled)
+        with _exact(features):
+            cam, pooled, pool_w = impl.cam_fwd(features, weights, with_pooled)
         ctx.backend = backend
         ctx.with_pooled = with_pooled
         ctx.save_for_backward(features, weights, cam, pool_w)
@@ -31,9 +37,10 @@ class CAMFeaturesFunction(torch.autograd.Function):
         if not ctx.with_pooled:
             grad_pooled = None
         impl = implementation(ctx.backend)
-        grad_f, grad_w = impl.cam_bwd(
-            grad_cam, grad_pooled, features, weights, cam, pool_w, ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        )
+        with _exact(features):
+            grad_f, grad_w = impl.cam_bwd(
+                grad_cam, grad_pooled, features, weights, cam, pool_w, ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+            )
         return None, grad_f, grad_w, None
 
 
@@ -44,4 +51,5 @@ def cam_features(backend: str, features: torch.Tensor, weights: torch.Tensor, wi
 
 def spatial_mean(backend: str, grads: torch.Tensor) -> torch.Tensor:
     """Grad-CAM weights from a gradient tensor (a constant: no backward)."""
-    return implementation(backend).spatial_mean(grads.detach())
+    with _exact(grads):
+        return implementation(backend).spatial_mean(grads.detach())

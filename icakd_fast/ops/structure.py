@@ -7,12 +7,18 @@ import torch
 from .._backend import implementation
 
 
+def _exact(t: torch.Tensor):
+    """Kernels choose their own precision: autocast must not recast the ops they call inside."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 class CentroidsFunction(torch.autograd.Function):
     """Live centroids ``(sums + batch sum) / (counts + n)``; gradient flows to the batch rows only."""
 
     @staticmethod
     def forward(ctx, backend, sums, counts, feats, labels):
-        mu, total = implementation(backend).centroids_fwd(sums, counts, feats, labels)
+        with _exact(feats):
+            mu, total = implementation(backend).centroids_fwd(sums, counts, feats, labels)
         ctx.save_for_backward(labels, total)
         ctx.feats_dtype = feats.dtype
         ctx.mark_non_differentiable(total)
@@ -41,7 +47,8 @@ class IntraFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend, f_s, f_t, mu_s, mu_t, labels, valid):
-        loss = implementation(backend).intra_fwd(f_s, f_t, mu_s.detach(), mu_t, labels, valid)
+        with _exact(f_s):
+            loss = implementation(backend).intra_fwd(f_s, f_t, mu_s.detach(), mu_t, labels, valid)
         ctx.backend = backend
         ctx.save_for_backward(f_s, f_t, mu_s, mu_t, labels, valid)
         return loss
@@ -49,7 +56,8 @@ class IntraFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         f_s, f_t, mu_s, mu_t, labels, valid = ctx.saved_tensors
-        gd = implementation(ctx.backend).intra_bwd(grad_out, f_s, f_t, mu_s.detach(), mu_t, labels, valid)
+        with _exact(f_s):
+            gd = implementation(ctx.backend).intra_bwd(grad_out, f_s, f_t, mu_s.detach(), mu_t, labels, valid)
         g_fs = gd.to(f_s.dtype) if ctx.needs_input_grad[1] else None
         g_ft = (-gd).to(f_t.dtype) if ctx.needs_input_grad[2] else None
         g_mt = None
@@ -71,7 +79,8 @@ class InterFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend, mu_s, mu_t, valid, live, eps):
-        loss = implementation(backend).inter_fwd(mu_s, mu_t, valid, eps)
+        with _exact(mu_s):
+            loss = implementation(backend).inter_fwd(mu_s, mu_t, valid, eps)
         ctx.backend = backend
         ctx.eps = eps
         ctx.save_for_backward(mu_s, mu_t, valid, live)
@@ -81,7 +90,8 @@ class InterFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         mu_s, mu_t, valid, live = ctx.saved_tensors
         need_s, need_t = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        g_s, g_t = implementation(ctx.backend).inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s, need_t, ctx.eps)
+        with _exact(mu_s):
+            g_s, g_t = implementation(ctx.backend).inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s, need_t, ctx.eps)
         return None, (g_s.to(mu_s.dtype) if need_s else None), (g_t.to(mu_t.dtype) if need_t else None), None, None, None
 
 
