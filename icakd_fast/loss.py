@@ -48,7 +48,9 @@ class ICAKDLoss(nn.Module):
 
     The student projector ``P: Linear(student_dim -> teacher_dim, bias=False)`` is a learnable
     parameter: **optimise ``loss_module.parameters()`` together with the student's**. The banks
-    are buffers: they are saved by ``state_dict`` and moved by ``.to()``.
+    are buffers: they are saved by ``state_dict`` and moved by ``.to()``. Under DDP the projector
+    lives outside the wrapped student: wrap the loss module too, or all-reduce its gradients.
+    Under autocast the fast backends run their kernels in their own precision.
     """
 
     def __init__(
