@@ -32,7 +32,9 @@ def _parse():
     p.add_argument("--out", required=True, help="output folder for gpu_bench.json / gpu_bench.csv")
     p.add_argument("--quick", action="store_true", help="smaller shapes, shorter timing")
     p.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter, tiny shapes, no timing")
-    p.add_argument("--cases", default="cam,bank,structure,inter", help="comma-separated subset")
+    p.add_argument("--cases", default="overhead,cam,bank,structure,inter", help="comma-separated subset")
+    p.add_argument("--compiled-cases", default="cam,bank,structure,inter",
+                   help="cases that also time torch.compile(reference) (compiling costs tens of seconds each)")
     return p.parse_args()
 
 
@@ -135,13 +137,76 @@ def providers(op: str) -> list[str]:
         names.append("cpp")
     if not is_available("triton", op, dev_ok):
         names.remove("triton")
-    if ARGS.dry_run:
+    if ARGS.dry_run or op_case(op) not in ARGS.compiled_cases.split(","):
         names.remove("compiled")  # Inductor on CPU is slow to build and says nothing about the GPU
     return names
 
 
+def op_case(op: str) -> str:
+    return {"cam": "cam", "class_bank": "bank", "centroids": "structure", "intra": "structure"}.get(op, op)
+
+
 def backend_of(p: str) -> str:
-    return {"eager": "reference", "compiled": "reference", "triton": "triton", "triton_tf32": "triton", "cpp": "cpp"}[p]
+    for name in ("eager", "compiled"):
+        if p == name or p.startswith(name + "_"):
+            return "reference"
+    return p.split("_")[0]
+
+
+#: kernel variants timed beside the defaults (module attribute overrides), to tune the defaults
+CAM_VARIANTS = {
+    "triton_split": {"CAM_FWD_MODE": "split"},
+    "triton_image": {"CAM_FWD_MODE": "image"},
+    "triton_image_w4": {"CAM_FWD_MODE": "image", "CAM_CFG": {"image_warps": 4}},
+    "triton_image_t8k": {"CAM_FWD_MODE": "image", "CAM_CFG": {"image_tile": 8192}},
+    "triton_bwd_w8": {"CAM_CFG": {"bwd_warps": 8}},
+    "triton_bwd_t8k": {"CAM_CFG": {"bwd_tile": 8192, "bwd_warps": 8}},
+}
+#: float32 matmul precision per inter provider (PyTorch's switch; the kernels follow it)
+INTER_PRECISION = {"eager": "highest", "eager_tf32": "high", "compiled": "highest", "triton": "highest",
+                   "triton_tf32": "high", "triton_bf16": "medium", "cpp": "highest",
+                   "triton_tf32_t64": "high", "triton_tf32_s4": "high", "triton_tf32_m32": "high"}
+INTER_VARIANTS = {"triton_tf32_t64": {"fwd_t": 64, "fwd_warps": 4}, "triton_tf32_s4": {"stages": 4},
+                  "triton_tf32_m32": {"bwd_m": 32, "bwd_warps": 4}}
+
+
+class overrides:
+    """Context manager: set attributes of a kernels module (dict values update a dict attribute)."""
+
+    def __init__(self, module, values: dict):
+        self.module, self.values, self.saved = module, values, {}
+
+    def __enter__(self):
+        import copy
+
+        for k, v in self.values.items():
+            cur = getattr(self.module, k)
+            self.saved[k] = copy.copy(cur)
+            if isinstance(cur, dict):
+                cur.update(v)
+            else:
+                setattr(self.module, k, v)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            cur = getattr(self.module, k)
+            if isinstance(cur, dict):
+                cur.clear()
+                cur.update(v)
+            else:
+                setattr(self.module, k, v)
+
+
+class matmul_precision:
+    def __init__(self, value: str):
+        self.value, self.old = value, None
+
+    def __enter__(self):
+        self.old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(self.value)
+
+    def __exit__(self, *exc):
+        torch.set_float32_matmul_precision(self.old)
 
 
 def record(case: str, provider: str, **kw):
@@ -160,6 +225,7 @@ def run_case(case: str, make_fn, check_outputs, provider_list, bytes_moved=None,
     """``make_fn(provider) -> fn`` returning the outputs to compare; the eager reference first."""
     ref_out = None
     times: dict[str, float] = {}
+    gtimes: dict[str, float] = {}
     for p in provider_list:
         try:
             fn = make_fn(p)
@@ -185,10 +251,13 @@ def run_case(case: str, make_fn, check_outputs, provider_list, bytes_moved=None,
                     row["cuda_graph_capturable"] = f"no: {type(exc).__name__}: {str(exc)[:200]}"
                     torch.cuda.synchronize()
             if bytes_moved:
-                t = row.get("ms_cuda_graph", ms)
-                row["gbps"] = bytes_moved / (t * 1e-3) / 1e9
+                row["gbps"] = bytes_moved / (ms * 1e-3) / 1e9
+                if "ms_cuda_graph" in row:
+                    row["gbps_cuda_graph"] = bytes_moved / (row["ms_cuda_graph"] * 1e-3) / 1e9
             row["peak_extra_mb"] = peak_extra_mb(fn)
-            times[p] = row.get("ms_cuda_graph", ms)
+            times[p] = ms
+            if "ms_cuda_graph" in row:
+                gtimes[p] = row["ms_cuda_graph"]
             if extra:
                 row.update(extra(p, row))
             record(case, p, status="ok", **row)
@@ -206,6 +275,10 @@ def run_case(case: str, make_fn, check_outputs, provider_list, bytes_moved=None,
                 row["speedup_vs_eager"] = times["eager"] / t
             if "compiled" in times:
                 row["speedup_vs_compiled"] = times["compiled"] / t
+            if "eager_tf32" in times and row["provider"].startswith("triton_tf32"):
+                row["speedup_vs_eager_tf32"] = times["eager_tf32"] / t
+            if row["provider"] in gtimes and "eager" in gtimes:
+                row["graph_speedup_vs_eager_graph"] = gtimes["eager"] / gtimes[row["provider"]]
     return times
 
 
@@ -239,6 +312,14 @@ def case_cam(copy_bw):
             return cam, pooled, gf, gw
 
         fn = _compile(step) if p == "compiled" else step
+        if p in CAM_VARIANTS:
+            from icakd_fast.kernels import cam as kcam
+
+            def run():
+                with overrides(kcam, CAM_VARIANTS[p]):
+                    return fn(f, w, gc, gp)
+
+            return run
         return lambda: fn(f, w, gc, gp)
 
     nbytes = 3 * f.numel() * f.element_size()  # read A (fwd), read A + write dA (bwd)
@@ -247,9 +328,15 @@ def case_cam(copy_bw):
         out = {}
         if copy_bw and "gbps" in row:
             out["fraction_of_copy_bw"] = row["gbps"] / copy_bw
+        if copy_bw and "gbps_cuda_graph" in row:
+            out["fraction_of_copy_bw_cuda_graph"] = row["gbps_cuda_graph"] / copy_bw
         return out
 
-    run_case(case, make, lambda out: tuple(o.float() for o in out), providers("cam"), bytes_moved=nbytes, extra=extra)
+    provs = providers("cam")
+    if "triton" in provs:
+        provs += list(CAM_VARIANTS)
+    run_case(case, make, lambda out: tuple(o.float() for o in out), provs, bytes_moved=nbytes, extra=extra,
+             graph_for=tuple(p for p in provs if p != "compiled"))
 
     # generic path: Grad-CAM weights from a gradient tensor (spatial mean) fused into the forward
     if "triton" in providers("cam"):
@@ -304,7 +391,7 @@ def case_bank():
 
     provs = providers("class_bank")
     # same sequence of calls for every provider before the check: the first call
-    run_case(case, make, snapshot, provs, bytes_moved=(B * D * 4 * 3), graph_for=("triton", "cpp"))
+    run_case(case, make, snapshot, provs, bytes_moved=(B * D * 4 * 3), graph_for=("eager", "triton", "cpp"))
     # no host synchronisation in the triton enqueue
     if DEV == "cuda" and "triton" in provs:
         try:
@@ -378,21 +465,83 @@ def case_inter():
             return loss, g
 
         fn = _compile(step) if p == "compiled" else step
-        if p == "triton_tf32":
-            def run():
-                old = torch.backends.cuda.matmul.allow_tf32
-                torch.backends.cuda.matmul.allow_tf32 = True
-                try:
-                    return fn(mu_s, mu_t)
-                finally:
-                    torch.backends.cuda.matmul.allow_tf32 = old
-            return run
-        return lambda: fn(mu_s, mu_t)
+        from icakd_fast.kernels import structure as kst
+
+        def run():
+            with matmul_precision(INTER_PRECISION.get(p, "highest")), overrides(kst, {"GPU_CFG_OVERRIDES": INTER_VARIANTS.get(p, {})}):
+                return fn(mu_s, mu_t)
+
+        return run
+
+    def fwd_only(p, row):
+        if ARGS.dry_run or not p.startswith("triton"):
+            return {}
+        from icakd_fast.kernels import structure as kst
+
+        def run():
+            with torch.no_grad(), matmul_precision(INTER_PRECISION.get(p, "highest")), \
+                    overrides(kst, {"GPU_CFG_OVERRIDES": INTER_VARIANTS.get(p, {})}):
+                return F.inter_class_loss(mu_s, mu_t, valid, live=live, backend=backend_of(p))
+
+        return {"ms_forward_only": bench(run)}
 
     provs = providers("inter")
-    if "triton" in provs and not ARGS.dry_run:
-        provs.append("triton_tf32")
-    run_case(case, make, lambda out: (out[0].float(), out[1].float()), provs)
+    if not ARGS.dry_run:
+        provs.insert(1, "eager_tf32")
+    if "triton" in provs:
+        provs += ["triton_tf32", "triton_bf16"] + ([] if ARGS.dry_run else list(INTER_VARIANTS))
+    run_case(case, make, lambda out: (out[0].float(), out[1].float()), provs, extra=fwd_only)
+
+
+def case_overhead():
+    """Host time per call of each layer of the CAM op on a tiny input (GPU time negligible): where
+    the microseconds of a small call go. Median of host wall time, one sync per batch of calls."""
+    if "triton" not in providers("cam"):
+        return
+    from icakd_fast.kernels import cam as kcam
+    from icakd_fast.ops import _triton_impl as TI
+    from icakd_fast.ops import cam_features
+
+    f = torch.randn(2, 8, 7, 7, device=DEV, requires_grad=True)
+    w = torch.randn(2, 8, device=DEV, requires_grad=True)
+    fd, wd = f.detach(), w.detach()
+    n = 5 if ARGS.dry_run else 300
+
+    def host_us(fn):
+        for _ in range(3):
+            fn()
+        sync()
+        samples = []
+        for _ in range(3 if ARGS.dry_run else 5):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            samples.append((time.perf_counter() - t0) / n * 1e6)
+        return sorted(samples)[len(samples) // 2]
+
+    def fwd_bwd():
+        cam, pooled = F.class_activation_features(f, w, backend="triton")
+        torch.autograd.grad((cam, pooled), (f, w), (torch.ones_like(cam), torch.ones_like(pooled)))
+
+    def fwd_bwd_ref():
+        cam, pooled = F.class_activation_features(f, w, backend="reference")
+        torch.autograd.grad((cam, pooled), (f, w), (torch.ones_like(cam), torch.ones_like(pooled)))
+
+    layers = {
+        "kernels.cam.cam_fwd (direct launches)": lambda: kcam.cam_fwd(fd, wd, True),
+        "registered op triton_cam_fwd": lambda: TI.cam_fwd(fd, wd, True),
+        "ops.cam_features (autograd Function)": lambda: cam_features("triton", f, w),
+        "functional.class_activation_features": lambda: F.class_activation_features(f, w, backend="triton"),
+        "functional fwd + autograd.grad (triton)": fwd_bwd,
+        "functional fwd + autograd.grad (reference)": fwd_bwd_ref,
+        "torch.empty x4 (allocation floor)": lambda: [torch.empty(2, 8, device=DEV) for _ in range(4)],
+    }
+    for name, fn in layers.items():
+        try:
+            record("host_overhead_us B=2 K=8 7x7", name, status="ok", host_us=host_us(fn))
+        except Exception as exc:
+            record("host_overhead_us B=2 K=8 7x7", name, status=f"error: {type(exc).__name__}: {str(exc)[:200]}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,7 +582,8 @@ def main():
         traceback.print_exc()
     env = environment(copy_bw)
     log(json.dumps(env))
-    cases = {"cam": lambda: case_cam(copy_bw), "bank": case_bank, "structure": case_structure, "inter": case_inter}
+    cases = {"cam": lambda: case_cam(copy_bw), "bank": case_bank, "structure": case_structure, "inter": case_inter,
+             "overhead": case_overhead}
     for name in ARGS.cases.split(","):
         name = name.strip()
         if name not in cases:

@@ -81,15 +81,27 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def f32_dot_tf32(*dtypes: torch.dtype) -> bool:
-    """Whether float32 dot products may use TF32 tensor cores.
+#: codes of the dot precisions inside the kernels
+PREC_CODE = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
 
-    Follows PyTorch's own switch (``torch.backends.cuda.matmul.allow_tf32`` /
-    ``torch.set_float32_matmul_precision``): exact IEEE float32 by default. Half inputs convert
-    exactly to TF32 (their mantissas fit), so they always use it; float64 never does.
+
+def dot_precision(*dtypes: torch.dtype) -> str:
+    """Precision of the kernels' float32 dot products, following PyTorch's own switch
+    (``torch.set_float32_matmul_precision``; ``allow_tf32 = True`` reads as ``"high"``).
+
+    ``"highest"`` (PyTorch's default): ``"tf32x3"`` -- three TF32 tensor-core products per
+    product (the split-operand trick), as accurate as float32 FMA to within a few ulps, several
+    times faster. ``"high"``: ``"tf32"``. ``"medium"``: ``"bf16"`` (operands rounded to
+    bfloat16, float32 accumulation). Half inputs convert exactly to TF32, so they take
+    ``"tf32"``; float64 takes ``"ieee"``.
     """
     if torch.float64 in dtypes:
-        return False
+        return "ieee"
     if all(d in (torch.float16, torch.bfloat16) for d in dtypes):
-        return True
-    return bool(torch.backends.cuda.matmul.allow_tf32)
+        return "tf32"
+    prec = torch.get_float32_matmul_precision()
+    if prec == "medium":
+        return "bf16"
+    if prec == "high":
+        return "tf32"
+    return "tf32x3"

@@ -158,6 +158,63 @@ def _cam_pool_kernel(
 
 
 @triton.jit
+def _cam_image_kernel(
+    a_ptr, w_ptr, g_ptr, cam_ptr, pw_ptr, pooled_ptr, wout_ptr,
+    K, HW, WIDTH,
+    sab, sak, sah, saw,
+    swb, swk,
+    sgb, sgk, sgh, sgw,
+    FROM_GRADS: tl.constexpr, WITH_POOLED: tl.constexpr, FLAT: tl.constexpr, ACC_F64: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """One program per image, the whole forward: the weighted channel sum over channel chunks,
+    ReLU, min-max and pool_w in registers, then the pooling sweep over the same chunks (its reads
+    of the image come back from L2, so the feature map crosses DRAM about once)."""
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.arange(0, BLOCK_P)
+    pmask = p < HW
+    hh, ww = _split_p(p, WIDTH, FLAT)
+    if ACC_F64:
+        s = tl.zeros([BLOCK_P], dtype=tl.float64)
+    else:
+        s = tl.zeros([BLOCK_P], dtype=tl.float32)
+    acc_ty = s.dtype
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        k64 = k.to(tl.int64)
+        m2 = kmask[:, None] & pmask[None, :]
+        if FROM_GRADS:
+            g = tl.load(g_ptr + b * sgb + k64[:, None] * sgk + (hh * sgh + ww * sgw)[None, :], mask=m2, other=0.0)
+            wk_out = (tl.sum(g.to(acc_ty), axis=1) / HW).to(wout_ptr.dtype.element_ty)
+            tl.store(wout_ptr + b * K + k64, wk_out, mask=kmask)
+            wk = wk_out.to(acc_ty)
+        else:
+            wk = tl.load(w_ptr + b * swb + k64 * swk, mask=kmask, other=0.0).to(acc_ty)
+        a = tl.load(a_ptr + b * sab + k64[:, None] * sak + (hh * sah + ww * saw)[None, :], mask=m2, other=0.0)
+        s += tl.sum(a.to(acc_ty) * wk[:, None], axis=0)
+    cam = tl.maximum(s, 0.0)
+    tl.store(cam_ptr + b * HW + p, cam.to(cam_ptr.dtype.element_ty), mask=pmask)
+    if WITH_POOLED:
+        lo = tl.min(tl.where(pmask, cam, float("inf")), axis=0)
+        hi = tl.max(tl.where(pmask, cam, float("-inf")), axis=0)
+        m = tl.where(pmask, (cam - lo) / (hi - lo + 1e-7), 0.0)
+        den = tl.sum(m, axis=0)
+        safe = tl.where(den > 0, den, 1.0)
+        pw = tl.where(den > 0, m / safe, 1.0 / HW)
+        pw = tl.where(pmask, pw, 0.0)
+        tl.store(pw_ptr + b * HW + p, pw.to(pw_ptr.dtype.element_ty), mask=pmask)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < K
+            k64 = k.to(tl.int64)
+            a = tl.load(a_ptr + b * sab + k64[:, None] * sak + (hh * sah + ww * saw)[None, :],
+                        mask=kmask[:, None] & pmask[None, :], other=0.0)
+            pooled = tl.sum(a.to(acc_ty) * pw[None, :], axis=1)
+            tl.store(pooled_ptr + b * K + k64, pooled.to(pooled_ptr.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
 def _cam_map_kernel(
     a_ptr, w_ptr, cam_ptr, camf_ptr,
     K, HW, WIDTH,
@@ -286,6 +343,30 @@ _FUSE_PARTIALS = 8192
 
 _BWD_WARPS = 4
 
+#: forward strategy: "split" (channel blocks across programs, partial sums), "image" (one
+#: program per image, second read from L2) or "auto" (image when the batch alone fills the GPU)
+CAM_FWD_MODE = "auto"
+#: tunables of the GPU launches, read at each call (the benchmark may override entries)
+CAM_CFG: dict = {"image_tile": 4096, "image_warps": 8, "image_min_programs_per_sm": 2,
+                 "fwd_tile": _FWD_TILE, "bwd_tile": _BWD_TILE, "bwd_warps": _BWD_WARPS}
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(dev: torch.device) -> int:
+    if dev.type != "cuda":
+        return 1
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _use_image_mode(B: int, dev: torch.device) -> bool:
+    if CAM_FWD_MODE != "auto":
+        return CAM_FWD_MODE == "image"
+    return dev.type == "cuda" and B >= CAM_CFG["image_min_programs_per_sm"] * _sm_count(dev)
+
 
 def _flat(width: int, *maps) -> bool:
     """Whether every given map (``[..., H, W]``) has ``stride(-2) == W * stride(-1)``."""
@@ -342,8 +423,24 @@ def cam_fwd(features: torch.Tensor, weights: torch.Tensor | None, with_pooled: b
     if HW > max_fused_hw and grads is not None:
         w_out = spatial_mean(grads)
         weights, grads = w_out, None
+    if HW <= max_fused_hw and _use_image_mode(B, dev):
+        block_p = next_pow2(HW)
+        block_k = max(1, min(next_pow2(K), CAM_CFG["image_tile"] // block_p))
+        if grads is not None:
+            g, gs, w_arg, ws = grads, grads.stride(), grads, (0, 0)
+        else:
+            g, gs, w_arg, ws = weights, (0, 0, 0, 0), weights, weights.stride()
+        _launch(_cam_image_kernel)[(B,)](
+            features, w_arg, g, cam, pool_w if with_pooled else cam, pooled if with_pooled else cam,
+            w_out if grads is not None else cam,
+            K, HW, W, *features.stride(), *ws, *gs,
+            FROM_GRADS=grads is not None, WITH_POOLED=with_pooled, FLAT=_flat(W, features, grads),
+            ACC_F64=acc == torch.float64, BLOCK_K=block_k, BLOCK_P=block_p,
+            num_warps=CAM_CFG["image_warps"] if dev.type == "cuda" else 4,
+        )
+        return cam, pooled, pool_w, w_out
     if HW <= max_fused_hw:
-        block_k, block_p = _fused_blocks(HW, K)
+        block_k, block_p = _fused_blocks(HW, K, CAM_CFG["fwd_tile"])
         nkb = triton.cdiv(K, block_k)
         block_r = max(1, min(next_pow2(nkb), _FWD_TILE // block_p))
         part = torch.empty((B, nkb, block_p), dtype=acc, device=dev)
@@ -432,7 +529,7 @@ def cam_bwd(grad_cam, grad_pooled, features, weights, cam, pool_w, need_features
             gw.zero_()
         return ga, gw
     if HW <= MAX_FUSED_HW:
-        block_k, block_p = _fused_blocks(HW, K, _BWD_TILE)
+        block_k, block_p = _fused_blocks(HW, K, CAM_CFG["bwd_tile"])
     else:
         block_k, block_p = _tile_blocks(HW, K)
     nkb = triton.cdiv(K, block_k)
@@ -449,6 +546,6 @@ def cam_bwd(grad_cam, grad_pooled, features, weights, cam, pool_w, need_features
         *(ga.stride() if need_features else (0, 0, 0, 0)),
         HAS_GCAM=has_gc, HAS_GPOOL=has_gp, NEED_F=need_features, NEED_W=need_weights,
         ACC_F64=acc == torch.float64, FLAT=_flat(W, features, grad_cam, ga if need_features else None),
-        BLOCK_K=block_k, BLOCK_P=block_p, num_warps=_BWD_WARPS,
+        BLOCK_K=block_k, BLOCK_P=block_p, num_warps=CAM_CFG["bwd_warps"],
     )
     return ga, gw

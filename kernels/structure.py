@@ -1,18 +1,22 @@
 """Centroids, intra-class loss and the tiled inter-class (cosine relation) loss.
 
-Inter forward: ``a[c] = valid[c] / max(|mu[c]|, eps)`` (one O(C*D) pass per side), then a 2-D
-grid of (row tile, column tile) programs over the upper triangle. Each program forms the student
-and the teacher Gram tiles with ``tl.dot`` over feature chunks of the raw rows, scales them by
-``a_k a_l`` (invalid rows have ``a = 0``), and writes the sum of squared differences of its tile
-(x2 off the diagonal) to its own slot of a [T*T] buffer; one ``torch.sum`` finishes. No C x C
-buffer and no float atomics: extra memory is O(C) + O(T^2).
+Inter forward: per-row scales ``b[c] = valid[c] / max(|mu_t[c]|, eps)`` and ``q[c] = |mu_t[c]| /
+|mu_s[c]|`` (one O(C*D) pass per side), then a 2-D grid of (row tile, column tile) programs over
+the upper triangle. Each program streams the raw rows of both sides through ``tl.dot`` into ONE
+accumulator -- ``G_s``, rescaled once by ``-q_k q_l``, then ``+ G_t`` -- so the operands go to the
+tensor cores exactly as loaded; times ``-b_k b_l`` that is the relation difference
+``E = cos_s - cos_t`` of the tile. Each program writes the sum of squares of its tile (x2 off the
+diagonal) to its own slot of a [T*T] buffer; one ``torch.sum`` finishes. No C x C buffer and no
+float atomics: extra memory is O(C) + O(T^2). Float32 dots follow PyTorch's
+``torch.get_float32_matmul_precision()`` (``_common.dot_precision``: tf32x3 / tf32 / bf16).
 
 Inter backward: rows are taken in a "work-first" order (rows whose gradient is wanted -- live and
-valid -- first, sync-free ``argsort``); a (row tile, output chunk) program whose first row is not
-wanted exits at once, so with P wanted rows the cost is O(P*C*(Ds+Dt)) instead of O(C^2*D). A
-working program streams column tiles l, recomputes ``E = (G_s - G_t)`` for its rows and
-accumulates ``E @ (a_l * mu[l, chunk])`` in registers; a second per-row kernel chains the result
-through the row normalisation.
+valid -- first, sync-free ``argsort``); a (row tile, column split, output chunk) program whose
+first row is not wanted exits at once, so with P wanted rows the cost is O(P*C*(Ds+Dt)) instead of
+O(C^2*D). A working program streams the column tiles of its split, recomputes ``E`` for its rows
+and accumulates ``E @ (a_l * mu[l, chunk])`` in registers; the splits add into the gradient with
+float atomics (one split, plain stores, when ``torch.use_deterministic_algorithms`` is on). A
+second per-row kernel chains the result through the row normalisation.
 """
 
 from __future__ import annotations
@@ -21,12 +25,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, f32_dot_tf32, launch, next_pow2
+from ._common import PREC_CODE, acc_dtype, dot_precision, launch, next_pow2
 
 
 @triton.jit
-def _dot(a, b, acc, TF32: tl.constexpr):
-    if TF32:
+def _mma(a, b, acc, PREC: tl.constexpr, F64: tl.constexpr):
+    """``acc + a @ b``; ``PREC`` is a ``PREC_CODE`` (ieee, tf32, tf32x3, bf16) for float32 operands."""
+    if F64:
+        return tl.dot(a.to(tl.float64), b.to(tl.float64), acc, input_precision="ieee")
+    elif PREC == 3:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif PREC == 2:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
+    elif PREC == 1:
         return tl.dot(a, b, acc, input_precision="tf32")
     else:
         return tl.dot(a, b, acc, input_precision="ieee")
@@ -150,13 +161,48 @@ def _row_scale_kernel(
 
 
 @triton.jit
+def _gram_tile(xs_ptr, xt_ptr, rk, rl, km, lm, qk, ql,
+               DS, DT, sxs0, sxs1, sxt0, sxt1,
+               PREC: tl.constexpr, F64: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``G_t - (q_k q_l) G_s`` for rows ``rk`` x ``rl`` from raw (unscaled) rows.
+
+    Operands go to ``tl.dot`` as loaded (the pipeliner streams them straight to shared memory);
+    the one rescale between the two products is on the accumulator. Times ``-b_k b_l`` it is
+    the relation difference ``E`` (``b = valid / |mu_t|``, ``q = |mu_t| / |mu_s|``).
+    """
+    if F64:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k64 = rk.to(tl.int64)
+    l64 = rl.to(tl.int64)
+    for d0 in range(0, DS, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = d < DS
+        d64 = d.to(tl.int64)
+        xk = tl.load(xs_ptr + k64[:, None] * sxs0 + d64[None, :] * sxs1, mask=km[:, None] & dm[None, :], other=0.0)
+        xl = tl.load(xs_ptr + l64[:, None] * sxs0 + d64[None, :] * sxs1, mask=lm[:, None] & dm[None, :], other=0.0)
+        acc = _mma(xk, tl.trans(xl), acc, PREC, F64)
+    acc = acc * (-(qk[:, None] * ql[None, :]))
+    for d0 in range(0, DT, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = d < DT
+        d64 = d.to(tl.int64)
+        xk = tl.load(xt_ptr + k64[:, None] * sxt0 + d64[None, :] * sxt1, mask=km[:, None] & dm[None, :], other=0.0)
+        xl = tl.load(xt_ptr + l64[:, None] * sxt0 + d64[None, :] * sxt1, mask=lm[:, None] & dm[None, :], other=0.0)
+        acc = _mma(xk, tl.trans(xl), acc, PREC, F64)
+    return acc
+
+
+@triton.jit
 def _inter_fwd_kernel(
-    xs_ptr, xt_ptr, as_ptr, at_ptr, part_ptr,
+    xs_ptr, xt_ptr, q_ptr, b_ptr, part_ptr,
     C, DS, DT,
     sxs0, sxs1, sxt0, sxt1,
-    TF32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREC: tl.constexpr, F64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    acc_ty = as_ptr.dtype.element_ty
+    """One (row tile, column tile) program of the upper triangle: the sum of squared ``E`` of its tile."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_n >= pid_m:
@@ -164,28 +210,13 @@ def _inter_fwd_kernel(
         rl = pid_n * BLOCK_T + tl.arange(0, BLOCK_T)
         km = rk < C
         lm = rl < C
-        k64 = rk.to(tl.int64)
-        l64 = rl.to(tl.int64)
-        # one accumulator: E = (a_k xs_k)(a_l xs_l)^T - (b_k xt_k)(b_l xt_l)^T, rows pre-scaled
-        ask = tl.load(as_ptr + rk, mask=km, other=0.0)
-        asl = tl.load(as_ptr + rl, mask=lm, other=0.0)
-        atk = tl.load(at_ptr + rk, mask=km, other=0.0)
-        atl = tl.load(at_ptr + rl, mask=lm, other=0.0)
-        e = tl.zeros([BLOCK_T, BLOCK_T], dtype=acc_ty)
-        for d0 in range(0, DS, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            dm = d < DS
-            d64 = d.to(tl.int64)
-            xk = tl.load(xs_ptr + k64[:, None] * sxs0 + d64[None, :] * sxs1, mask=km[:, None] & dm[None, :], other=0.0)
-            xl = tl.load(xs_ptr + l64[:, None] * sxs0 + d64[None, :] * sxs1, mask=lm[:, None] & dm[None, :], other=0.0)
-            e = _dot(xk.to(acc_ty) * ask[:, None], tl.trans(xl.to(acc_ty) * asl[:, None]), e, TF32)
-        for d0 in range(0, DT, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            dm = d < DT
-            d64 = d.to(tl.int64)
-            xk = tl.load(xt_ptr + k64[:, None] * sxt0 + d64[None, :] * sxt1, mask=km[:, None] & dm[None, :], other=0.0)
-            xl = tl.load(xt_ptr + l64[:, None] * sxt0 + d64[None, :] * sxt1, mask=lm[:, None] & dm[None, :], other=0.0)
-            e = _dot(xk.to(acc_ty) * (-atk)[:, None], tl.trans(xl.to(acc_ty) * atl[:, None]), e, TF32)
+        qk = tl.load(q_ptr + rk, mask=km, other=0.0)
+        ql = tl.load(q_ptr + rl, mask=lm, other=0.0)
+        g = _gram_tile(xs_ptr, xt_ptr, rk, rl, km, lm, qk, ql, DS, DT, sxs0, sxs1, sxt0, sxt1,
+                       PREC, F64, BLOCK_T, BLOCK_T, BLOCK_D)
+        bk = tl.load(b_ptr + rk, mask=km, other=0.0)
+        bl = tl.load(b_ptr + rl, mask=lm, other=0.0)
+        e = g * (bk[:, None] * bl[None, :])
         tot = tl.sum(tl.sum(e * e, axis=1), axis=0)
         if pid_n > pid_m:
             tot = tot * 2.0
@@ -194,50 +225,46 @@ def _inter_fwd_kernel(
 
 @triton.jit
 def _inter_bwd_kernel(
-    xs_ptr, xt_ptr, xo_ptr, as_ptr, at_ptr, ao_ptr, order_ptr, want_ptr, dn_ptr,
-    C, DS, DT, DO,
+    xs_ptr, xt_ptr, xo_ptr, q_ptr, b_ptr, wo_ptr, order_ptr, want_ptr, dn_ptr,
+    C, DS, DT, DO, COLS_PER_SPLIT,
     sxs0, sxs1, sxt0, sxt1, sxo0, sxo1, sdn0, sdn1,
-    TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
+    PREC: tl.constexpr, PREC_E: tl.constexpr, F64: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
-    """``dn[k, o] = sum_l E[k, l] a_o[l] xo[l, o]`` for the wanted rows ``k`` of one row tile."""
-    acc_ty = as_ptr.dtype.element_ty
+    """``dn[k, o] += sum_l E[k, l] w_o[l] xo[l, o]`` for the wanted rows ``k`` of one row tile,
+    over the columns ``l`` of one split (``ATOMIC``: several splits add into ``dn``)."""
     offs = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     inr = offs < C
     rows = tl.load(order_ptr + offs, mask=inr, other=0).to(tl.int64)
     ok = inr & (tl.load(want_ptr + rows, mask=inr, other=0) != 0)
     if tl.max(ok.to(tl.int32), axis=0) > 0:
-        ask = tl.load(as_ptr + rows, mask=ok, other=0.0)
-        atk = tl.load(at_ptr + rows, mask=ok, other=0.0)
-        o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+        qk = tl.load(q_ptr + rows, mask=ok, other=0.0)
+        bk = tl.load(b_ptr + rows, mask=ok, other=0.0)
+        o = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
         om = o < DO
         o64 = o.to(tl.int64)
-        acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=acc_ty)
-        for l0 in range(0, C, BLOCK_N):
+        if F64:
+            acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float64)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
+        c0 = tl.program_id(1) * COLS_PER_SPLIT
+        c1 = tl.minimum(c0 + COLS_PER_SPLIT, C)
+        for l0 in range(c0, c1, BLOCK_N):
             rl = l0 + tl.arange(0, BLOCK_N)
-            lm = rl < C
-            l64 = rl.to(tl.int64)
-            asl = tl.load(as_ptr + rl, mask=lm, other=0.0)
-            atl = tl.load(at_ptr + rl, mask=lm, other=0.0)
-            aol = tl.load(ao_ptr + rl, mask=lm, other=0.0)
-            e = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_ty)
-            for d0 in range(0, DS, BLOCK_D):
-                d = d0 + tl.arange(0, BLOCK_D)
-                dm = d < DS
-                d64 = d.to(tl.int64)
-                xk = tl.load(xs_ptr + rows[:, None] * sxs0 + d64[None, :] * sxs1, mask=ok[:, None] & dm[None, :], other=0.0)
-                xl = tl.load(xs_ptr + l64[:, None] * sxs0 + d64[None, :] * sxs1, mask=lm[:, None] & dm[None, :], other=0.0)
-                e = _dot(xk.to(acc_ty) * ask[:, None], tl.trans(xl.to(acc_ty) * asl[:, None]), e, TF32)
-            for d0 in range(0, DT, BLOCK_D):
-                d = d0 + tl.arange(0, BLOCK_D)
-                dm = d < DT
-                d64 = d.to(tl.int64)
-                xk = tl.load(xt_ptr + rows[:, None] * sxt0 + d64[None, :] * sxt1, mask=ok[:, None] & dm[None, :], other=0.0)
-                xl = tl.load(xt_ptr + l64[:, None] * sxt0 + d64[None, :] * sxt1, mask=lm[:, None] & dm[None, :], other=0.0)
-                e = _dot(xk.to(acc_ty) * (-atk)[:, None], tl.trans(xl.to(acc_ty) * atl[:, None]), e, TF32)
-            xo = tl.load(xo_ptr + l64[:, None] * sxo0 + o64[None, :] * sxo1, mask=lm[:, None] & om[None, :], other=0.0)
-            acc = _dot(e * aol[None, :], xo.to(acc_ty), acc, TF32)
-        tl.store(dn_ptr + rows[:, None] * sdn0 + o64[None, :] * sdn1, acc, mask=ok[:, None] & om[None, :])
+            lm = rl < c1
+            ql = tl.load(q_ptr + rl, mask=lm, other=0.0)
+            g = _gram_tile(xs_ptr, xt_ptr, rows, rl, ok, lm, qk, ql, DS, DT, sxs0, sxs1, sxt0, sxt1,
+                           PREC, F64, BLOCK_M, BLOCK_N, BLOCK_D)
+            wl = tl.load(wo_ptr + rl, mask=lm, other=0.0)  # b_l * a_o[l]
+            xo = tl.load(xo_ptr + rl.to(tl.int64)[:, None] * sxo0 + o64[None, :] * sxo1,
+                         mask=lm[:, None] & om[None, :], other=0.0).to(acc.dtype)
+            acc = _mma(g * wl[None, :], xo, acc, PREC_E, F64)
+        acc = acc * (-bk[:, None])
+        ptrs = dn_ptr + rows[:, None] * sdn0 + o64[None, :] * sdn1
+        if ATOMIC:
+            tl.atomic_add(ptrs, acc, mask=ok[:, None] & om[None, :], sem="relaxed")
+        else:
+            tl.store(ptrs, acc, mask=ok[:, None] & om[None, :])
 
 
 @triton.jit
@@ -292,29 +319,52 @@ def _row_scale(x, valid_u8, eps, acc):
 
 def _gpu_cfg(x: torch.Tensor, C: int):
     if x.device.type != "cuda":  # interpreter: few, large blocks
-        return dict(fwd_t=32, fwd_d=32, bwd_m=16, bwd_n=32, bwd_d=32, bwd_o=64, warps=4, stages=1)
-    return dict(fwd_t=64 if C <= 4096 else 128, fwd_d=32, bwd_m=32, bwd_n=64, bwd_d=32, bwd_o=128, warps=4, stages=2)
+        return dict(fwd_t=32, fwd_d=32, bwd_m=16, bwd_n=32, bwd_d=32, bwd_o=64, fwd_warps=4, bwd_warps=4, stages=1)
+    return dict(fwd_t=64 if C <= 2048 else 128, fwd_d=32, bwd_m=64, bwd_n=64, bwd_d=32, bwd_o=256,
+                fwd_warps=4 if C <= 2048 else 8, bwd_warps=8, stages=3)
+
+
+#: tunables of the GPU launches (read at each call; the benchmark may override entries)
+GPU_CFG_OVERRIDES: dict = {}
+
+
+def _cfg(x, C):
+    cfg = _gpu_cfg(x, C)
+    if x.device.type == "cuda":
+        cfg.update(GPU_CFG_OVERRIDES)
+    return cfg
+
+
+def _scales(mu_s, mu_t, valid, eps, acc):
+    """``q = |mu_t| / |mu_s|`` and ``b = 1 / |mu_t|`` on valid rows (norms clamped at eps), 0 elsewhere."""
+    vu8 = valid.to(torch.uint8)
+    a_s = _row_scale(mu_s, vu8, eps, acc)
+    b = _row_scale(mu_t, vu8, eps, acc)
+    q = torch.where(b > 0, a_s / torch.where(b > 0, b, torch.ones_like(b)), torch.zeros_like(b))
+    return a_s, q, b
+
+
+def _precisions(mu_s, mu_t):
+    f64 = acc_dtype(mu_s.dtype, mu_t.dtype) == torch.float64
+    return PREC_CODE[dot_precision(mu_s.dtype, mu_t.dtype)], PREC_CODE[dot_precision(torch.float32)], f64
 
 
 def inter_fwd(mu_s, mu_t, valid, eps: float):
     C, DS = mu_s.shape
     DT = mu_t.shape[1]
     acc = acc_dtype(mu_s.dtype, mu_t.dtype)
-    vu8 = valid.to(torch.uint8)
     nv = valid.sum().to(acc)
     if C == 0:
         return torch.zeros((), dtype=acc, device=mu_s.device)
-    a_s = _row_scale(mu_s, vu8, eps, acc)
-    a_t = _row_scale(mu_t, vu8, eps, acc)
-    cfg = _gpu_cfg(mu_s, C)
+    _, q, b = _scales(mu_s, mu_t, valid, eps, acc)
+    cfg = _cfg(mu_s, C)
     bt = cfg["fwd_t"]
     T = triton.cdiv(C, bt)
     part = torch.zeros((T * T,), dtype=acc, device=mu_s.device)
-    warps = cfg["warps"] if bt <= 64 else 8
+    prec, _, f64 = _precisions(mu_s, mu_t)
     launch(_inter_fwd_kernel)[(T, T)](
-        mu_s, mu_t, a_s, a_t, part, C, DS, DT, *mu_s.stride(), *mu_t.stride(),
-        TF32=f32_dot_tf32(mu_s.dtype, mu_t.dtype), BLOCK_T=bt, BLOCK_D=cfg["fwd_d"],
-        num_warps=warps, num_stages=cfg["stages"],
+        mu_s, mu_t, q, b, part, C, DS, DT, *mu_s.stride(), *mu_t.stride(),
+        PREC=prec, F64=f64, BLOCK_T=bt, BLOCK_D=cfg["fwd_d"], num_warps=cfg["fwd_warps"], num_stages=cfg["stages"],
     )
     return part.sum() / (nv * nv).clamp(min=1)
 
@@ -322,6 +372,22 @@ def inter_fwd(mu_s, mu_t, valid, eps: float):
 def _work_order(want: torch.Tensor) -> torch.Tensor:
     """Rows with ``want`` first (stable), as a static-size permutation: no host sync."""
     return torch.argsort((~want).to(torch.int8), stable=True)
+
+
+#: column splits of the inter backward (None: automatic); set by tests to cover the atomic path
+BWD_SPLITS: int | None = None
+
+
+def _splits(C: int, block_n: int, device) -> int:
+    """Column splits of the backward: several programs per row tile add into the gradient with
+    float atomics (order-dependent rounding); one split when deterministic algorithms are on."""
+    if torch.are_deterministic_algorithms_enabled():
+        return 1
+    if BWD_SPLITS is not None:
+        return max(1, int(BWD_SPLITS))
+    if device.type != "cuda":
+        return 1
+    return max(1, min(64, triton.cdiv(C, 4 * block_n)))
 
 
 def inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s: bool, need_t: bool, eps: float):
@@ -334,14 +400,15 @@ def inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s: bool, need_t: bool, eps
     g_t = torch.zeros((C, DT) if need_t else (0,), dtype=acc, device=dev)
     if C == 0 or not (need_s or need_t):
         return g_s, g_t
-    vu8 = valid.to(torch.uint8)
     nv = valid.sum().to(acc)
     base = grad_out.to(acc) * 4.0 / (nv * nv).clamp(min=1)
-    a_s = _row_scale(mu_s, vu8, eps, acc)
-    a_t = _row_scale(mu_t, vu8, eps, acc)
-    cfg = _gpu_cfg(mu_s, C)
-    tf32 = f32_dot_tf32(mu_s.dtype, mu_t.dtype)
+    a_s, q, b = _scales(mu_s, mu_t, valid, eps, acc)
+    cfg = _cfg(mu_s, C)
+    prec, prec_e, f64 = _precisions(mu_s, mu_t)
     bm, bn, bdd = cfg["bwd_m"], cfg["bwd_n"], cfg["bwd_d"]
+    nsplit = _splits(C, bn, dev)
+    cols = triton.cdiv(triton.cdiv(C, nsplit), bn) * bn
+    nsplit = triton.cdiv(C, cols)
     for which, need in (("s", need_s), ("t", need_t)):
         if not need:
             continue
@@ -350,17 +417,19 @@ def inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s: bool, need_t: bool, eps
             xo, ao, out, D, coef = mu_s, a_s, g_s, DS, base.reshape(1)
         else:
             want = valid
-            xo, ao, out, D, coef = mu_t, a_t, g_t, DT, (-base).reshape(1)
+            xo, ao, out, D, coef = mu_t, b, g_t, DT, (-base).reshape(1)
         if D == 0:
             continue
         order = _work_order(want)
         wu8 = want.to(torch.uint8)
+        wo = b * ao
         bo = min(cfg["bwd_o"], next_pow2(D))
-        launch(_inter_bwd_kernel)[(triton.cdiv(C, bm), triton.cdiv(D, bo))](
-            mu_s, mu_t, xo, a_s, a_t, ao, order, wu8, out,
-            C, DS, DT, D, *mu_s.stride(), *mu_t.stride(), *xo.stride(), *out.stride(),
-            TF32=tf32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bdd, BLOCK_O=bo,
-            num_warps=cfg["warps"], num_stages=cfg["stages"],
+        launch(_inter_bwd_kernel)[(triton.cdiv(C, bm), nsplit, triton.cdiv(D, bo))](
+            mu_s, mu_t, xo, q, b, wo, order, wu8, out,
+            C, DS, DT, D, cols, *mu_s.stride(), *mu_t.stride(), *xo.stride(), *out.stride(),
+            PREC=prec, PREC_E=prec_e, F64=f64, ATOMIC=nsplit > 1,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bdd, BLOCK_O=bo,
+            num_warps=cfg["bwd_warps"], num_stages=cfg["stages"],
         )
         bd = min(next_pow2(D), 256)
         br = max(1, min(32, 4096 // bd))

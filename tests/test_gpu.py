@@ -16,7 +16,11 @@ DEV = "cuda"
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_cam_low_precision_and_layouts(dtype, layout):
+@pytest.mark.parametrize("mode", ["split", "image"])
+def test_cam_low_precision_and_layouts(dtype, layout, mode, monkeypatch):
+    from icakd_fast.kernels import cam as kcam
+
+    monkeypatch.setattr(kcam, "CAM_FWD_MODE", mode)
     f = torch.randn(8, 256, 7, 7, device=DEV).to(dtype)
     if layout == "channels_last":
         f = f.contiguous(memory_format=torch.channels_last)
@@ -59,6 +63,30 @@ def test_structure_low_precision(dtype):
     rmu, rtotal = R.class_centroids(sums.double(), counts, feats.double(), labels)
     assert torch.equal(total, rtotal)
     assert_close_rel(mu, rmu, dtype, "centroids")
+
+
+@pytest.mark.parametrize("precision,tol", [("highest", 2e-5), ("high", 5e-3), ("medium", 4e-2)])
+def test_inter_follows_float32_matmul_precision(precision, tol):
+    """tf32x3 (default), tf32 and bf16 dots in the tiled inter loss, column-split backward included."""
+    C, Ds, Dt = 1100, 96, 160
+    mu_s = torch.randn(C, Ds, device=DEV).requires_grad_(True)
+    mu_t = torch.randn(C, Dt, device=DEV)
+    valid = torch.rand(C, device=DEV) > 0.1
+    live = torch.rand(C, device=DEV) > 0.7
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        loss = F.inter_class_loss(mu_s, mu_t, valid, live=live, backend="triton")
+        (g,) = torch.autograd.grad(loss, mu_s)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    s64 = mu_s.detach().double().requires_grad_(True)
+    ref = R.inter_class_loss(s64, mu_t.double(), valid, live)
+    (e,) = torch.autograd.grad(ref, s64)
+    from helpers import rel_err
+
+    assert rel_err(loss, ref) <= tol, (precision, rel_err(loss, ref))
+    assert rel_err(g, e) <= 4 * tol, (precision, rel_err(g, e))
 
 
 def test_bank_bf16_matches_reference_and_is_deterministic():

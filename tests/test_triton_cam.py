@@ -17,6 +17,15 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 impl = pytest.importorskip("icakd_fast.ops._triton_impl")
 
 
+@pytest.fixture(params=["split", "image"])
+def fwd_mode(request, monkeypatch):
+    """Both forward strategies: channel blocks across programs, and one program per image."""
+    from icakd_fast.kernels import cam as kcam
+
+    monkeypatch.setattr(kcam, "CAM_FWD_MODE", request.param)
+    return request.param
+
+
 def _layout(x, layout):
     if layout == "channels_last":
         return x.contiguous(memory_format=torch.channels_last)
@@ -37,7 +46,7 @@ def _ref_all(f, w, gc, gp):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 5, 3, 3), (3, 37, 7, 7), (2, 130, 4, 5)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontig"])
-def test_cam_features_forward_backward(dtype, shape, layout):
+def test_cam_features_forward_backward(dtype, shape, layout, fwd_mode):
     B, K, H, W = shape
     f = _layout(torch.randn(shape, device=DEV).to(dtype), layout).requires_grad_(True)
     w = torch.randn(B, K, device=DEV).to(dtype).requires_grad_(True)
@@ -84,7 +93,7 @@ def test_grad_cam_public_api():
     assert_close_rel(F.grad_cam(f, w, backend="triton"), R.grad_cam(f.double(), w.double()), torch.float32, "grad_cam")
 
 
-def test_all_zero_cam_falls_back_to_mean():
+def test_all_zero_cam_falls_back_to_mean(fwd_mode):
     f = torch.randn(2, 6, 3, 3, device=DEV)
     w = torch.zeros(2, 6, device=DEV)
     cam, pooled = F.class_activation_features(f, w, backend="triton")
@@ -109,7 +118,7 @@ def test_tiled_path_for_large_maps(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_spatial_mean_and_fused_generic_path(dtype):
+def test_spatial_mean_and_fused_generic_path(dtype, fwd_mode):
     g = noncontig(torch.randn(3, 10, 5, 3, device=DEV).to(dtype))
     f = torch.randn(3, 10, 5, 3, device=DEV).to(dtype).contiguous(memory_format=torch.channels_last)
     mean = F.grad_cam_weights(g, backend="triton")
@@ -124,7 +133,7 @@ def test_spatial_mean_and_fused_generic_path(dtype):
     assert_close_rel(pool_w, R.cam_pool_weights(rc), dtype, "pool_w (generic)", factor=2)
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(fwd_mode):
     f = torch.randn(2, 5, 3, 2, dtype=torch.float64, device=DEV, requires_grad=True)
     w = torch.randn(2, 5, dtype=torch.float64, device=DEV, requires_grad=True)
     # pooled's map is a stop-gradient, so only the CAM itself has a numerical derivative to match

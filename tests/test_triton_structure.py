@@ -147,3 +147,40 @@ def test_gradcheck_float64():
     mu = torch.randn(6, 4, dtype=torch.float64, device=DEV)
     labels = torch.tensor([0, 1, 2, 1, 5], device=DEV)
     torch.autograd.gradcheck(lambda a, b: intra_loss("triton", a, b, mu, mu, labels, valid), (f_s, f_t))
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+def test_inter_backward_column_splits(monkeypatch, splits):
+    """Several programs per row tile add their column range into the gradient (atomic path)."""
+    from icakd_fast.kernels import structure as kst
+
+    monkeypatch.setattr(kst, "BWD_SPLITS", splits)
+    C, Ds, Dt = 70, 12, 20
+    mu_s = torch.randn(C, Ds, device=DEV, requires_grad=True)
+    mu_t = torch.randn(C, Dt, device=DEV, requires_grad=True)
+    valid = torch.rand(C, device=DEV) > 0.2
+    live = torch.rand(C, device=DEV) > 0.5
+    loss = inter_loss("triton", mu_s, mu_t, valid, live, 1e-12)
+    got = torch.autograd.grad(loss, (mu_s, mu_t))
+    s64 = mu_s.detach().double().requires_grad_(True)
+    t64 = mu_t.detach().double().requires_grad_(True)
+    exp = torch.autograd.grad(R.inter_class_loss(s64, t64, valid, live), (s64, t64))
+    for g, e in zip(got, exp):
+        assert_close_rel(g, e, torch.float32, factor=4)
+    # deterministic algorithms switch the splits off
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert kst._splits(C, 16, mu_s.device) == 1
+
+
+@pytest.mark.parametrize("precision,expected", [("highest", "tf32x3"), ("high", "tf32"), ("medium", "bf16")])
+def test_dot_precision_follows_torch(precision, expected):
+    from icakd_fast.kernels._common import dot_precision
+
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        assert dot_precision(torch.float32, torch.float32) == expected
+        assert dot_precision(torch.float16, torch.bfloat16) == "tf32"
+        assert dot_precision(torch.float32, torch.float64) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(old)
