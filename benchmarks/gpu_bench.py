@@ -32,7 +32,7 @@ def _parse():
     p.add_argument("--out", required=True, help="output folder for gpu_bench.json / gpu_bench.csv")
     p.add_argument("--quick", action="store_true", help="smaller shapes, shorter timing")
     p.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter, tiny shapes, no timing")
-    p.add_argument("--cases", default="overhead,cam,bank,structure,inter", help="comma-separated subset")
+    p.add_argument("--cases", default="inter,cam,bank,overhead,structure", help="comma-separated subset (run in this order)")
     p.add_argument("--compiled-cases", default="cam,bank,structure,inter",
                    help="cases that also time torch.compile(reference) (compiling costs tens of seconds each)")
     return p.parse_args()
@@ -156,18 +156,22 @@ def backend_of(p: str) -> str:
 #: kernel variants timed beside the defaults (module attribute overrides), to tune the defaults
 CAM_VARIANTS = {
     "triton_split": {"CAM_FWD_MODE": "split"},
-    "triton_image": {"CAM_FWD_MODE": "image"},
     "triton_image_w4": {"CAM_FWD_MODE": "image", "CAM_CFG": {"image_warps": 4}},
     "triton_image_t8k": {"CAM_FWD_MODE": "image", "CAM_CFG": {"image_tile": 8192}},
+    "triton_image_t16k_w16": {"CAM_FWD_MODE": "image", "CAM_CFG": {"image_tile": 16384, "image_warps": 16}},
     "triton_bwd_w8": {"CAM_CFG": {"bwd_warps": 8}},
     "triton_bwd_t8k": {"CAM_CFG": {"bwd_tile": 8192, "bwd_warps": 8}},
+    "triton_bwd_flat": {"CAM_CFG": {"bwd_flat": True}},
+    "triton_bwd_flat_w8": {"CAM_CFG": {"bwd_flat": True, "bwd_warps": 8}},
+    "triton_bwd_flat_t8k_w8": {"CAM_CFG": {"bwd_flat": True, "bwd_flat_tile": 8192, "bwd_warps": 8}},
 }
 #: float32 matmul precision per inter provider (PyTorch's switch; the kernels follow it)
 INTER_PRECISION = {"eager": "highest", "eager_tf32": "high", "compiled": "highest", "triton": "highest",
                    "triton_tf32": "high", "triton_bf16": "medium", "cpp": "highest",
-                   "triton_tf32_t64": "high", "triton_tf32_s4": "high", "triton_tf32_m32": "high"}
+                   "triton_tf32_t64": "high", "triton_tf32_s4": "high", "triton_tf32_m32": "high",
+                   "triton_tf32_m32o512": "high"}
 INTER_VARIANTS = {"triton_tf32_t64": {"fwd_t": 64, "fwd_warps": 4}, "triton_tf32_s4": {"stages": 4},
-                  "triton_tf32_m32": {"bwd_m": 32, "bwd_warps": 4}}
+                  "triton_tf32_m32": {"bwd_m": 32, "bwd_warps": 4}, "triton_tf32_m32o512": {"bwd_m": 32, "bwd_o": 512}}
 
 
 class overrides:

@@ -17,12 +17,14 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 impl = pytest.importorskip("icakd_fast.ops._triton_impl")
 
 
-@pytest.fixture(params=["split", "image"])
+@pytest.fixture(params=["split", "image+flat_bwd"])
 def fwd_mode(request, monkeypatch):
-    """Both forward strategies: channel blocks across programs, and one program per image."""
+    """Both forward strategies (channel blocks across programs; one program per image) and both
+    backward kernels (strided tiles; flat stores for NCHW-contiguous maps)."""
     from icakd_fast.kernels import cam as kcam
 
-    monkeypatch.setattr(kcam, "CAM_FWD_MODE", request.param)
+    monkeypatch.setattr(kcam, "CAM_FWD_MODE", request.param.split("+")[0])
+    monkeypatch.setitem(kcam.CAM_CFG, "bwd_flat", request.param.endswith("flat_bwd"))
     return request.param
 
 

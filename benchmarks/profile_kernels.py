@@ -1,0 +1,62 @@
+"""Runs each Triton kernel of the hot spots a few times at benchmark shapes, for a kernel profiler.
+
+    ncu --kernel-name regex:"_cam_|_inter_" --launch-count 16 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+        python benchmarks/profile_kernels.py
+
+Without a profiler it prints the CUDA-event time of each call (a quick sanity check). Needs a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from icakd_fast.kernels import cam as kcam  # noqa: E402
+from icakd_fast.kernels import structure as kst  # noqa: E402
+
+
+def timed(name, fn, reps=2):
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+    print(f"{name}: {start.elapsed_time(end) * 1e3:.1f} us (last of {reps})", flush=True)
+
+
+def main():
+    if not torch.cuda.is_available():
+        sys.exit("profile_kernels.py needs a CUDA device")
+    torch.manual_seed(0)
+    B, K, H, W = 256, 2048, 7, 7
+    f = torch.randn(B, K, H, W, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(B, K, device="cuda") / 49).to(torch.bfloat16)
+    for mode in ("image", "split"):
+        kcam.CAM_FWD_MODE = mode
+        timed(f"cam_fwd {mode}", lambda: kcam.cam_fwd(f, w, True))
+    kcam.CAM_FWD_MODE = "auto"
+    cam, pooled, pool_w, _ = kcam.cam_fwd(f, w, True)
+    gc, gp = torch.randn_like(cam), torch.randn_like(pooled)
+    timed("cam_bwd strided", lambda: kcam.cam_bwd(gc, gp, f, w, cam, pool_w, True, True))
+    kcam.CAM_CFG["bwd_flat"] = True
+    timed("cam_bwd flat", lambda: kcam.cam_bwd(gc, gp, f, w, cam, pool_w, True, True))
+    C, Ds, Dt, P = 4096, 512, 2048, 256
+    mu_s, mu_t = torch.randn(C, Ds, device="cuda"), torch.randn(C, Dt, device="cuda")
+    valid = torch.ones(C, dtype=torch.bool, device="cuda")
+    live = torch.zeros(C, dtype=torch.bool, device="cuda")
+    live[torch.randperm(C, device="cuda")[:P]] = True
+    torch.set_float32_matmul_precision("high")
+    timed("inter_fwd tf32", lambda: kst.inter_fwd(mu_s, mu_t, valid, 1e-12))
+    timed("inter_bwd tf32", lambda: kst.inter_bwd(torch.ones((), device="cuda"), mu_s, mu_t, valid, live, True, False, 1e-12))
+
+
+if __name__ == "__main__":
+    main()
