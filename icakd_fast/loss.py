@@ -121,31 +121,49 @@ class ICAKDLoss(nn.Module):
 
     # ----------------------------------------------------------------------------------------
 
+    def _needed(self) -> dict[str, bool]:
+        """Which inputs the active terms read (the others may be None)."""
+        maps = self.use_structure
+        return {
+            "student_features": maps,
+            "teacher_features": maps,
+            "teacher_logits": self.use_kd or (maps and (self.target == "teacher" or self.correct_only)),
+            "student_fc_weight": maps and (self.cam_weighting or self.use_cam_loss),
+            "teacher_fc_weight": maps and (self.cam_weighting or self.use_cam_loss),
+        }
+
     def _check(self, fs, zs, ft, zt, y, ws, wt):
-        V.floating("student_features", fs, 4)
+        need = self._needed()
+        given = {"student_features": fs, "teacher_features": ft, "teacher_logits": zt,
+                 "student_fc_weight": ws, "teacher_fc_weight": wt}
+        for name, value in given.items():
+            if value is None and need[name]:
+                raise ValueError(f"{name} is required by method={self.method!r} (got None)")
         V.floating("student_logits", zs, 2)
-        V.floating("teacher_features", ft, 4)
-        V.floating("teacher_logits", zt, 2)
         V.integer("labels", y, 1)
-        V.floating("student_fc_weight", ws, 2)
-        V.floating("teacher_fc_weight", wt, 2)
+        for name, ndim in (("student_features", 4), ("teacher_features", 4), ("teacher_logits", 2),
+                           ("student_fc_weight", 2), ("teacher_fc_weight", 2)):
+            if given[name] is not None:
+                V.floating(name, given[name], ndim)
         V.same_device("student_logits", zs, student_features=fs, teacher_features=ft, teacher_logits=zt,
                       labels=y, student_fc_weight=ws, teacher_fc_weight=wt)
         b, c = zs.shape
         if c != self.num_classes:
             raise ValueError(f"student_logits must have {self.num_classes} classes, got shape {tuple(zs.shape)}")
-        if zt.shape != zs.shape:
+        if zt is not None and zt.shape != zs.shape:
             raise ValueError(f"teacher_logits must have the shape of student_logits {tuple(zs.shape)}, got {tuple(zt.shape)}")
         V.length("labels", y, b, "student_logits")
-        V.length("student_features", fs, b, "student_logits")
-        V.length("teacher_features", ft, b, "student_logits")
-        if fs.shape[1] != self.student_dim:
-            raise ValueError(f"student_features must have {self.student_dim} channels, got shape {tuple(fs.shape)}")
-        if ft.shape[1] != self.teacher_dim:
-            raise ValueError(f"teacher_features must have {self.teacher_dim} channels, got shape {tuple(ft.shape)}")
-        if ws.shape != (self.num_classes, self.student_dim):
+        if fs is not None:
+            V.length("student_features", fs, b, "student_logits")
+            if fs.shape[1] != self.student_dim:
+                raise ValueError(f"student_features must have {self.student_dim} channels, got shape {tuple(fs.shape)}")
+        if ft is not None:
+            V.length("teacher_features", ft, b, "student_logits")
+            if ft.shape[1] != self.teacher_dim:
+                raise ValueError(f"teacher_features must have {self.teacher_dim} channels, got shape {tuple(ft.shape)}")
+        if ws is not None and ws.shape != (self.num_classes, self.student_dim):
             raise ValueError(f"student_fc_weight must be [{self.num_classes}, {self.student_dim}], got {tuple(ws.shape)}")
-        if wt.shape != (self.num_classes, self.teacher_dim):
+        if wt is not None and wt.shape != (self.num_classes, self.teacher_dim):
             raise ValueError(f"teacher_fc_weight must be [{self.num_classes}, {self.teacher_dim}], got {tuple(wt.shape)}")
         V.label_range("labels", y, self.num_classes)
 
@@ -166,20 +184,26 @@ class ICAKDLoss(nn.Module):
 
     def forward(
         self,
-        student_features: torch.Tensor,
+        student_features: torch.Tensor | None,
         student_logits: torch.Tensor,
-        teacher_features: torch.Tensor,
-        teacher_logits: torch.Tensor,
+        teacher_features: torch.Tensor | None,
+        teacher_logits: torch.Tensor | None,
         labels: torch.Tensor,
-        student_fc_weight: torch.Tensor,
-        teacher_fc_weight: torch.Tensor,
+        student_fc_weight: torch.Tensor | None,
+        teacher_fc_weight: torch.Tensor | None,
     ) -> ICAKDOutput:
+        """Inputs a method does not read may be None: ``"ce"`` reads only ``student_logits`` and
+        ``labels``; ``"kd"`` adds ``teacher_logits``; ``"cskd"`` also reads both feature maps;
+        ``"icakd"`` also reads both classifier weights."""
         self._check(student_features, student_logits, teacher_features, teacher_logits, labels,
                     student_fc_weight, teacher_fc_weight)
         labels = labels.long()
-        teacher_features = teacher_features.detach()
-        teacher_logits = teacher_logits.detach()
-        teacher_fc_weight = teacher_fc_weight.detach()
+        if teacher_features is not None:
+            teacher_features = teacher_features.detach()
+        if teacher_logits is not None:
+            teacher_logits = teacher_logits.detach()
+        if teacher_fc_weight is not None:
+            teacher_fc_weight = teacher_fc_weight.detach()
 
         parts: dict[str, torch.Tensor] = {}
         ce = F.cross_entropy(student_logits.float(), labels)

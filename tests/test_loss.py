@@ -210,3 +210,22 @@ def test_feature_tap_explicit_names_and_errors():
         FeatureTap(net, feature_layer="nope")
     with pytest.raises(ValueError, match="classifier"):
         FeatureTap(net, classifier="stem")
+
+
+def test_unused_inputs_may_be_none():
+    from icakd_fast import ICAKDLoss
+
+    B, C = 6, 5
+    zs, zt = torch.randn(B, C, requires_grad=True), torch.randn(B, C)
+    y = torch.randint(0, C, (B,))
+    ce = ICAKDLoss(C, 8, 12, method="ce")(None, zs, None, None, y, None, None)
+    assert torch.allclose(ce.loss, torch.nn.functional.cross_entropy(zs, y))
+    kd = ICAKDLoss(C, 8, 12, method="kd")(None, zs, None, zt, y, None, None)
+    assert set(kd.parts) == {"ce", "kd"}
+    with pytest.raises(ValueError, match="teacher_logits is required"):
+        ICAKDLoss(C, 8, 12, method="kd")(None, zs, None, None, y, None, None)
+    fs, ft = torch.randn(B, 8, 4, 4), torch.randn(B, 12, 4, 4)
+    cskd = ICAKDLoss(C, 8, 12, method="cskd")(fs, zs, ft, zt, y, None, None)
+    assert "inter" in cskd.parts
+    with pytest.raises(ValueError, match="student_fc_weight is required"):
+        ICAKDLoss(C, 8, 12, method="icakd")(fs, zs, ft, zt, y, None, torch.randn(C, 12))
