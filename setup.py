@@ -13,6 +13,9 @@ Environment variables:
   ``TORCH_CUDA_ARCH_LIST``; default: the visible GPUs, or 9.0 when none is visible).
 * ``MAX_JOBS``           -- parallel compile jobs of ninja (torch's BuildExtension reads it).
 * ``ICAKD_DEBUG=1``      -- -O0 -g instead of -O3.
+* ``ICAKD_SANITIZE=address`` -- AddressSanitizer build of the host code (-O1 -g
+  -fsanitize=address); run it with ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)
+  ASAN_OPTIONS=detect_leaks=0`` (see docs/cpp_extension.md).
 
 Build metadata (torch and CUDA versions, architectures) is written to ``_build_info.json`` beside
 the compiled library; ``icakd_fast/_ext.py`` compares it with the running torch.
@@ -58,7 +61,13 @@ def _extension():
     if _flag("FORCE_CUDA") and CUDA_HOME is None:
         raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME")
     debug = _flag("ICAKD_DEBUG")
+    sanitize = os.environ.get("ICAKD_SANITIZE", "").strip()
     opt = ["-O0", "-g"] if debug else ["-O3"]
+    # the sanitizer instruments the C++ (host) sources only; nvcc keeps its own flags
+    link_flags = ["-fopenmp"]
+    if sanitize:
+        opt = ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}"]
+        link_flags.append(f"-fsanitize={sanitize}")
     cxx_flags = opt + ["-fopenmp"]
     define_macros = []
     archs = None
@@ -72,13 +81,13 @@ def _extension():
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "visible GPUs")
         rel += sorted(os.path.relpath(s, HERE) for s in glob.glob(os.path.join(csrc, "cuda", "*.cu")))
         define_macros.append(("ICAKD_WITH_CUDA", None))
-        nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc_flags = (["-O0", "-g"] if debug else ["-O3"]) + ["--expt-relaxed-constexpr", "-lineinfo"]
         ext = CUDAExtension(
             "icakd_fast._C",
             rel,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_flags,
             py_limited_api=True,
         )
     else:
@@ -87,7 +96,7 @@ def _extension():
             rel,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link_flags,
             py_limited_api=True,
         )
 
@@ -97,6 +106,7 @@ def _extension():
         "with_cuda": bool(with_cuda),
         "cuda_archs": archs,
         "debug": debug,
+        "sanitize": sanitize or None,
     }
 
     class BuildExt(BuildExtension.with_options(use_ninja=True)):

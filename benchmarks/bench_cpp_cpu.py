@@ -1,12 +1,18 @@
-"""CPU micro-benchmarks of the cpp backend against the eager reference (one run, one process).
+"""CPU micro-benchmarks of the cpp backend against the eager reference (one process).
 
-    python benchmarks/bench_cpp_cpu.py            # all cases
-    python benchmarks/bench_cpp_cpu.py --quick    # smaller inter-loss case
+    python benchmarks/bench_cpp_cpu.py                          # all cases, all cores
+    python benchmarks/bench_cpp_cpu.py --threads 1,2 --repeats 5 --out benchmarks/results/cpp_cpu
+    python benchmarks/bench_cpp_cpu.py --quick                  # smaller inter-loss case
 
-Reports, for each case, the median time of the eager reference and of the cpp kernels and their
-ratio (reference / cpp, > 1 means cpp is faster), measured in the same run, plus the peak added
-resident memory of the tiled inter loss at C=21841 (sampled from /proc/self/statm in a
-background thread). Every case checks the cpp result against the reference before timing.
+Reports, for each case and thread count, the time of the eager reference and of the cpp kernels
+and their ratio (reference / cpp, > 1 means cpp is faster). Both are measured in the same run,
+alternately: each repeat times the reference then the cpp kernel (median of many calls each), and
+the table gives the median over the repeats of the times and of the per-repeat ratios, plus the
+spread of the ratios (min-max) -- a wide spread means the machine was busy. The inter loss at
+C=21841 has no eager counterpart (the reference needs several C x C matrices): it reports time and
+the peak added resident memory (sampled from /proc/self/statm in a background thread). Every case
+checks the cpp result against the reference before timing. --out writes PREFIX.json and PREFIX.md
+(with the CPU model, the thread counts and the load average before and after).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import platform
 import statistics
 import threading
 import time
+from collections import defaultdict
 
 import torch
 
@@ -86,6 +93,11 @@ def case_cam(rows):
         t_ref = bench(lambda: reference.class_activation_features(f0, w0))
         t_cpp = bench(lambda: cpp.cam_fwd(f0, w0, True))
     rows.append(("class_activation_features fwd", f"B={B} K={K} {H}x{W} f32", t_ref, t_cpp))
+    fcl = f0.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        t_ref = bench(lambda: reference.class_activation_features(fcl, w0))
+        t_cpp = bench(lambda: cpp.cam_fwd(fcl, w0, True))
+    rows.append(("class_activation_features fwd", f"B={B} K={K} {H}x{W} f32 channels_last", t_ref, t_cpp))
     f = f0.clone().requires_grad_()
     w = w0.clone().requires_grad_()
     gc, gp = torch.randn(B, H, W), torch.randn(B, K)
@@ -236,41 +248,139 @@ def case_inter_large(rows, mem, quick):
     )
 
 
+def cpu_model() -> str:
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if ":" in line:
+                    k, v = (x.strip() for x in line.split(":", 1))
+                    fields.setdefault(k, v)
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    extra = []
+    if "cpu family" in fields:
+        extra.append(f"family {fields['cpu family']} model {fields.get('model', '?')}")
+    flags = fields.get("flags", "").split()
+    isa = [f for f in ("avx512f", "avx2", "fma") if f in flags]
+    if isa:
+        extra.append("/".join(isa))
+    return f"{name} ({', '.join(extra)})" if extra else name
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as fh:
+            return " ".join(fh.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def run_cases(args, threads: int):
+    """(timing rows over the repeats, memory rows) at one thread count."""
+    torch.set_num_threads(threads)
+    per_case = defaultdict(list)  # (op, shape) -> [(t_ref, t_cpp), ...]
+    for _ in range(args.repeats):
+        torch.manual_seed(0)  # the same inputs in every repeat: only the timings vary
+        rows = []
+        case_cam(rows)
+        if not args.cam_only:
+            case_bank(rows)
+            case_structure(rows)
+        for name, shape, t_ref, t_cpp in rows:
+            per_case[(name, shape)].append((t_ref, t_cpp))
+    out = []
+    for (name, shape), ts in per_case.items():
+        ratios = [r / c for r, c in ts]
+        out.append(
+            dict(
+                op=name,
+                shape=shape,
+                threads=threads,
+                reference_ms=statistics.median(r for r, _ in ts) * 1e3,
+                cpp_ms=statistics.median(c for _, c in ts) * 1e3,
+                ratio=statistics.median(ratios),
+                ratio_min=min(ratios),
+                ratio_max=max(ratios),
+                repeats=len(ts),
+            )
+        )
+    mem = []
+    if not args.skip_large and not args.cam_only:
+        case_inter_large([], mem, args.quick)
+        for m in mem:
+            m["threads"] = threads
+    return out, mem
+
+
+def write_markdown(path, meta, rows, mem):
+    lines = [
+        "# cpp backend on CPU vs the eager reference",
+        "",
+        f"CPU: {meta['cpu']}, {meta['cores']} cores; torch {meta['torch']}; "
+        f"{meta['repeats']} repeats per case and thread count; load average before / after: "
+        f"{meta['load_before']} / {meta['load_after']}.",
+        "",
+        "Ratio = reference time / cpp time, measured alternately in the same process (median of the",
+        "per-repeat ratios; min-max in brackets: a wide range means the machine was busy).",
+        "",
+        "| op | shape | threads | reference ms | cpp ms | ratio (min-max) |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['op']} | {r['shape']} | {r['threads']} | {r['reference_ms']:.3f} | {r['cpp_ms']:.3f} | "
+            f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |"
+        )
+    if mem:
+        lines += ["", "| inter loss (no eager run: the reference needs C x C matrices) | threads | time s | "
+                  "peak added RSS MB | one C x C float32 matrix MB |", "| --- | ---: | ---: | ---: | ---: |"]
+        for m in mem:
+            t = m.get("fwd_bwd_s", (m.get("fwd_s") or 0) + (m.get("bwd_s") or 0))
+            lines.append(f"| {m['case']} | {m['threads']} | {t:.2f} | {m['peak_added_rss_MB']:.1f} | "
+                         f"{m['reference_one_CxC_matrix_MB']:.1f} |")
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="inter-loss memory case at C=4096 instead of 21841")
     ap.add_argument("--json", help="also write the results to this JSON file")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
+    ap.add_argument("--out", help="write PREFIX.json and PREFIX.md")
+    ap.add_argument("--threads", default=None,
+                    help="comma-separated thread counts, each measured in turn (default: all cores)")
+    ap.add_argument("--repeats", type=int, default=1, help="alternating reference/cpp repeats per case")
     ap.add_argument("--skip-large", action="store_true", help="skip the C=21841 inter-loss memory case")
+    ap.add_argument("--cam-only", action="store_true", help="only the class-activation cases")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    meta = dict(cpu=cpu_model(), cores=os.cpu_count(), torch=torch.__version__, repeats=args.repeats,
+                load_before=load_average())
     rows, mem = [], []
-    case_cam(rows)
-    case_bank(rows)
-    case_structure(rows)
-    if not args.skip_large:
-        case_inter_large(rows, mem, args.quick)
-    print(f"device: CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
-    print(f"{'op':40s} {'shape':40s} {'reference ms':>13s} {'cpp ms':>9s} {'ratio':>7s}")
-    for name, shape, t_ref, t_cpp in rows:
-        print(f"{name:40s} {shape:40s} {t_ref * 1e3:13.3f} {t_cpp * 1e3:9.3f} {t_ref / t_cpp:7.2f}x")
+    for threads in thread_counts:
+        r, m = run_cases(args, threads)
+        rows += r
+        mem += m
+    meta["load_after"] = load_average()
+    print(f"device: CPU {meta['cpu']}, {meta['cores']} cores, torch {meta['torch']}, "
+          f"load average {meta['load_before']} -> {meta['load_after']}")
+    print(f"{'op':36s} {'shape':40s} {'thr':>3s} {'ref ms':>9s} {'cpp ms':>9s} {'ratio':>7s} {'min-max':>11s}")
+    for r in rows:
+        print(f"{r['op']:36s} {r['shape']:40s} {r['threads']:3d} {r['reference_ms']:9.3f} {r['cpp_ms']:9.3f} "
+              f"{r['ratio']:6.2f}x {r['ratio_min']:5.2f}-{r['ratio_max']:<5.2f}")
     for m in mem:
         print(json.dumps(m))
+    result = dict(meta, rows=rows, memory=mem)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(
-                {
-                    "device": f"CPU {platform.machine()}, {torch.get_num_threads()} threads",
-                    "torch": torch.__version__,
-                    "rows": [dict(op=n, shape=s, reference_s=a, cpp_s=b, ratio=a / b) for n, s, a, b in rows],
-                    "memory": mem,
-                },
-                fh,
-                indent=1,
-            )
+            json.dump(result, fh, indent=1)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out + ".json", "w") as fh:
+            json.dump(result, fh, indent=1)
+        write_markdown(args.out + ".md", meta, rows, mem)
 
 
 if __name__ == "__main__":

@@ -49,13 +49,13 @@ stamp "installed; extension building in the background"
 # 2. Triton on the GPU: the kernel tests (the files CI runs under the interpreter) + GPU-only tests
 XDIST=""
 $PY -c "import xdist" 2> /dev/null && XDIST="-n 6"
-timeout -s INT ${TRITON_TESTS_TIMEOUT:-90} $PY -m pytest tests/test_gpu.py tests/test_triton_*.py $XDIST -q -rf --tb=short \
+timeout -s INT ${TRITON_TESTS_TIMEOUT:-80} $PY -m pytest tests/test_gpu.py tests/test_triton_*.py $XDIST -q -rf --tb=short \
   -p no:cacheprovider -m "not slow" > "$LOGS/tests_gpu.log" 2>&1
 stamp "triton gpu tests rc=$? : $(tail -n 1 "$LOGS/tests_gpu.log")"
 grep -E "^FAILED|^ERROR" "$LOGS/tests_gpu.log" | head -20 | tee -a "$OUT/summary.txt"
 
 # 3. kernel benchmark (checks every provider against the eager reference before timing)
-timeout -s INT ${BENCH_TIMEOUT:-170} $PY benchmarks/gpu_bench.py --out "$OUT" --compiled-cases cam > "$LOGS/bench.log" 2>&1
+timeout -s INT ${BENCH_TIMEOUT:-160} $PY benchmarks/gpu_bench.py --out "$OUT" --compiled-cases cam > "$LOGS/bench.log" 2>&1
 stamp "kernel bench rc=$?"
 
 wait $build_pid
@@ -63,19 +63,19 @@ tail -n 1 "$LOGS/build.log" | tee -a "$OUT/summary.txt"
 $PY -m icakd_fast.info >> "$OUT/summary.txt" 2>&1
 
 # 4. end-to-end training steps, scale sweep, peers (its own budget; writes e2e results to $OUT)
-E2E=${E2E_BUDGET:-150}
+E2E=${E2E_BUDGET:-190}
 timeout -s INT $(( E2E + 30 )) $PY benchmarks/e2e_bench.py --out "$OUT" --device cuda --budget-s "$E2E" > "$LOGS/e2e.log" 2>&1
 stamp "e2e bench rc=$?"
 
 # 5. the CUDA extension's tests (GPU-marked ones included)
-timeout -s INT ${CPP_TIMEOUT:-45} $PY -m pytest tests/test_cpp_gpu.py tests/test_cpp_ops.py $XDIST -q -rf --tb=short \
+timeout -s INT ${CPP_TIMEOUT:-40} $PY -m pytest tests/test_cpp_gpu.py tests/test_cpp_ops.py $XDIST -q -rf --tb=short \
   -p no:cacheprovider -m "not slow" > "$LOGS/tests_cpp_gpu.log" 2>&1
 stamp "cpp tests rc=$? : $(tail -n 1 "$LOGS/tests_cpp_gpu.log")"
 grep -E "^FAILED|^ERROR" "$LOGS/tests_cpp_gpu.log" | head -20 | tee -a "$OUT/summary.txt"
 # 6. hardware counters of the CAM and inter kernels (when Nsight Compute is present and can read them)
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2> /dev/null | head -n 1)
-if [ -n "$NCU" ] && [ "${NCU_TIMEOUT:-40}" -gt 0 ]; then
-  timeout -s INT ${NCU_TIMEOUT:-40} "$NCU" --kernel-name regex:"_cam_|_inter_" --launch-count 16 \
+if [ -n "$NCU" ] && [ "${NCU_TIMEOUT:-30}" -gt 0 ]; then
+  timeout -s INT ${NCU_TIMEOUT:-30} "$NCU" --kernel-name regex:"_cam_|_inter_" --launch-count 16 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
     $PY benchmarks/profile_kernels.py > "$LOGS/ncu.txt" 2>&1
   stamp "ncu rc=$?"

@@ -1,4 +1,5 @@
 // Shared helpers of the icakd_fast._C extension (host side only: no CUDA headers here).
+// Argument checks and output allocation live in checks.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,48 +15,44 @@ inline at::ScalarType acc_type_of(at::ScalarType a, at::ScalarType b) {
   return (a == at::kDouble || b == at::kDouble) ? at::kDouble : at::kFloat;
 }
 
-inline void check_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), name, " must be defined");
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating tensor, got ", t.scalar_type());
+// Vector-friendly reductions in a fixed order: kLanes partial sums (lane j takes the elements
+// j, j + kLanes, ...), then a pairwise tree over the lanes. The order is written out in the
+// source (no reassociation is needed to vectorise it), so the results are deterministic and do
+// not depend on the thread count. (An `omp simd reduction` would add its lanes one after the
+// other: a serial chain of 16 additions per call, which dominated short rows.)
+constexpr int kLanes = 16;
+
+template <typename acc_t>
+inline acc_t lanes_tree_sum(const acc_t* s) {
+  acc_t h8[8], h4[4];
+  for (int j = 0; j < 8; ++j) h8[j] = s[j] + s[j + 8];
+  for (int j = 0; j < 4; ++j) h4[j] = h8[j] + h8[j + 4];
+  return (h4[0] + h4[2]) + (h4[1] + h4[3]);
 }
 
-inline void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
-  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got ", t.sizes());
-}
-
-inline void check_dtype(const at::Tensor& t, at::ScalarType dt, const char* name) {
-  TORCH_CHECK(t.scalar_type() == dt, name, " must be ", dt, ", got ", t.scalar_type());
-}
-
-inline void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), name, " must be on ", ref.device(), ", got ", t.device());
-}
-
-// Vectorised reductions (the simd pragma lets the compiler reorder the sum into lanes; the order
-// is still fixed, so results are deterministic). Kept out of macros: a pragma cannot sit inside
-// an AT_DISPATCH lambda.
 template <typename acc_t, typename a_t, typename b_t>
 inline acc_t dot_acc(const a_t* a, const b_t* b, int64_t n) {
-  acc_t t = 0;
-#pragma omp simd reduction(+ : t)
-  for (int64_t i = 0; i < n; ++i) t += static_cast<acc_t>(a[i]) * static_cast<acc_t>(b[i]);
-  return t;
+  acc_t s[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) s[j] += static_cast<acc_t>(a[i + j]) * static_cast<acc_t>(b[i + j]);
+  for (int j = 0; i + j < n; ++j) s[j] += static_cast<acc_t>(a[i + j]) * static_cast<acc_t>(b[i + j]);
+  return lanes_tree_sum<acc_t>(s);
 }
 
 template <typename acc_t, typename a_t>
 inline acc_t sum_acc(const a_t* a, int64_t n) {
-  acc_t t = 0;
-#pragma omp simd reduction(+ : t)
-  for (int64_t i = 0; i < n; ++i) t += static_cast<acc_t>(a[i]);
-  return t;
+  acc_t s[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) s[j] += static_cast<acc_t>(a[i + j]);
+  for (int j = 0; i + j < n; ++j) s[j] += static_cast<acc_t>(a[i + j]);
+  return lanes_tree_sum<acc_t>(s);
 }
 
 template <typename acc_t, typename a_t>
 inline acc_t sumsq_acc(const a_t* a, int64_t n) {
-  acc_t t = 0;
-#pragma omp simd reduction(+ : t)
-  for (int64_t i = 0; i < n; ++i) t += static_cast<acc_t>(a[i]) * static_cast<acc_t>(a[i]);
-  return t;
+  return dot_acc<acc_t>(a, a, n);
 }
 
 // Stable counting sort of row indices by label (CPU only). Rows whose label is outside

@@ -82,6 +82,18 @@ def _mismatch(info: dict | None) -> str:
     return ""
 
 
+def _sanitizer_problem(info: dict | None) -> str:
+    """An AddressSanitizer build aborts the process when loaded without its runtime preloaded."""
+    if not info or info.get("sanitize") != "address":
+        return ""
+    if "asan" in os.environ.get("LD_PRELOAD", ""):
+        return ""
+    return (
+        "it was built with ICAKD_SANITIZE=address and needs LD_PRELOAD=\"$(gcc -print-file-name=libasan.so) "
+        "$(gcc -print-file-name=libstdc++.so)\" (docs/cpp_extension.md, 'Debugging a crash')"
+    )
+
+
 def _fail(reason: str) -> bool:
     _state["ok"] = False
     _state["reason"] = reason
@@ -108,6 +120,9 @@ def load() -> bool:
         why = _mismatch(info)
         if why:
             return _fail(f"{why}: the extension at {path} was {_versions_message(info)}; rebuild it")
+        why = _sanitizer_problem(info)
+        if why:
+            return _fail(f"the extension at {path} cannot be loaded here: {why}; {_versions_message(info)}")
         try:
             torch.ops.load_library(path)
         except Exception as exc:

@@ -150,7 +150,7 @@ print(json.dumps({"ok": ok, "warnings": msgs, "reasons": reasons}))
 """
 
 
-@pytest.mark.parametrize("mode", ["mismatch", "missing"])
+@pytest.mark.parametrize("mode", ["mismatch", "missing", "sanitizer"])
 def test_loader_warns_once_and_package_keeps_working(mode, tmp_path):
     import os
     import shutil
@@ -163,6 +163,13 @@ def test_loader_warns_once_and_package_keeps_working(mode, tmp_path):
             pytest.skip("needs a built extension to copy")
         shutil.copy(lib, tmp_path / os.path.basename(lib))
         (tmp_path / "_build_info.json").write_text(json.dumps({"torch": "1.0.0", "cuda": "9.9", "with_cuda": True}))
+    if mode == "sanitizer":
+        # an AddressSanitizer build would abort the process if loaded without its runtime: refused
+        # from its metadata before loading (the library file itself is never opened here)
+        (tmp_path / "_C.abi3.so").write_bytes(b"not a library")
+        info = {"torch": torch.__version__, "cuda": "cpu", "with_cuda": False, "sanitize": "address"}
+        (tmp_path / "_build_info.json").write_text(json.dumps(info))
+        env["LD_PRELOAD"] = ""
     proc = subprocess.run([sys.executable, "-c", _LOADER_SCRIPT], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -172,6 +179,8 @@ def test_loader_warns_once_and_package_keeps_working(mode, tmp_path):
     assert torch.__version__ in msg  # the running version
     if mode == "mismatch":
         assert "1.0.0" in msg and "9.9" in msg  # the built-for versions
+    if mode == "sanitizer":
+        assert "ICAKD_SANITIZE=address" in msg and "LD_PRELOAD" in msg
     assert out["reasons"], "the cpp backend must report why it is unavailable"
 
 

@@ -241,3 +241,70 @@ def test_no_host_sync_in_training_step_ops():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# malformed arguments on the CUDA kernels (the cases of tests/test_cpp_ops.py, moved to the GPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def _cases():
+    import test_cpp_ops as t  # the CPU module's case table (tests/ is on sys.path under pytest)
+
+    return t
+
+
+def _to(args, device):
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def test_cuda_bad_arguments_raise():
+    t = _cases()
+    for op, name, mutate in t.BAD:
+        if getattr(mutate, "value_check", False):
+            continue  # values: the CUDA kernels skip out-of-range indices (test below)
+        args = _to(mutate(t._good_args()[op]), DEV)
+        with pytest.raises(RuntimeError, match=rf"^{name}\b"):
+            t._call(op, args)
+    torch.cuda.synchronize()
+
+
+def test_cuda_kernels_refuse_a_cpu_argument():
+    """A CPU tensor among CUDA ones dispatches to the CUDA kernel: refused, naming the argument,
+    before any pointer reaches a kernel (a one-element CPU grad_out is accepted)."""
+    t = _cases()
+    for op, name, i in t._tensor_positions():
+        args = _to(t._good_args()[op], DEV)
+        if name == "grad_out" or sum(isinstance(a, torch.Tensor) for a in args) < 2:
+            continue  # a lone CPU tensor runs the CPU kernel
+        args[i] = args[i].cpu()
+        with pytest.raises(RuntimeError, match=rf"^{name} must be a CUDA tensor"):
+            t._call(op, args)
+    torch.cuda.synchronize()
+
+
+def test_cuda_out_of_range_indices_are_skipped():
+    """Documented CUDA behaviour for index values the CPU kernels refuse: no crash, skipped."""
+    c, d = 5, 4
+    sums, counts = torch.zeros(c, d, device=DEV), torch.zeros(c, dtype=torch.int64, device=DEV)
+    feats = torch.randn(4, d, device=DEV)
+    labels = torch.tensor([0, c, -1, 2], device=DEV)
+    mu, total = cpp.centroids_fwd(sums, counts, feats, labels)
+    assert total.tolist() == [1, 0, 1, 0, 0]
+    close(mu[0], feats[0])
+    close(mu[2], feats[3])
+    valid = torch.ones(c, dtype=torch.bool, device=DEV)
+    f_t = torch.randn(4, d, device=DEV)
+    keep = torch.tensor([0, 3], device=DEV)
+    loss = cpp.intra_fwd(feats, f_t, mu, mu, labels, valid)
+    ref = reference.intra_class_loss(feats[keep], f_t[keep], mu, mu, labels[keep], valid)
+    close(loss, ref)
+    bank, bank_labels = torch.randn(6, d, device=DEV), torch.tensor([0, c + 2, 1, -1, 1, 0], device=DEV)
+    s, n = cpp.fifo_bank_sums(bank, bank_labels, c)
+    assert n.tolist() == [2, 2, 0, 0, 0]
+    cb = torch.randn(c, 2, d, device=DEV)
+    cs = torch.zeros(c, d, device=DEV)
+    cpp.class_bank_resync_(cb, torch.full((c,), 2, device=DEV), cs, torch.tensor([1, c + 7, -3], device=DEV))
+    close(cs[1], cb[1].sum(0))
+    assert torch.all(cs[0] == 0)
+    torch.cuda.synchronize()

@@ -4,6 +4,11 @@ every gradient, float64 gradcheck, low precision, odd shapes, non-contiguous inp
 Skipped when the extension ``icakd_fast._C`` is not built.
 """
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -375,10 +380,11 @@ def _opcheck_cases():
     f_s, f_t, m_s, m_t, lab, val = _intra_inputs(6, 4, 5, torch.float32)
     g = torch.tensor(1.3)
     return {
-        "cam_fwd": [(f, w, True), (f, w, False)],
+        "cam_fwd": [(f, w, True), (f, w, False), (f.to(memory_format=torch.channels_last), w, True)],
         "cam_bwd": [
             (torch.randn_like(cam), torch.randn_like(pooled), f, w, cam, pool_w, True, True),
             (None, torch.randn_like(pooled), f, w, cam, pool_w, True, False),
+            (torch.randn_like(cam), None, f.to(memory_format=torch.channels_last), w, cam, pool_w, True, True),
         ],
         "spatial_mean": [(f,)],
         "class_bank_enqueue_": [(bank.clone(), count.clone(), ptr.clone(), sums.clone(), feats, labels, mask)],
@@ -405,12 +411,292 @@ def test_every_op_has_a_cpu_kernel_and_a_fake():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"icakd_fast_C::{name}", "Meta"), name
 
 
-def test_bad_arguments_raise():
-    with pytest.raises(RuntimeError, match="weights"):
-        cpp.cam_fwd(torch.randn(2, 3, 4, 4), torch.randn(2, 4), True)
-    with pytest.raises(RuntimeError, match="labels"):
-        cpp.centroids_fwd(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long), torch.randn(2, 2), torch.tensor([0, 3]))
-    with pytest.raises(RuntimeError, match="valid"):
-        cpp.inter_fwd(torch.randn(4, 2), torch.randn(4, 3), torch.ones(5, dtype=torch.bool), EPS)
-    with pytest.raises(RuntimeError, match="mu_t"):
-        cpp.inter_fwd(torch.randn(4, 2), torch.randn(3, 3), torch.ones(4, dtype=torch.bool), EPS)
+# ---------------------------------------------------------------------------------------------
+# malformed arguments: every one raises a RuntimeError whose message starts with the argument's
+# name, before any data is read (docs/cpp_extension.md, "Argument checks")
+# ---------------------------------------------------------------------------------------------
+
+
+def _good_args():
+    """Well-formed CPU arguments of every op, as (op name, list of arguments)."""
+    f, w = torch.randn(2, 5, 3, 4), torch.randn(2, 5)
+    cam, pooled, pool_w = cpp.cam_fwd(f, w, True)
+    bank = torch.randn(6, 3, 4)
+    count = torch.tensor([0, 1, 3, 2, 0, 3])
+    ptr = torch.tensor([0, 1, 0, 2, 0, 1])
+    sums = torch.zeros(6, 4)
+    feats, labels = torch.randn(7, 4), torch.tensor([0, 2, 2, 5, 1, 2, 2])
+    mask = torch.ones(7, dtype=torch.bool)
+    fifo, fifo_labels = torch.randn(5, 4), torch.tensor([0, -1, 3, 1, -1])
+    f_s, f_t, m_s, m_t, lab, val = _intra_inputs(6, 4, 5, torch.float32)
+    mu_s, mu_t, valid = _inter_inputs(9, 4, 6, torch.float32)
+    live = torch.rand(9) < 0.5
+    g = torch.tensor(1.3)
+    return {
+        "cam_fwd": [f, w, True],
+        "cam_bwd": [torch.randn_like(cam), torch.randn_like(pooled), f, w, cam, pool_w, True, True],
+        "spatial_mean": [f],
+        "class_bank_enqueue_": [bank.clone(), count.clone(), ptr.clone(), sums.clone(), feats, labels, mask],
+        "class_bank_resync_": [bank, count, sums.clone(), torch.tensor([1, 3])],
+        "fifo_bank_enqueue_": [fifo.clone(), fifo_labels.clone(), torch.tensor(3), feats, labels, mask],
+        "fifo_bank_sums": [fifo, fifo_labels, 4],
+        "centroids_fwd": [sums, count, feats, labels],
+        "intra_fwd": [f_s, f_t, m_s, m_t, lab, val],
+        "intra_bwd": [g, f_s, f_t, m_s, m_t, lab, val],
+        "inter_fwd": [mu_s, mu_t, valid, EPS],
+        "inter_bwd": [g, mu_s, mu_t, valid, live, True, True, EPS],
+    }
+
+
+def _arg_index(op: str, name: str) -> int:
+    names = [a.name for a in getattr(C_OPS, op).default._schema.arguments]
+    return names.index(name)
+
+
+def _set(op, name, value, value_check=False):
+    """Mutation: argument `name` of `op` replaced by value(old). `value_check`: the values are
+    malformed (an index out of range), not the metadata; the CUDA kernels skip such indices
+    instead of raising (raising would need a host synchronisation)."""
+
+    def mutate(args):
+        i = _arg_index(op, name)
+        args = list(args)
+        args[i] = value(args[i])
+        return args
+
+    mutate.value_check = value_check
+    return mutate
+
+
+# (op, argument named in the message, mutation of the well-formed arguments)
+BAD = [
+    # cam
+    ("cam_fwd", "features", _set("cam_fwd", "features", lambda t: t[0])),
+    ("cam_fwd", "features", _set("cam_fwd", "features", lambda t: t.long())),
+    ("cam_fwd", "weights", _set("cam_fwd", "weights", lambda t: t[:, :4])),
+    ("cam_fwd", "weights", _set("cam_fwd", "weights", lambda t: t[:1])),
+    ("cam_fwd", "weights", _set("cam_fwd", "weights", lambda t: t.int())),
+    ("cam_fwd", "weights", _set("cam_fwd", "weights", lambda t: t[None])),
+    ("cam_bwd", "grad_cam", _set("cam_bwd", "grad_cam", lambda t: t[:1])),
+    ("cam_bwd", "grad_cam", _set("cam_bwd", "grad_cam", lambda t: t.long())),
+    ("cam_bwd", "grad_pooled", _set("cam_bwd", "grad_pooled", lambda t: t[:, :3])),
+    ("cam_bwd", "cam", _set("cam_bwd", "cam", lambda t: t[:, :1])),
+    ("cam_bwd", "pool_w", _set("cam_bwd", "pool_w", lambda t: t[:, :5])),
+    ("cam_bwd", "features", _set("cam_bwd", "features", lambda t: t.flatten(2))),
+    ("cam_bwd", "weights", _set("cam_bwd", "weights", lambda t: t[:, :2])),
+    ("spatial_mean", "grads", _set("spatial_mean", "grads", lambda t: t[0])),
+    ("spatial_mean", "grads", _set("spatial_mean", "grads", lambda t: t.long())),
+    # class bank
+    ("class_bank_enqueue_", "bank", _set("class_bank_enqueue_", "bank", lambda t: t[:, 0])),
+    ("class_bank_enqueue_", "bank", _set("class_bank_enqueue_", "bank", lambda t: t[:, :0])),
+    ("class_bank_enqueue_", "count", _set("class_bank_enqueue_", "count", lambda t: t[:5])),
+    ("class_bank_enqueue_", "count", _set("class_bank_enqueue_", "count", lambda t: t.float())),
+    ("class_bank_enqueue_", "ptr", _set("class_bank_enqueue_", "ptr", lambda t: t[:, None])),
+    ("class_bank_enqueue_", "ptr", _set("class_bank_enqueue_", "ptr", lambda t: t.int())),
+    ("class_bank_enqueue_", "sums", _set("class_bank_enqueue_", "sums", lambda t: t[:, :3])),
+    ("class_bank_enqueue_", "sums", _set("class_bank_enqueue_", "sums", lambda t: t.double())),
+    ("class_bank_enqueue_", "feats", _set("class_bank_enqueue_", "feats", lambda t: t[:, :3])),
+    ("class_bank_enqueue_", "feats", _set("class_bank_enqueue_", "feats", lambda t: t.long())),
+    ("class_bank_enqueue_", "labels", _set("class_bank_enqueue_", "labels", lambda t: t[:6])),
+    ("class_bank_enqueue_", "labels", _set("class_bank_enqueue_", "labels", lambda t: t.int())),
+    ("class_bank_enqueue_", "mask", _set("class_bank_enqueue_", "mask", lambda t: t[:6])),
+    ("class_bank_enqueue_", "mask", _set("class_bank_enqueue_", "mask", lambda t: t.long())),
+    ("class_bank_resync_", "classes", _set("class_bank_resync_", "classes", lambda t: torch.tensor([1, 6]), True)),
+    ("class_bank_resync_", "classes", _set("class_bank_resync_", "classes", lambda t: torch.tensor([-1]), True)),
+    ("class_bank_resync_", "classes", _set("class_bank_resync_", "classes", lambda t: t[None])),
+    ("class_bank_resync_", "count", _set("class_bank_resync_", "count", lambda t: t[:2])),
+    ("class_bank_resync_", "sums", _set("class_bank_resync_", "sums", lambda t: t.t())),
+    # fifo bank
+    ("fifo_bank_enqueue_", "bank", _set("fifo_bank_enqueue_", "bank", lambda t: t[:0])),
+    ("fifo_bank_enqueue_", "bank_labels", _set("fifo_bank_enqueue_", "bank_labels", lambda t: t[:4])),
+    ("fifo_bank_enqueue_", "ptr", _set("fifo_bank_enqueue_", "ptr", lambda t: torch.tensor([1, 2]))),
+    ("fifo_bank_enqueue_", "ptr", _set("fifo_bank_enqueue_", "ptr", lambda t: t.float())),
+    ("fifo_bank_enqueue_", "feats", _set("fifo_bank_enqueue_", "feats", lambda t: t[:, :2])),
+    ("fifo_bank_enqueue_", "labels", _set("fifo_bank_enqueue_", "labels", lambda t: t.float())),
+    ("fifo_bank_enqueue_", "mask", _set("fifo_bank_enqueue_", "mask", lambda t: t[:3])),
+    ("fifo_bank_sums", "bank_labels", _set("fifo_bank_sums", "bank_labels", lambda t: torch.tensor([0, 4, 1, 1, 0]), True)),
+    ("fifo_bank_sums", "bank_labels", _set("fifo_bank_sums", "bank_labels", lambda t: t[:2])),
+    ("fifo_bank_sums", "num_classes", _set("fifo_bank_sums", "num_classes", lambda n: -1)),
+    # centroids
+    ("centroids_fwd", "labels", _set("centroids_fwd", "labels", lambda t: torch.tensor([0, 2, 2, 6, 1, 2, 2]), True)),
+    ("centroids_fwd", "labels", _set("centroids_fwd", "labels", lambda t: torch.tensor([0, 2, -1, 5, 1, 2, 2]), True)),
+    ("centroids_fwd", "labels", _set("centroids_fwd", "labels", lambda t: t[:5])),
+    ("centroids_fwd", "labels", _set("centroids_fwd", "labels", lambda t: t.float())),
+    ("centroids_fwd", "counts", _set("centroids_fwd", "counts", lambda t: t[:4])),
+    ("centroids_fwd", "counts", _set("centroids_fwd", "counts", lambda t: t.float())),
+    ("centroids_fwd", "feats", _set("centroids_fwd", "feats", lambda t: t[:, :3])),
+    ("centroids_fwd", "sums", _set("centroids_fwd", "sums", lambda t: t[0])),
+    # intra
+    ("intra_fwd", "labels", _set("intra_fwd", "labels", lambda t: torch.full_like(t, 4), True)),
+    ("intra_fwd", "labels", _set("intra_fwd", "labels", lambda t: torch.full_like(t, -2), True)),
+    ("intra_fwd", "labels", _set("intra_fwd", "labels", lambda t: t[:2])),
+    ("intra_fwd", "f_t", _set("intra_fwd", "f_t", lambda t: t[:, :3])),
+    ("intra_fwd", "mu_s", _set("intra_fwd", "mu_s", lambda t: t[:, :3])),
+    ("intra_fwd", "mu_t", _set("intra_fwd", "mu_t", lambda t: t[:2])),
+    ("intra_fwd", "valid", _set("intra_fwd", "valid", lambda t: t[:3])),
+    ("intra_fwd", "valid", _set("intra_fwd", "valid", lambda t: t.long())),
+    ("intra_fwd", "f_s", _set("intra_fwd", "f_s", lambda t: t.long())),
+    ("intra_bwd", "grad_out", _set("intra_bwd", "grad_out", lambda t: torch.ones(2))),
+    ("intra_bwd", "labels", _set("intra_bwd", "labels", lambda t: torch.full_like(t, 9), True)),
+    # inter
+    ("inter_fwd", "valid", _set("inter_fwd", "valid", lambda t: torch.ones(10, dtype=torch.bool))),
+    ("inter_fwd", "valid", _set("inter_fwd", "valid", lambda t: t.float())),
+    ("inter_fwd", "mu_t", _set("inter_fwd", "mu_t", lambda t: t[:8])),
+    ("inter_fwd", "mu_s", _set("inter_fwd", "mu_s", lambda t: t[0])),
+    ("inter_fwd", "mu_s", _set("inter_fwd", "mu_s", lambda t: t.long())),
+    ("inter_fwd", "eps", _set("inter_fwd", "eps", lambda e: 0.0)),
+    ("inter_bwd", "live", _set("inter_bwd", "live", lambda t: t[:8])),
+    ("inter_bwd", "live", _set("inter_bwd", "live", lambda t: t.long())),
+    ("inter_bwd", "grad_out", _set("inter_bwd", "grad_out", lambda t: torch.ones(2, 2))),
+    ("inter_bwd", "valid", _set("inter_bwd", "valid", lambda t: t[:3])),
+]
+
+
+def _no_gradient_asked(args):
+    """A malformed `live` while no gradient is asked for: the checks run all the same."""
+    args = list(args)
+    args[_arg_index("inter_bwd", "need_s")] = False
+    args[_arg_index("inter_bwd", "need_t")] = False
+    args[_arg_index("inter_bwd", "live")] = args[_arg_index("inter_bwd", "live")][:8]
+    return args
+
+
+_no_gradient_asked.value_check = False
+BAD.append(("inter_bwd", "live", _no_gradient_asked))
+
+
+def _call(op, args, keyset=None):
+    overload = getattr(C_OPS, op).default
+    if keyset is None:
+        return overload(*args)
+    return overload.redispatch(keyset, *args)
+
+
+def test_good_arguments_do_not_raise():
+    for op, args in _good_args().items():
+        _call(op, args)
+
+
+@pytest.mark.parametrize("case", range(len(BAD)), ids=[f"{op}-{name}-{i}" for i, (op, name, _) in enumerate(BAD)])
+def test_bad_arguments_raise(case):
+    op, name, mutate = BAD[case]
+    args = mutate(_good_args()[op])
+    with pytest.raises(RuntimeError, match=rf"^{re.escape(name)}\b"):
+        _call(op, args)
+
+
+def _tensor_positions():
+    out = []
+    for op, args in _good_args().items():
+        schema = getattr(C_OPS, op).default._schema
+        for i, (a, arg) in enumerate(zip(schema.arguments, args)):
+            if isinstance(arg, torch.Tensor):
+                out.append((op, a.name, i))
+    return out
+
+
+@pytest.mark.parametrize("op,name,i", _tensor_positions(), ids=[f"{o}-{n}" for o, n, _ in _tensor_positions()])
+def test_bad_arguments_wrong_device_raise(op, name, i):
+    """A tensor of another device given to the CPU kernel (here: a meta tensor, with the CPU kernel
+    called directly; a CUDA tensor would dispatch to the CUDA kernel) is refused before its data is
+    read, naming the argument. tests/test_cpp_gpu.py checks the CUDA kernels with a CPU argument."""
+    args = _good_args()[op]
+    args[i] = args[i].to("meta")
+    with pytest.raises(RuntimeError, match=rf"^{re.escape(name)} must be a CPU tensor"):
+        _call(op, args, torch._C.DispatchKeySet(torch._C.DispatchKey.CPU))
+
+
+def test_malformed_inputs_do_not_crash_the_process():
+    """The malformed-argument tests in a child process: a kernel that crashes (instead of raising)
+    fails this test with the signal instead of killing the whole pytest run."""
+    env = dict(os.environ, PYTHONFAULTHANDLER="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "bad_arguments"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, f"child exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert " passed" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# CAM kernel paths: channels_last in place, vector tails, the portable loops, thread counts
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 70, 3, 5), (3, 9, 7, 7), (1, 130, 9, 9), (2, 1, 2, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cam_channels_last_forward_backward(shape, dtype):
+    b, k, h, w = shape
+    f0 = torch.randn(shape).to(dtype).to(memory_format=torch.channels_last)
+    w0 = torch.randn(b, k).to(dtype)
+    gc, gp = torch.randn(b, h, w).to(dtype), torch.randn(b, k).to(dtype)
+
+    def run(fn):
+        f, wt = f0.clone().requires_grad_(), w0.clone().requires_grad_()
+        cam, pooled = fn(f, wt)
+        torch.autograd.backward([cam, pooled], [gc, gp])
+        return cam, pooled, f.grad, wt.grad
+
+    out = run(lambda f, w: ops.cam_features("cpp", f, w))
+    ref = run(reference.class_activation_features)
+    for a, r in zip(out, ref):
+        assert a.dtype == r.dtype and a.shape == r.shape
+        close(a, r, dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("shape", [(2, 67, 9, 9), (3, 8, 1, 1), (2, 17, 4, 2), (1, 9, 8, 9)])
+def test_cam_vector_tails(shape):
+    # rows not a multiple of 8, pixel counts below / above one 64-wide block, both layouts
+    b, k, h, w = shape
+    f = torch.randn(shape, dtype=torch.float64)
+    wt = torch.randn(b, k, dtype=torch.float64)
+    r_cam, r_pooled = reference.class_activation_features(f, wt)
+    for view in (f.float(), f.float().to(memory_format=torch.channels_last)):
+        cam, pooled, pool_w = cpp.cam_fwd(view, wt.float(), True)
+        close(cam, r_cam)
+        close(pooled, r_pooled)
+        gc = torch.randn(b, h, w)
+        _, gw = cpp.cam_bwd(gc, None, view, wt.float(), cam, pool_w, False, True)
+        close(gw, torch.einsum("bp,bkp->bk", gc.double().flatten(1) * (r_cam.flatten(1) > 0), f.flatten(2)))
+
+
+def test_cam_portable_loops_match_the_reference():
+    """ICAKD_CPU_VECTOR=generic: the float32 kernels without the AVX2 code (other CPUs run these)."""
+    code = (
+        "import torch\n"
+        "from icakd_fast import ops, reference\n"
+        "torch.manual_seed(0)\n"
+        "for shape in [(3, 7, 5, 6), (2, 67, 9, 9), (4, 64, 8, 8)]:\n"
+        "    for fmt in (torch.contiguous_format, torch.channels_last):\n"
+        "        f0 = torch.randn(shape).to(memory_format=fmt)\n"
+        "        w0 = torch.randn(shape[:2])\n"
+        "        outs = []\n"
+        "        for fn in (lambda f, w: ops.cam_features('cpp', f, w), reference.class_activation_features):\n"
+        "            f, w = f0.clone().requires_grad_(), w0.clone().requires_grad_()\n"
+        "            cam, pooled = fn(f, w)\n"
+        "            (cam.square().sum() + pooled.sum()).backward()\n"
+        "            outs.append((cam, pooled, f.grad, w.grad))\n"
+        "        for a, r in zip(*outs):\n"
+        "            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, ICAKD_CPU_VECTOR="generic")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_cam_does_not_depend_on_the_thread_count():
+    f = torch.randn(16, 64, 7, 7)
+    w = torch.randn(16, 64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpp.cam_fwd(f, w, True)
+        g1 = cpp.cam_bwd(torch.ones(16, 7, 7), torch.ones(16, 64), f, w, one[0], one[2], True, True)
+        torch.set_num_threads(max(threads, 2))
+        many = cpp.cam_fwd(f, w, True)
+        g2 = cpp.cam_bwd(torch.ones(16, 7, 7), torch.ones(16, 64), f, w, many[0], many[2], True, True)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one + g1, many + g2):
+        assert torch.equal(a, b)

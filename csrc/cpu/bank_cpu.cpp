@@ -11,59 +11,18 @@
 #include <algorithm>
 #include <vector>
 
-#include "../common.h"
+#include "../checks.h"
 
 namespace icakd {
 namespace {
 
 using at::Tensor;
 
-void check_class_bank(const Tensor& bank, const Tensor& count, const Tensor& ptr, const Tensor& sums) {
-  check_float(bank, "bank");
-  check_dim(bank, 3, "bank");
-  const int64_t C = bank.size(0), D = bank.size(2);
-  TORCH_CHECK(bank.size(1) > 0, "bank must have at least one slot per class");
-  check_dtype(count, at::kLong, "count");
-  check_dtype(ptr, at::kLong, "ptr");
-  check_dtype(sums, at::kFloat, "sums");
-  TORCH_CHECK(count.dim() == 1 && count.size(0) == C, "count must be [C] = [", C, "], got ", count.sizes());
-  TORCH_CHECK(ptr.dim() == 1 && ptr.size(0) == C, "ptr must be [C] = [", C, "], got ", ptr.sizes());
-  TORCH_CHECK(sums.dim() == 2 && sums.size(0) == C && sums.size(1) == D, "sums must be [C, D] = [", C, ", ", D,
-              "], got ", sums.sizes());
-  for (const Tensor* t : {&count, &ptr, &sums}) {
-    check_same_device(bank, *t, "bank state");
-  }
-}
-
-void check_batch(const Tensor& feats, const Tensor& labels, const Tensor& mask, int64_t D, const Tensor& ref) {
-  check_float(feats, "feats");
-  check_dim(feats, 2, "feats");
-  TORCH_CHECK(feats.size(1) == D, "feats must be [N, ", D, "], got ", feats.sizes());
-  check_dtype(labels, at::kLong, "labels");
-  check_dtype(mask, at::kBool, "mask");
-  const int64_t N = feats.size(0);
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == N, "labels must be [N] = [", N, "], got ", labels.sizes());
-  TORCH_CHECK(mask.dim() == 1 && mask.size(0) == N, "mask must be [N] = [", N, "], got ", mask.sizes());
-  check_same_device(ref, feats, "feats");
-  check_same_device(ref, labels, "labels");
-  check_same_device(ref, mask, "mask");
-}
-
-// Buffers given to a mutating op may be views; work on contiguous copies and write back.
-struct WritableContig {
-  Tensor target, work;
-  explicit WritableContig(const Tensor& t) : target(t), work(t.is_contiguous() ? t : t.contiguous()) {}
-  void commit() {
-    if (!work.is_same(target)) target.copy_(work);
-  }
-};
-
 void class_bank_enqueue_cpu(const Tensor& bank_, const Tensor& count_, const Tensor& ptr_, const Tensor& sums_,
                             const Tensor& feats_, const Tensor& labels_, const Tensor& mask_) {
-  check_class_bank(bank_, count_, ptr_, sums_);
-  const int64_t C = bank_.size(0), S = bank_.size(1), D = bank_.size(2);
-  check_batch(feats_, labels_, mask_, D, bank_);
-  const int64_t N = feats_.size(0);
+  const ClassBankDims dims =
+      check_class_bank_enqueue(bank_, count_, ptr_, sums_, feats_, labels_, mask_, c10::DeviceType::CPU);
+  const int64_t C = dims.C, S = dims.S, D = dims.D, N = dims.N;
   if (N == 0) return;
   WritableContig bank(bank_), count(count_), ptr(ptr_), sums(sums_);
   const Tensor labels = labels_.contiguous();
@@ -120,36 +79,34 @@ void class_bank_enqueue_cpu(const Tensor& bank_, const Tensor& count_, const Ten
 }
 
 void class_bank_resync_cpu(const Tensor& bank_, const Tensor& count_, const Tensor& sums_, const Tensor& classes_) {
-  check_float(bank_, "bank");
-  check_dim(bank_, 3, "bank");
-  const int64_t C = bank_.size(0), S = bank_.size(1), D = bank_.size(2);
-  check_dtype(count_, at::kLong, "count");
-  check_dtype(sums_, at::kFloat, "sums");
-  check_dtype(classes_, at::kLong, "classes");
-  TORCH_CHECK(count_.dim() == 1 && count_.size(0) == C, "count must be [C], got ", count_.sizes());
-  TORCH_CHECK(sums_.dim() == 2 && sums_.size(0) == C && sums_.size(1) == D, "sums must be [C, D], got ", sums_.sizes());
-  TORCH_CHECK(classes_.dim() == 1, "classes must be 1-D, got ", classes_.sizes());
+  const auto checked = check_class_bank_resync(bank_, count_, sums_, classes_, c10::DeviceType::CPU);
+  const ClassBankDims dims = std::get<0>(checked);
+  const int64_t k = std::get<1>(checked);
+  const int64_t C = dims.C, S = dims.S, D = dims.D;
+  check_index_range(classes_, 0, C, "classes");
+  if (k == 0 || D == 0) return;
   const Tensor bank = bank_.contiguous();
   const Tensor count = count_.contiguous();
   const Tensor classes = classes_.contiguous();
   WritableContig sums(sums_);
-  const int64_t k = classes.size(0);
   const int64_t* cls = classes.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < k; ++i) TORCH_CHECK(cls[i] >= 0 && cls[i] < C, "classes out of range: ", cls[i]);
   const int64_t* cnt = count.const_data_ptr<int64_t>();
   float* sm = sums.work.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bank.scalar_type(), "icakd_class_bank_resync_cpu", [&] {
     const scalar_t* bk = bank.const_data_ptr<scalar_t>();
     at::parallel_for(0, k, 1, [&](int64_t i0, int64_t i1) {
+      // summed in a task-local row, then stored: a class listed twice is written twice with the
+      // same values instead of being raced on
+      std::vector<float> acc(D);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t c = cls[i];
         const int64_t filled = std::min<int64_t>(std::max<int64_t>(cnt[c], 0), S);
-        float* sc = sm + c * D;
-        for (int64_t d = 0; d < D; ++d) sc[d] = 0.f;
+        std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t s = 0; s < filled; ++s) {
           const scalar_t* row = bk + (c * S + s) * D;
-          for (int64_t d = 0; d < D; ++d) sc[d] += static_cast<float>(row[d]);
+          for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<float>(row[d]);
         }
+        std::copy(acc.begin(), acc.end(), sm + c * D);
       }
     });
   });
@@ -158,17 +115,9 @@ void class_bank_resync_cpu(const Tensor& bank_, const Tensor& count_, const Tens
 
 void fifo_bank_enqueue_cpu(const Tensor& bank_, const Tensor& bank_labels_, const Tensor& ptr_, const Tensor& feats_,
                            const Tensor& labels_, const Tensor& mask_) {
-  check_float(bank_, "bank");
-  check_dim(bank_, 2, "bank");
-  const int64_t Nb = bank_.size(0), D = bank_.size(1);
-  TORCH_CHECK(Nb > 0, "bank must have at least one row");
-  check_dtype(bank_labels_, at::kLong, "bank_labels");
-  check_dtype(ptr_, at::kLong, "ptr");
-  TORCH_CHECK(bank_labels_.dim() == 1 && bank_labels_.size(0) == Nb, "bank_labels must be [N], got ",
-              bank_labels_.sizes());
-  TORCH_CHECK(ptr_.numel() == 1, "ptr must hold one element, got ", ptr_.sizes());
-  check_batch(feats_, labels_, mask_, D, bank_);
-  const int64_t M = feats_.size(0);
+  const FifoDims dims =
+      check_fifo_bank_enqueue(bank_, bank_labels_, ptr_, feats_, labels_, mask_, c10::DeviceType::CPU);
+  const int64_t Nb = dims.Nb, D = dims.D, M = dims.M;
   if (M == 0) return;
   WritableContig bank(bank_), bank_labels(bank_labels_), ptr(ptr_);
   const Tensor feats = feats_.to(bank_.scalar_type()).contiguous();
@@ -204,18 +153,13 @@ void fifo_bank_enqueue_cpu(const Tensor& bank_, const Tensor& bank_labels_, cons
 }
 
 std::tuple<Tensor, Tensor> fifo_bank_sums_cpu(const Tensor& bank_, const Tensor& bank_labels_, int64_t num_classes) {
-  check_float(bank_, "bank");
-  check_dim(bank_, 2, "bank");
-  check_dtype(bank_labels_, at::kLong, "bank_labels");
-  TORCH_CHECK(num_classes >= 0, "num_classes must be >= 0");
-  const int64_t Nb = bank_.size(0), D = bank_.size(1);
-  TORCH_CHECK(bank_labels_.dim() == 1 && bank_labels_.size(0) == Nb, "bank_labels must be [N], got ",
-              bank_labels_.sizes());
+  const FifoDims dims = check_fifo_bank_sums(bank_, bank_labels_, num_classes, c10::DeviceType::CPU);
+  const int64_t Nb = dims.Nb, D = dims.D;
+  // labels < 0 mark empty slots; a label >= num_classes is malformed
+  check_index_below(bank_labels_, num_classes, "bank_labels");
   const Tensor bank = bank_.contiguous();
   const Tensor labels = bank_labels_.contiguous();
   const int64_t* lab = labels.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < Nb; ++i)
-    TORCH_CHECK(lab[i] < num_classes, "bank_labels out of range: ", lab[i], " >= num_classes=", num_classes);
   const ClassCSR csr = class_csr(lab, 1, nullptr, 0, Nb, num_classes);
   Tensor sums = at::zeros({num_classes, D}, bank.options().dtype(at::kFloat));
   Tensor counts = at::empty({num_classes}, labels.options());

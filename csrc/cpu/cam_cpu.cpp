@@ -1,17 +1,39 @@
 // CPU kernels of the Grad-CAM ops: one image per task (at::parallel_for over the batch).
 //
-// The feature map is read twice per image in the forward (weighted channel sum, then the
-// CAM-weighted pooling) and once in the backward; an image ([K, H*W]) stays in cache between the
-// passes. Everything accumulates in float32 (float64 for float64 inputs).
+// An image is a [rows, n] row-major block: [K, H*W] for NCHW (contiguous) features and [H*W, K]
+// for channels_last ones (each layout is read in place, no copy). The forward needs two
+// primitives on it, with the roles of the two layouts swapped:
+//   weighted_rows: out[j] = sum_r w[r] A[r, j]   (K-outer loop, register accumulators over j)
+//   rows_dot:      out[r] = sum_j x[j] A[r, j]   (eight rows at a time, one horizontal sum for 8)
+// NCHW: s = weighted_rows(w, A), pooled = rows_dot(pool_w, A); channels_last: s = rows_dot(w, A),
+// pooled = weighted_rows(pool_w, A). The image ([K, H*W], 128 KiB at K=512, 8x8, float32) is read
+// from memory once and stays in cache for the pooling pass. The backward is one pass per image:
+// grad_features ([B, K, H, W] contiguous, as on CUDA) is an outer-product sum that does not read
+// the features, grad_weights the primitive that matches the layout of the features.
+//
+// float32 runs explicit AVX2/FMA code when the CPU has it (chosen once at run time; the
+// environment variable ICAKD_CPU_VECTOR=generic forces the portable loops); every other dtype, and
+// float32 elsewhere, runs plain loops written for the auto-vectoriser. Everything accumulates in
+// float32 (float64 for float64 inputs), in an order fixed by the shapes only: results do not
+// depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
-#include "../common.h"
+#include "../checks.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define ICAKD_X86_AVX2 1
+#else
+#define ICAKD_X86_AVX2 0
+#endif
 
 namespace icakd {
 namespace {
@@ -23,28 +45,210 @@ int64_t image_grain(int64_t per_image) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(per_image, 1));
 }
 
-// One image of the forward. Inlined into cam_fwd_image_f32 (compiled for several instruction
-// sets, chosen at load time) and into the generic instantiations.
-template <typename scalar_t, typename acc_t>
-inline __attribute__((always_inline)) void cam_fwd_image(const scalar_t* Ab, const acc_t* wb, acc_t* cb, acc_t* pw,
-                                                           acc_t* ob, acc_t* sp, int64_t K, int64_t P,
-                                                           bool with_pooled) {
-  for (int64_t p = 0; p < P; ++p) sp[p] = acc_t(0);
-  for (int64_t k = 0; k < K; ++k) {
-    const acc_t wk = wb[k];
-    const scalar_t* row = Ab + k * P;
-    for (int64_t p = 0; p < P; ++p) sp[p] += wk * static_cast<acc_t>(row[p]);
+bool is_channels_last(const Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// ---------------------------------------------------------------------------------------------
+// portable primitives (plain loops; the compiler vectorises the fixed-size inner loops)
+// ---------------------------------------------------------------------------------------------
+
+template <int PB, typename acc_t, typename a_t>
+inline void weighted_rows_block(const acc_t* w, const a_t* A, int64_t rows, int64_t n, int64_t j0, acc_t* out) {
+  acc_t acc[PB];
+  for (int j = 0; j < PB; ++j) acc[j] = acc_t(0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t wr = w[r];
+    const a_t* a = A + r * n + j0;
+    for (int j = 0; j < PB; ++j) acc[j] += wr * static_cast<acc_t>(a[j]);
   }
+  for (int j = 0; j < PB; ++j) out[j0 + j] = acc[j];
+}
+
+// out[j] = sum_r w[r] A[r * n + j], j < n (rows added in order)
+template <typename acc_t, typename a_t>
+void weighted_rows_generic(const acc_t* w, const a_t* A, int64_t rows, int64_t n, acc_t* out) {
+  int64_t j0 = 0;
+  for (; j0 + 64 <= n; j0 += 64) weighted_rows_block<64>(w, A, rows, n, j0, out);
+  if (j0 + 32 <= n) {
+    weighted_rows_block<32>(w, A, rows, n, j0, out);
+    j0 += 32;
+  }
+  if (j0 + 16 <= n) {
+    weighted_rows_block<16>(w, A, rows, n, j0, out);
+    j0 += 16;
+  }
+  if (j0 + 8 <= n) {
+    weighted_rows_block<8>(w, A, rows, n, j0, out);
+    j0 += 8;
+  }
+  if (j0 < n) {
+    const int64_t m = n - j0;
+    for (int64_t j = 0; j < m; ++j) out[j0 + j] = acc_t(0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t wr = w[r];
+      const a_t* a = A + r * n + j0;
+      for (int64_t j = 0; j < m; ++j) out[j0 + j] += wr * static_cast<acc_t>(a[j]);
+    }
+  }
+}
+
+// out[r] = sum_j x[j] A[r * n + j], r < rows
+template <typename acc_t, typename a_t>
+void rows_dot_generic(const acc_t* x, const a_t* A, int64_t rows, int64_t n, acc_t* out) {
+  for (int64_t r = 0; r < rows; ++r) out[r] = dot_acc<acc_t>(x, A + r * n, n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// float32 AVX2/FMA primitives (same contracts; tails through masked loads, never past the end)
+// ---------------------------------------------------------------------------------------------
+
+#if ICAKD_X86_AVX2
+#define ICAKD_AVX2 __attribute__((target("avx2,fma")))
+
+// lanes [0, m) set, m in [1, 8]
+ICAKD_AVX2 inline __m256i tail_mask(int64_t m) {
+  alignas(32) static const int32_t table[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + 8 - m));
+}
+
+// [sum(v0), ..., sum(v7)]; each sum is ((e0+e1)+(e2+e3)) + ((e4+e5)+(e6+e7))
+ICAKD_AVX2 inline __m256 hsum8(const __m256* v) {
+  const __m256 s01 = _mm256_hadd_ps(v[0], v[1]);
+  const __m256 s23 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 s45 = _mm256_hadd_ps(v[4], v[5]);
+  const __m256 s67 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 s0123 = _mm256_hadd_ps(s01, s23);
+  const __m256 s4567 = _mm256_hadd_ps(s45, s67);
+  const __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20);
+  const __m256 hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+  return _mm256_add_ps(lo, hi);
+}
+
+// sum(v) in the order of hsum8
+ICAKD_AVX2 inline float hsum1(__m256 v) {
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(v, v), _mm256_hadd_ps(v, v));
+  const __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  return _mm_cvtss_f32(t);
+}
+
+ICAKD_AVX2 void rows_dot_avx2(const float* x, const float* A, int64_t rows, int64_t n, float* out) {
+  const int64_t nfull = n / 8 * 8;
+  const int64_t rem = n - nfull;
+  const __m256i mask = rem > 0 ? tail_mask(rem) : _mm256_setzero_si256();
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) {
+    const float* a = A + r * n;
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < nfull; j += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + j);
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(a + i * n + j), acc[i]);
+    }
+    if (rem > 0) {
+      const __m256 xv = _mm256_maskload_ps(x + nfull, mask);
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(xv, _mm256_maskload_ps(a + i * n + nfull, mask), acc[i]);
+    }
+    _mm256_storeu_ps(out + r, hsum8(acc));
+  }
+  for (; r < rows; ++r) {
+    const float* a = A + r * n;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < nfull; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(a + j), acc);
+    if (rem > 0) {
+      acc = _mm256_fmadd_ps(_mm256_maskload_ps(x + nfull, mask), _mm256_maskload_ps(a + nfull, mask), acc);
+    }
+    out[r] = hsum1(acc);
+  }
+}
+
+// columns [j0, j0 + 8 * NC) of weighted_rows, the last chunk under `last` (a partial chunk)
+template <int NC>
+ICAKD_AVX2 inline void weighted_rows_chunk_avx2(const float* w, const float* A, int64_t rows, int64_t n, int64_t j0,
+                                                __m256i last, float* out) {
+  __m256 acc[NC];
+  for (int c = 0; c < NC; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m256 wr = _mm256_broadcast_ss(w + r);
+    const float* a = A + r * n + j0;
+    for (int c = 0; c < NC - 1; ++c) acc[c] = _mm256_fmadd_ps(wr, _mm256_loadu_ps(a + 8 * c), acc[c]);
+    acc[NC - 1] = _mm256_fmadd_ps(wr, _mm256_maskload_ps(a + 8 * (NC - 1), last), acc[NC - 1]);
+  }
+  for (int c = 0; c < NC - 1; ++c) _mm256_storeu_ps(out + j0 + 8 * c, acc[c]);
+  _mm256_maskstore_ps(out + j0 + 8 * (NC - 1), last, acc[NC - 1]);
+}
+
+ICAKD_AVX2 void weighted_rows_avx2(const float* w, const float* A, int64_t rows, int64_t n, float* out) {
+  for (int64_t j0 = 0; j0 < n; j0 += 64) {
+    const int64_t m = std::min<int64_t>(64, n - j0);
+    const int nc = static_cast<int>((m + 7) / 8);
+    const __m256i last = tail_mask(m - 8 * (nc - 1));
+    switch (nc) {
+      case 1: weighted_rows_chunk_avx2<1>(w, A, rows, n, j0, last, out); break;
+      case 2: weighted_rows_chunk_avx2<2>(w, A, rows, n, j0, last, out); break;
+      case 3: weighted_rows_chunk_avx2<3>(w, A, rows, n, j0, last, out); break;
+      case 4: weighted_rows_chunk_avx2<4>(w, A, rows, n, j0, last, out); break;
+      case 5: weighted_rows_chunk_avx2<5>(w, A, rows, n, j0, last, out); break;
+      case 6: weighted_rows_chunk_avx2<6>(w, A, rows, n, j0, last, out); break;
+      case 7: weighted_rows_chunk_avx2<7>(w, A, rows, n, j0, last, out); break;
+      default: weighted_rows_chunk_avx2<8>(w, A, rows, n, j0, last, out); break;
+    }
+  }
+}
+
+#undef ICAKD_AVX2
+#endif  // ICAKD_X86_AVX2
+
+bool use_avx2_f32() {
+  static const bool use = [] {
+    const char* env = std::getenv("ICAKD_CPU_VECTOR");
+    if (env != nullptr && std::strcmp(env, "generic") == 0) return false;
+#if ICAKD_X86_AVX2
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }();
+  return use;
+}
+
+template <typename acc_t, typename a_t>
+inline void weighted_rows(const acc_t* w, const a_t* A, int64_t rows, int64_t n, acc_t* out) {
+#if ICAKD_X86_AVX2
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<a_t, float>) {
+    if (use_avx2_f32()) return weighted_rows_avx2(w, A, rows, n, out);
+  }
+#endif
+  weighted_rows_generic<acc_t, a_t>(w, A, rows, n, out);
+}
+
+template <typename acc_t, typename a_t>
+inline void rows_dot(const acc_t* x, const a_t* A, int64_t rows, int64_t n, acc_t* out) {
+#if ICAKD_X86_AVX2
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<a_t, float>) {
+    if (use_avx2_f32()) return rows_dot_avx2(x, A, rows, n, out);
+  }
+#endif
+  rows_dot_generic<acc_t, a_t>(x, A, rows, n, out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward
+// ---------------------------------------------------------------------------------------------
+
+// cam = relu(s); pool_w = m / sum(m) with m the min-max map (uniform when sum(m) == 0)
+template <typename acc_t>
+inline void cam_map_and_pool_weights(const acc_t* s, acc_t* cb, acc_t* pw, int64_t P, bool with_pooled) {
   acc_t lo = std::numeric_limits<acc_t>::infinity();
   acc_t hi = -std::numeric_limits<acc_t>::infinity();
   for (int64_t p = 0; p < P; ++p) {
-    const acc_t v = sp[p] > acc_t(0) ? sp[p] : acc_t(0);
+    const acc_t v = s[p] > acc_t(0) ? s[p] : acc_t(0);
     cb[p] = v;
     lo = std::min(lo, v);
     hi = std::max(hi, v);
   }
   if (!with_pooled) return;
-  // min-max map m, pooling weights m / sum(m) (uniform when sum(m) == 0)
   const acc_t den_mm = (hi - lo) + acc_t(1e-7);
   acc_t msum = 0;
   for (int64_t p = 0; p < P; ++p) {
@@ -58,8 +262,62 @@ inline __attribute__((always_inline)) void cam_fwd_image(const scalar_t* Ab, con
     const acc_t u = acc_t(1) / static_cast<acc_t>(P);
     for (int64_t p = 0; p < P; ++p) pw[p] = u;
   }
-  for (int64_t k = 0; k < K; ++k) ob[k] = dot_acc<acc_t>(pw, Ab + k * P, P);
 }
+
+template <typename scalar_t, typename acc_t>
+void cam_fwd_kernel(const scalar_t* A, const acc_t* w, acc_t* cam, acc_t* pooled, acc_t* pool_w, int64_t B,
+                    int64_t K, int64_t P, bool with_pooled, bool channels_last) {
+  at::parallel_for(0, B, image_grain(K * P), [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> s(P);
+    for (int64_t b = b0; b < b1; ++b) {
+      const scalar_t* Ab = A + b * K * P;
+      const acc_t* wb = w + b * K;
+      acc_t* cb = cam + b * P;
+      acc_t* pw = with_pooled ? pool_w + b * P : nullptr;
+      if (channels_last) {
+        rows_dot<acc_t, scalar_t>(wb, Ab, P, K, s.data());
+      } else {
+        weighted_rows<acc_t, scalar_t>(wb, Ab, K, P, s.data());
+      }
+      cam_map_and_pool_weights<acc_t>(s.data(), cb, pw, P, with_pooled);
+      if (!with_pooled) continue;
+      acc_t* ob = pooled + b * K;
+      if (channels_last) {
+        weighted_rows<acc_t, scalar_t>(pw, Ab, P, K, ob);
+      } else {
+        rows_dot<acc_t, scalar_t>(pw, Ab, K, P, ob);
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> cam_fwd_cpu(const Tensor& features, const Tensor& weights, bool with_pooled) {
+  const CamDims d = check_cam(features, weights, c10::DeviceType::CPU);
+  const bool cl = is_channels_last(features);
+  const Tensor A = cl ? features : features.contiguous();
+  const Tensor w = weights.to(d.acc).contiguous();
+  CamFwdOutputs o = alloc_cam_fwd(features, d, with_pooled);
+  if (d.B > 0 && d.P > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "icakd_cam_fwd_cpu", [&] {
+      if (d.acc == at::kDouble) {
+        cam_fwd_kernel<scalar_t, double>(A.const_data_ptr<scalar_t>(), w.const_data_ptr<double>(),
+                                         o.cam.data_ptr<double>(), with_pooled ? o.pooled.data_ptr<double>() : nullptr,
+                                         with_pooled ? o.pool_w.data_ptr<double>() : nullptr, d.B, d.K, d.P,
+                                         with_pooled, cl);
+      } else {
+        cam_fwd_kernel<scalar_t, float>(A.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
+                                        o.cam.data_ptr<float>(), with_pooled ? o.pooled.data_ptr<float>() : nullptr,
+                                        with_pooled ? o.pool_w.data_ptr<float>() : nullptr, d.B, d.K, d.P,
+                                        with_pooled, cl);
+      }
+    });
+  }
+  return finish_cam_fwd(o, d, with_pooled);
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward
+// ---------------------------------------------------------------------------------------------
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
 #define ICAKD_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -67,174 +325,99 @@ inline __attribute__((always_inline)) void cam_fwd_image(const scalar_t* Ab, con
 #define ICAKD_TARGET_CLONES
 #endif
 
-ICAKD_TARGET_CLONES
-void cam_fwd_image_f32(const float* Ab, const float* wb, float* cb, float* pw, float* ob, float* sp, int64_t K,
-                       int64_t P, bool with_pooled) {
-  cam_fwd_image<float, float>(Ab, wb, cb, pw, ob, sp, K, P, with_pooled);
-}
-
+// grad_features of one image ([K, H*W], the layout the CUDA kernel and the fake kernel give too):
+// out[k, p] = w[k] g_s[p] + g_p[k] pool_w[p]; a missing term is zero. It does not read the features.
 template <typename scalar_t, typename acc_t>
-void cam_fwd_kernel(const scalar_t* A, const acc_t* w, acc_t* cam, acc_t* pooled, acc_t* pool_w, int64_t B,
-                    int64_t K, int64_t P, bool with_pooled) {
-  at::parallel_for(0, B, image_grain(K * P), [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> s(P);
-    for (int64_t b = b0; b < b1; ++b) {
-      const scalar_t* Ab = A + b * K * P;
-      acc_t* pw = with_pooled ? pool_w + b * P : nullptr;
-      acc_t* ob = with_pooled ? pooled + b * K : nullptr;
-      if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-        cam_fwd_image_f32(Ab, w + b * K, cam + b * P, pw, ob, s.data(), K, P, with_pooled);
-      } else {
-        cam_fwd_image<scalar_t, acc_t>(Ab, w + b * K, cam + b * P, pw, ob, s.data(), K, P, with_pooled);
-      }
+inline __attribute__((always_inline)) void outer2_image(const acc_t* u, const acc_t* x, const acc_t* v, const acc_t* y,
+                                                          scalar_t* out, int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    scalar_t* o = out + r * n;
+    const acc_t ur = u && x ? u[r] : acc_t(0);
+    const acc_t vr = v && y ? v[r] : acc_t(0);
+    if (u && x && v && y) {
+      for (int64_t j = 0; j < n; ++j) o[j] = static_cast<scalar_t>(ur * x[j] + vr * y[j]);
+    } else if (u && x) {
+      for (int64_t j = 0; j < n; ++j) o[j] = static_cast<scalar_t>(ur * x[j]);
+    } else if (v && y) {
+      for (int64_t j = 0; j < n; ++j) o[j] = static_cast<scalar_t>(vr * y[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) o[j] = static_cast<scalar_t>(0);
     }
-  });
-}
-
-template <typename scalar_t, typename acc_t>
-inline __attribute__((always_inline)) void cam_bwd_image(const scalar_t* Ab, const acc_t* wb, const acc_t* gsb,
-                                                           const acc_t* gpb, const acc_t* pwb, scalar_t* gfb,
-                                                           acc_t* gwb, int64_t K, int64_t P) {
-  for (int64_t k = 0; k < K; ++k) {
-    const scalar_t* row = Ab + k * P;
-    if (gfb) {
-      scalar_t* out = gfb + k * P;
-      const acc_t wk = wb[k];
-      const acc_t gk = gpb ? gpb[k] : acc_t(0);
-      if (gsb && pwb) {
-        for (int64_t p = 0; p < P; ++p) out[p] = static_cast<scalar_t>(gsb[p] * wk + gk * pwb[p]);
-      } else if (gsb) {
-        for (int64_t p = 0; p < P; ++p) out[p] = static_cast<scalar_t>(gsb[p] * wk);
-      } else if (pwb) {
-        for (int64_t p = 0; p < P; ++p) out[p] = static_cast<scalar_t>(gk * pwb[p]);
-      } else {
-        for (int64_t p = 0; p < P; ++p) out[p] = static_cast<scalar_t>(0);
-      }
-    }
-    if (gwb) gwb[k] = gsb ? dot_acc<acc_t>(gsb, row, P) : acc_t(0);
   }
 }
 
 ICAKD_TARGET_CLONES
-void cam_bwd_image_f32(const float* Ab, const float* wb, const float* gsb, const float* gpb, const float* pwb,
-                       float* gfb, float* gwb, int64_t K, int64_t P) {
-  cam_bwd_image<float, float>(Ab, wb, gsb, gpb, pwb, gfb, gwb, K, P);
+void outer2_image_f32(const float* u, const float* x, const float* v, const float* y, float* out, int64_t rows,
+                      int64_t n) {
+  outer2_image<float, float>(u, x, v, y, out, rows, n);
 }
 
 template <typename scalar_t, typename acc_t>
 void cam_bwd_kernel(const scalar_t* A, const acc_t* w, const acc_t* gs, const acc_t* gp, const acc_t* pw,
-                    scalar_t* gf, acc_t* gw, int64_t B, int64_t K, int64_t P) {
+                    scalar_t* gf, acc_t* gw, int64_t B, int64_t K, int64_t P, bool channels_last) {
   at::parallel_for(0, B, image_grain(K * P), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const scalar_t* Ab = A + b * K * P;
+      const acc_t* wb = w + b * K;
       const acc_t* gsb = gs ? gs + b * P : nullptr;
       const acc_t* gpb = gp ? gp + b * K : nullptr;
       const acc_t* pwb = gp ? pw + b * P : nullptr;
-      scalar_t* gfb = gf ? gf + b * K * P : nullptr;
-      acc_t* gwb = gw ? gw + b * K : nullptr;
-      if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-        cam_bwd_image_f32(Ab, w + b * K, gsb, gpb, pwb, gfb, gwb, K, P);
-      } else {
-        cam_bwd_image<scalar_t, acc_t>(Ab, w + b * K, gsb, gpb, pwb, gfb, gwb, K, P);
+      if (gf) {
+        scalar_t* gfb = gf + b * K * P;
+        if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+          outer2_image_f32(wb, gsb, gpb, pwb, gfb, K, P);
+        } else {
+          outer2_image<scalar_t, acc_t>(wb, gsb, gpb, pwb, gfb, K, P);
+        }
+      }
+      if (gw) {
+        acc_t* gwb = gw + b * K;
+        if (gsb == nullptr) {
+          std::fill(gwb, gwb + K, acc_t(0));
+        } else if (channels_last) {
+          weighted_rows<acc_t, scalar_t>(gsb, A + b * K * P, P, K, gwb);
+        } else {
+          rows_dot<acc_t, scalar_t>(gsb, A + b * K * P, K, P, gwb);
+        }
       }
     }
   });
-}
-
-void check_cam_inputs(const Tensor& features, const Tensor& weights) {
-  check_float(features, "features");
-  check_float(weights, "weights");
-  check_dim(features, 4, "features");
-  check_dim(weights, 2, "weights");
-  TORCH_CHECK(weights.size(0) == features.size(0) && weights.size(1) == features.size(1), "weights must be [B, K] = [",
-              features.size(0), ", ", features.size(1), "], got ", weights.sizes());
-  check_same_device(features, weights, "weights");
-}
-
-std::tuple<Tensor, Tensor, Tensor> cam_fwd_cpu(const Tensor& features, const Tensor& weights, bool with_pooled) {
-  check_cam_inputs(features, weights);
-  const int64_t B = features.size(0), K = features.size(1), H = features.size(2), W = features.size(3);
-  const int64_t P = H * W;
-  const auto out_dt = at::promote_types(features.scalar_type(), weights.scalar_type());
-  const auto acc = acc_type_of(features.scalar_type(), weights.scalar_type());
-  const Tensor A = features.contiguous();
-  const Tensor w = weights.to(acc).contiguous();
-  const auto opts = features.options().dtype(acc);
-  Tensor cam = at::empty({B, H, W}, opts);
-  Tensor pooled = with_pooled ? at::empty({B, K}, opts) : at::empty({0}, features.options().dtype(out_dt));
-  Tensor pool_w = with_pooled ? at::empty({B, P}, opts) : at::empty({0}, opts);
-  if (B > 0 && P > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "icakd_cam_fwd_cpu", [&] {
-      if (acc == at::kDouble) {
-        cam_fwd_kernel<scalar_t, double>(A.const_data_ptr<scalar_t>(), w.const_data_ptr<double>(),
-                                         cam.data_ptr<double>(), with_pooled ? pooled.data_ptr<double>() : nullptr,
-                                         with_pooled ? pool_w.data_ptr<double>() : nullptr, B, K, P, with_pooled);
-      } else {
-        cam_fwd_kernel<scalar_t, float>(A.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(), cam.data_ptr<float>(),
-                                        with_pooled ? pooled.data_ptr<float>() : nullptr,
-                                        with_pooled ? pool_w.data_ptr<float>() : nullptr, B, K, P, with_pooled);
-      }
-    });
-  } else if (with_pooled) {
-    pooled.zero_();
-  }
-  return {cam.to(out_dt), pooled.to(out_dt), pool_w};
 }
 
 std::tuple<Tensor, Tensor> cam_bwd_cpu(const std::optional<Tensor>& grad_cam, const std::optional<Tensor>& grad_pooled,
                                        const Tensor& features, const Tensor& weights, const Tensor& cam,
                                        const Tensor& pool_w, bool need_features, bool need_weights) {
-  check_cam_inputs(features, weights);
-  const int64_t B = features.size(0), K = features.size(1), H = features.size(2), W = features.size(3);
-  const int64_t P = H * W;
-  const auto acc = acc_type_of(features.scalar_type(), weights.scalar_type());
-  const auto opts = features.options().dtype(acc);
-  const bool has_gc = grad_cam.has_value() && grad_cam->defined();
-  const bool has_gp = grad_pooled.has_value() && grad_pooled->defined();
-  Tensor gs, gp, pw;
-  if (has_gc) {
-    TORCH_CHECK(grad_cam->numel() == B * P, "grad_cam must have B*H*W elements, got ", grad_cam->sizes());
-    TORCH_CHECK(cam.numel() == B * P, "cam must have B*H*W elements, got ", cam.sizes());
-    gs = (grad_cam->reshape({B, P}).to(acc) * cam.reshape({B, P}).gt(0).to(acc)).contiguous();
-  }
-  if (has_gp) {
-    TORCH_CHECK(grad_pooled->numel() == B * K, "grad_pooled must be [B, K], got ", grad_pooled->sizes());
-    TORCH_CHECK(pool_w.numel() == B * P, "pool_w must be [B, H*W], got ", pool_w.sizes());
-    gp = grad_pooled->reshape({B, K}).to(acc).contiguous();
-    pw = pool_w.reshape({B, P}).to(acc).contiguous();
-  }
-  const Tensor A = features.contiguous();
-  const Tensor w = weights.to(acc).contiguous();
-  Tensor gf = need_features ? at::empty({B, K, H, W}, features.options()) : at::empty({0}, features.options());
-  Tensor gw = need_weights ? at::empty({B, K}, opts) : at::empty({0}, opts);
-  if ((need_features || need_weights) && B * K * P > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "icakd_cam_bwd_cpu", [&] {
-      if (acc == at::kDouble) {
-        cam_bwd_kernel<scalar_t, double>(A.const_data_ptr<scalar_t>(), w.const_data_ptr<double>(),
-                                         has_gc ? gs.const_data_ptr<double>() : nullptr,
-                                         has_gp ? gp.const_data_ptr<double>() : nullptr,
-                                         has_gp ? pw.const_data_ptr<double>() : nullptr,
-                                         need_features ? gf.data_ptr<scalar_t>() : nullptr,
-                                         need_weights ? gw.data_ptr<double>() : nullptr, B, K, P);
+  const CamBwdOperands op = check_cam_bwd(grad_cam, grad_pooled, features, weights, cam, pool_w, c10::DeviceType::CPU);
+  const CamDims& d = op.d;
+  const bool cl = is_channels_last(features);
+  CamBwdOutputs o = alloc_cam_bwd(features, d, need_features, need_weights);
+  if (cam_bwd_has_work(d, need_features, need_weights)) {
+    // the features are read only for grad_weights (and only where grad_cam is given)
+    const bool read_a = need_weights && op.has_gc;
+    const Tensor A = read_a ? (cl ? features : features.contiguous()) : Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "icakd_cam_bwd_cpu", [&] {
+      const scalar_t* a = read_a ? A.const_data_ptr<scalar_t>() : nullptr;
+      if (d.acc == at::kDouble) {
+        cam_bwd_kernel<scalar_t, double>(a, op.w.const_data_ptr<double>(),
+                                         op.has_gc ? op.gs.const_data_ptr<double>() : nullptr,
+                                         op.has_gp ? op.gp.const_data_ptr<double>() : nullptr,
+                                         op.has_gp ? op.pw.const_data_ptr<double>() : nullptr,
+                                         need_features ? o.gf.data_ptr<scalar_t>() : nullptr,
+                                         need_weights ? o.gw.data_ptr<double>() : nullptr, d.B, d.K, d.P, cl);
       } else {
-        cam_bwd_kernel<scalar_t, float>(A.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
-                                        has_gc ? gs.const_data_ptr<float>() : nullptr,
-                                        has_gp ? gp.const_data_ptr<float>() : nullptr,
-                                        has_gp ? pw.const_data_ptr<float>() : nullptr,
-                                        need_features ? gf.data_ptr<scalar_t>() : nullptr,
-                                        need_weights ? gw.data_ptr<float>() : nullptr, B, K, P);
+        cam_bwd_kernel<scalar_t, float>(a, op.w.const_data_ptr<float>(),
+                                        op.has_gc ? op.gs.const_data_ptr<float>() : nullptr,
+                                        op.has_gp ? op.gp.const_data_ptr<float>() : nullptr,
+                                        op.has_gp ? op.pw.const_data_ptr<float>() : nullptr,
+                                        need_features ? o.gf.data_ptr<scalar_t>() : nullptr,
+                                        need_weights ? o.gw.data_ptr<float>() : nullptr, d.B, d.K, d.P, cl);
       }
     });
-  } else {
-    if (need_features) gf.zero_();
-    if (need_weights) gw.zero_();
   }
-  return {gf, need_weights ? gw.to(weights.scalar_type()) : at::empty({0}, weights.options())};
+  return finish_cam_bwd(o, weights, d, need_features, need_weights);
 }
 
 Tensor spatial_mean_cpu(const Tensor& grads) {
-  check_float(grads, "grads");
-  check_dim(grads, 4, "grads");
+  check_spatial_mean(grads, c10::DeviceType::CPU);
   const int64_t B = grads.size(0), K = grads.size(1), P = grads.size(2) * grads.size(3);
   const Tensor g = grads.contiguous();
   Tensor out = at::empty({B, K}, grads.options());

@@ -15,7 +15,7 @@
 #include <cmath>
 #include <vector>
 
-#include "../common.h"
+#include "../checks.h"
 
 namespace icakd {
 namespace {
@@ -29,23 +29,15 @@ constexpr int64_t kTile = 64;
 
 std::tuple<Tensor, Tensor> centroids_fwd_cpu(const Tensor& sums_, const Tensor& counts_, const Tensor& feats_,
                                              const Tensor& labels_) {
-  check_float(sums_, "sums");
-  check_float(feats_, "feats");
-  check_dim(sums_, 2, "sums");
-  check_dim(feats_, 2, "feats");
-  check_dtype(counts_, at::kLong, "counts");
-  check_dtype(labels_, at::kLong, "labels");
-  const int64_t C = sums_.size(0), D = sums_.size(1), B = feats_.size(0);
-  TORCH_CHECK(feats_.size(1) == D, "feats must be [B, ", D, "], got ", feats_.sizes());
-  TORCH_CHECK(counts_.dim() == 1 && counts_.size(0) == C, "counts must be [C], got ", counts_.sizes());
-  TORCH_CHECK(labels_.dim() == 1 && labels_.size(0) == B, "labels must be [B], got ", labels_.sizes());
-  const auto out_dt = at::promote_types(sums_.scalar_type(), feats_.scalar_type());
+  const CentroidDims dims = check_centroids(sums_, counts_, feats_, labels_, c10::DeviceType::CPU);
+  const int64_t C = dims.C, D = dims.D, B = dims.B;
+  const auto out_dt = dims.out_dt;
+  check_index_range(labels_, 0, C, "labels");
   const Tensor sums = sums_.to(out_dt).contiguous();
   const Tensor counts = counts_.contiguous();
   const Tensor feats = feats_.contiguous();
   const Tensor labels = labels_.contiguous();
   const int64_t* lab = labels.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(lab[b] >= 0 && lab[b] < C, "labels out of range [0, ", C, "): ", lab[b]);
   const ClassCSR csr = class_csr(lab, 1, nullptr, 0, B, C);
   Tensor mu = at::empty({C, D}, sums.options());
   Tensor total = at::empty({C}, counts.options());
@@ -78,47 +70,6 @@ std::tuple<Tensor, Tensor> centroids_fwd_cpu(const Tensor& sums_, const Tensor& 
 // ---------------------------------------------------------------------------------------------
 // intra
 // ---------------------------------------------------------------------------------------------
-
-struct IntraArgs {
-  Tensor f_s, f_t, mu_s, mu_t, labels, valid;
-  int64_t B, D, C;
-  at::ScalarType acc;
-};
-
-IntraArgs intra_args(const Tensor& f_s, const Tensor& f_t, const Tensor& mu_s, const Tensor& mu_t,
-                     const Tensor& labels, const Tensor& valid) {
-  check_float(f_s, "f_s");
-  check_float(f_t, "f_t");
-  check_float(mu_s, "mu_s");
-  check_float(mu_t, "mu_t");
-  check_dim(f_s, 2, "f_s");
-  check_dim(mu_s, 2, "mu_s");
-  check_dtype(labels, at::kLong, "labels");
-  check_dtype(valid, at::kBool, "valid");
-  IntraArgs a;
-  a.B = f_s.size(0);
-  a.D = f_s.size(1);
-  a.C = mu_s.size(0);
-  TORCH_CHECK(f_t.sizes() == f_s.sizes(), "f_t must have the shape of f_s ", f_s.sizes(), ", got ", f_t.sizes());
-  TORCH_CHECK(mu_s.size(1) == a.D && mu_t.sizes() == mu_s.sizes(), "mu_s and mu_t must be [C, ", a.D, "]");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == a.B, "labels must be [B], got ", labels.sizes());
-  TORCH_CHECK(valid.dim() == 1 && valid.size(0) == a.C, "valid must be [C], got ", valid.sizes());
-  const bool dbl = f_s.scalar_type() == at::kDouble || f_t.scalar_type() == at::kDouble ||
-                   mu_s.scalar_type() == at::kDouble || mu_t.scalar_type() == at::kDouble;
-  a.acc = dbl ? at::kDouble : at::kFloat;
-  // [B, D] and [C, D] operands: converting to the accumulation dtype costs one pass and keeps the
-  // kernel to a single instantiation per accumulation dtype.
-  a.f_s = f_s.to(a.acc).contiguous();
-  a.f_t = f_t.to(a.acc).contiguous();
-  a.mu_s = mu_s.to(a.acc).contiguous();
-  a.mu_t = mu_t.to(a.acc).contiguous();
-  a.labels = labels.contiguous();
-  a.valid = valid.contiguous();
-  const int64_t* lab = a.labels.const_data_ptr<int64_t>();
-  for (int64_t b = 0; b < a.B; ++b)
-    TORCH_CHECK(lab[b] >= 0 && lab[b] < a.C, "labels out of range [0, ", a.C, "): ", lab[b]);
-  return a;
-}
 
 // per-row |d|^2 (0 for invalid rows), d written to dout when given; returns #valid rows
 template <typename acc_t>
@@ -157,7 +108,7 @@ int64_t intra_rows(const IntraArgs& a, acc_t* per_row, acc_t* dout, acc_t dscale
 
 Tensor intra_fwd_cpu(const Tensor& f_s, const Tensor& f_t, const Tensor& mu_s, const Tensor& mu_t, const Tensor& labels,
                      const Tensor& valid) {
-  const IntraArgs a = intra_args(f_s, f_t, mu_s, mu_t, labels, valid);
+  const IntraArgs a = intra_args(f_s, f_t, mu_s, mu_t, labels, valid, c10::DeviceType::CPU);
   Tensor out = at::empty({}, f_s.options().dtype(a.acc));
   AT_DISPATCH_FLOATING_TYPES(a.acc, "icakd_intra_fwd_cpu", [&] {
     std::vector<scalar_t> per_row(a.B);
@@ -171,8 +122,8 @@ Tensor intra_fwd_cpu(const Tensor& f_s, const Tensor& f_t, const Tensor& mu_s, c
 
 Tensor intra_bwd_cpu(const Tensor& grad_out, const Tensor& f_s, const Tensor& f_t, const Tensor& mu_s,
                      const Tensor& mu_t, const Tensor& labels, const Tensor& valid) {
-  const IntraArgs a = intra_args(f_s, f_t, mu_s, mu_t, labels, valid);
-  TORCH_CHECK(grad_out.numel() == 1, "grad_out must be a scalar");
+  check_grad_out(grad_out, f_s, "f_s", c10::DeviceType::CPU);
+  const IntraArgs a = intra_args(f_s, f_t, mu_s, mu_t, labels, valid, c10::DeviceType::CPU);
   Tensor gd = at::empty({a.B, a.D}, f_s.options().dtype(a.acc));
   AT_DISPATCH_FLOATING_TYPES(a.acc, "icakd_intra_bwd_cpu", [&] {
     const int64_t nvalid = intra_rows<scalar_t>(a, nullptr, gd.data_ptr<scalar_t>());
@@ -186,47 +137,34 @@ Tensor intra_bwd_cpu(const Tensor& grad_out, const Tensor& f_s, const Tensor& f_
 // inter
 // ---------------------------------------------------------------------------------------------
 
-struct InterOperands {
-  Tensor A;     // [C, Ds + Dt] = [v n_s, v n_t]
-  Tensor B;     // [C, Ds + Dt] = [v n_s, -v n_t]
-  Tensor norm_s, norm_t;  // [C] row norms (acc dtype)
-  int64_t C, Ds, Dt, nvalid;
-  at::ScalarType acc;
+// normalize_backward (checks.h) in place on dn: (dn - n (n . dn)) / |mu| where |mu| > eps,
+// dn / eps otherwise -- the same arithmetic without [C, D] temporaries besides n * dn.
+void normalize_backward_(Tensor& dn, const Tensor& n, const Tensor& norm, double eps) {
+  const Tensor big = norm.gt(eps).unsqueeze(1);
+  const Tensor proj = at::where(big, (n * dn).sum(1, true), at::zeros({}, dn.options()));
+  dn.addcmul_(n, proj, -1);
+  dn.div_(norm.clamp_min(eps).unsqueeze(1));
+}
+
+// CPU view of the shared operands: |V| as a host integer
+struct CpuInter {
+  InterDims d;
+  InterOperands op;
+  int64_t nvalid;
 };
 
-InterOperands inter_operands(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, double eps) {
-  check_float(mu_s, "mu_s");
-  check_float(mu_t, "mu_t");
-  check_dim(mu_s, 2, "mu_s");
-  check_dim(mu_t, 2, "mu_t");
-  check_dtype(valid, at::kBool, "valid");
-  InterOperands op;
-  op.C = mu_s.size(0);
-  op.Ds = mu_s.size(1);
-  op.Dt = mu_t.size(1);
-  TORCH_CHECK(mu_t.size(0) == op.C, "mu_t must have ", op.C, " rows, got ", mu_t.sizes());
-  TORCH_CHECK(valid.dim() == 1 && valid.size(0) == op.C, "valid must be [C], got ", valid.sizes());
-  op.acc = acc_type_of(mu_s.scalar_type(), mu_t.scalar_type());
-  const Tensor v = valid.to(op.acc).unsqueeze(1);
-  const Tensor ms = mu_s.to(op.acc);
-  const Tensor mt = mu_t.to(op.acc);
-  op.norm_s = at::linalg_vector_norm(ms, 2, {1}, false, std::nullopt);
-  op.norm_t = at::linalg_vector_norm(mt, 2, {1}, false, std::nullopt);
-  op.A = at::empty({op.C, op.Ds + op.Dt}, ms.options());
-  op.B = at::empty({op.C, op.Ds + op.Dt}, ms.options());
-  const Tensor ns = ms / op.norm_s.clamp_min(eps).unsqueeze(1) * v;
-  const Tensor nt = mt / op.norm_t.clamp_min(eps).unsqueeze(1) * v;
-  op.A.narrow(1, 0, op.Ds).copy_(ns);
-  op.A.narrow(1, op.Ds, op.Dt).copy_(nt);
-  op.B.narrow(1, 0, op.Ds).copy_(ns);
-  op.B.narrow(1, op.Ds, op.Dt).copy_(nt).neg_();
-  op.nvalid = valid.sum().item<int64_t>();
-  return op;
+CpuInter cpu_inter(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, double eps, const Tensor* live) {
+  CpuInter r;
+  r.d = check_inter(mu_s, mu_t, valid, eps, live, c10::DeviceType::CPU);
+  r.op = inter_operands(mu_s, mu_t, valid, eps, r.d);
+  r.nvalid = static_cast<int64_t>(r.op.nvalid.item<double>());
+  return r;
 }
 
 Tensor inter_fwd_cpu(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, double eps) {
-  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps);
-  const int64_t C = op.C;
+  const CpuInter in = cpu_inter(mu_s, mu_t, valid, eps, nullptr);
+  const InterOperands& op = in.op;
+  const int64_t C = in.d.C;
   const int64_t ntiles = (C + kTile - 1) / kTile;
   // E is symmetric: tile i covers its diagonal block once and the blocks to its right twice.
   // Work item w pairs tile w with tile ntiles-1-w so that the tasks have equal cost.
@@ -236,7 +174,7 @@ Tensor inter_fwd_cpu(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid
   auto run_tile = [&](int64_t tile) {
     const int64_t r0 = tile * kTile, r1 = std::min(C, r0 + kTile);
     const Tensor E = at::mm(op.A.narrow(0, r0, r1 - r0), Bt.narrow(1, r0, C - r0));  // [T, C - r0]
-    AT_DISPATCH_FLOATING_TYPES(op.acc, "icakd_inter_fwd_tile", [&] {
+    AT_DISPATCH_FLOATING_TYPES(in.d.acc, "icakd_inter_fwd_tile", [&] {
       const scalar_t* e = E.const_data_ptr<scalar_t>();
       const int64_t T = r1 - r0, W = C - r0;
       double diag = 0.0, off = 0.0;
@@ -256,34 +194,23 @@ Tensor inter_fwd_cpu(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid
   });
   double total = 0.0;
   for (double p : partial) total += p;
-  const double nv = static_cast<double>(op.nvalid);
+  const double nv = static_cast<double>(in.nvalid);
   const double den = std::max(nv * nv, 1.0);
-  return at::full({}, total / den, mu_s.options().dtype(op.acc));
-}
-
-// dmu = (dn - n (n . dn)) / |mu| where |mu| > eps, dn / eps otherwise (rows of n are v * n)
-Tensor normalize_backward(const Tensor& dn, const Tensor& n, const Tensor& norm, double eps) {
-  const Tensor proj = (n * dn).sum(1, true);
-  const Tensor big = norm.gt(eps).unsqueeze(1);
-  const Tensor nrm = norm.unsqueeze(1);
-  return at::where(big, (dn - n * proj) / at::where(big, nrm, at::ones_like(nrm)), dn / eps);
+  return at::full({}, total / den, mu_s.options().dtype(in.d.acc));
 }
 
 std::tuple<Tensor, Tensor> inter_bwd_cpu(const Tensor& grad_out, const Tensor& mu_s, const Tensor& mu_t,
                                          const Tensor& valid, const std::optional<Tensor>& live, bool need_s,
                                          bool need_t, double eps) {
-  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps);
-  const int64_t C = op.C, Ds = op.Ds, Dt = op.Dt;
-  const auto opts = mu_s.options().dtype(op.acc);
-  if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
-  TORCH_CHECK(grad_out.numel() == 1, "grad_out must be a scalar");
   const bool has_live = live.has_value() && live->defined();
-  if (has_live) {
-    check_dtype(*live, at::kBool, "live");
-    TORCH_CHECK(live->dim() == 1 && live->size(0) == C, "live must be [C], got ", live->sizes());
-  }
+  const InterDims d = check_inter(mu_s, mu_t, valid, eps, has_live ? &*live : nullptr, c10::DeviceType::CPU);
+  check_grad_out(grad_out, mu_s, "mu_s", c10::DeviceType::CPU);
+  const int64_t C = d.C, Ds = d.Ds, Dt = d.Dt;
+  const auto opts = mu_s.options().dtype(d.acc);
+  if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
+  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps, d);
   const double g = grad_out.to(at::kDouble).item<double>();
-  const double nv = static_cast<double>(op.nvalid);
+  const double nv = op.nvalid.item<double>();
   const double scale = 4.0 * g / std::max(nv * nv, 1.0);
 
   // rows whose dL/dn is computed: every valid row, or only valid & live rows when grad_mu_t is
@@ -303,37 +230,49 @@ std::tuple<Tensor, Tensor> inter_bwd_cpu(const Tensor& grad_out, const Tensor& m
     if (vp[c] && (!rows_live_only || lp[c])) rows.push_back(c);
   const int64_t R = static_cast<int64_t>(rows.size());
 
-  // columns of B needed by the second GEMM: [Ds] for n_s, [Dt] for n_t, or both
+  // columns of B needed by the second GEMM: [Ds] for n_s, [Dt] for n_t, or both. Each tile's
+  // dL/dn rows go straight into the outputs (zero outside `rows`), which are then normalised in
+  // place: no [C, Ds + Dt] buffer besides A and B.
   const int64_t col0 = need_s ? 0 : Ds;
   const int64_t ncol = (need_s ? Ds : 0) + (need_t ? Dt : 0);
-  Tensor G = at::zeros({C, Ds + Dt}, opts);  // dL/dn (unscaled), zero outside `rows`
+  Tensor gs = need_s ? at::zeros({C, Ds}, opts) : at::empty({0}, opts);
+  Tensor gt = need_t ? at::zeros({C, Dt}, opts) : at::empty({0}, opts);
   const Tensor Bt = op.B.t();
   const Tensor Bsel = op.B.narrow(1, col0, ncol);
   const int64_t ntiles = (R + kTile - 1) / kTile;
   const Tensor rows_t = at::from_blob(rows.data(), {R}, at::TensorOptions().dtype(at::kLong)).clone();
+  auto store = [&](const Tensor& Gt, int64_t i0, int64_t i1, bool contiguous_rows) {
+    // Gt: [T, ncol] = [dL/dn_s | dL/dn_t] of rows[i0:i1]
+    for (int part = 0; part < 2; ++part) {
+      if ((part == 0 && !need_s) || (part == 1 && !need_t)) continue;
+      Tensor& out = part == 0 ? gs : gt;
+      const Tensor src = part == 0 ? Gt.narrow(1, 0, Ds) : Gt.narrow(1, ncol - Dt, Dt);
+      if (contiguous_rows) {
+        out.narrow(0, rows[i0], i1 - i0).copy_(src);
+      } else {
+        for (int64_t i = i0; i < i1; ++i) out[rows[i]].copy_(src[i - i0]);
+      }
+    }
+  };
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i0 = t * kTile, i1 = std::min(R, i0 + kTile);
       const bool contiguous_rows = rows[i1 - 1] - rows[i0] == i1 - 1 - i0;
       const Tensor idx = rows_t.narrow(0, i0, i1 - i0);
       const Tensor At = contiguous_rows ? op.A.narrow(0, rows[i0], i1 - i0) : op.A.index_select(0, idx);
-      const Tensor E = at::mm(At, Bt);  // [T, C]
+      const Tensor E = at::mm(At, Bt);    // [T, C]
       const Tensor Gt = at::mm(E, Bsel);  // [T, ncol]
-      if (contiguous_rows) {
-        G.narrow(0, rows[i0], i1 - i0).narrow(1, col0, ncol).copy_(Gt);
-      } else {
-        for (int64_t i = i0; i < i1; ++i) G[rows[i]].narrow(0, col0, ncol).copy_(Gt[i - i0]);
-      }
+      store(Gt, i0, i1, contiguous_rows);
     }
   });
-  G.mul_(scale);
-  Tensor gs = at::empty({0}, opts), gt = at::empty({0}, opts);
   if (need_s) {
-    gs = normalize_backward(G.narrow(1, 0, Ds), op.A.narrow(1, 0, Ds), op.norm_s, eps);
-    if (has_live) gs.mul_(live_c.to(op.acc).unsqueeze(1));
+    gs.mul_(scale);
+    normalize_backward_(gs, op.A.narrow(1, 0, Ds), op.norm_s, eps);
+    if (has_live) gs.mul_(live_c.to(d.acc).unsqueeze(1));
   }
   if (need_t) {
-    gt = normalize_backward(G.narrow(1, Ds, Dt), op.A.narrow(1, Ds, Dt), op.norm_t, eps);
+    gt.mul_(scale);
+    normalize_backward_(gt, op.A.narrow(1, Ds, Dt), op.norm_t, eps);
   }
   return {gs, gt};
 }

@@ -10,7 +10,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include "../common.h"
+#include "../checks.h"
 #include "cuda_utils.cuh"
 
 namespace icakd {
@@ -135,46 +135,11 @@ __global__ void segment_sum_kernel(const in_t* __restrict__ src, const int64_t* 
   out[c * D + d] = acc;
 }
 
-// Buffers given to a mutating op may be views; work on contiguous copies and write back.
-struct WritableContig {
-  Tensor target, work;
-  explicit WritableContig(const Tensor& t) : target(t), work(t.is_contiguous() ? t : t.contiguous()) {}
-  void commit() {
-    if (!work.is_same(target)) target.copy_(work);
-  }
-};
-
-void check_batch(const Tensor& feats, const Tensor& labels, const Tensor& mask, int64_t D, const Tensor& ref) {
-  check_float(feats, "feats");
-  check_dim(feats, 2, "feats");
-  TORCH_CHECK(feats.size(1) == D, "feats must be [N, ", D, "], got ", feats.sizes());
-  check_dtype(labels, at::kLong, "labels");
-  check_dtype(mask, at::kBool, "mask");
-  const int64_t N = feats.size(0);
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == N, "labels must be [N] = [", N, "], got ", labels.sizes());
-  TORCH_CHECK(mask.dim() == 1 && mask.size(0) == N, "mask must be [N] = [", N, "], got ", mask.sizes());
-  check_same_device(ref, feats, "feats");
-  check_same_device(ref, labels, "labels");
-  check_same_device(ref, mask, "mask");
-}
-
 void class_bank_enqueue_cuda(const Tensor& bank_, const Tensor& count_, const Tensor& ptr_, const Tensor& sums_,
                              const Tensor& feats_, const Tensor& labels_, const Tensor& mask_) {
-  check_float(bank_, "bank");
-  check_dim(bank_, 3, "bank");
-  const int64_t C = bank_.size(0), S = bank_.size(1), D = bank_.size(2);
-  TORCH_CHECK(S > 0, "bank must have at least one slot per class");
-  check_dtype(count_, at::kLong, "count");
-  check_dtype(ptr_, at::kLong, "ptr");
-  check_dtype(sums_, at::kFloat, "sums");
-  TORCH_CHECK(count_.dim() == 1 && count_.size(0) == C, "count must be [C], got ", count_.sizes());
-  TORCH_CHECK(ptr_.dim() == 1 && ptr_.size(0) == C, "ptr must be [C], got ", ptr_.sizes());
-  TORCH_CHECK(sums_.dim() == 2 && sums_.size(0) == C && sums_.size(1) == D, "sums must be [C, D], got ", sums_.sizes());
-  check_same_device(bank_, count_, "count");
-  check_same_device(bank_, ptr_, "ptr");
-  check_same_device(bank_, sums_, "sums");
-  check_batch(feats_, labels_, mask_, D, bank_);
-  const int64_t N = feats_.size(0);
+  const ClassBankDims dims =
+      check_class_bank_enqueue(bank_, count_, ptr_, sums_, feats_, labels_, mask_, c10::DeviceType::CUDA);
+  const int64_t C = dims.C, S = dims.S, D = dims.D, N = dims.N;
   if (N == 0) return;
   const c10::cuda::CUDAGuard guard(bank_.device());
   WritableContig bank(bank_), count(count_), ptr(ptr_), sums(sums_);
@@ -196,16 +161,10 @@ void class_bank_enqueue_cuda(const Tensor& bank_, const Tensor& count_, const Te
 }
 
 void class_bank_resync_cuda(const Tensor& bank_, const Tensor& count_, const Tensor& sums_, const Tensor& classes_) {
-  check_float(bank_, "bank");
-  check_dim(bank_, 3, "bank");
-  const int64_t C = bank_.size(0), S = bank_.size(1), D = bank_.size(2);
-  check_dtype(count_, at::kLong, "count");
-  check_dtype(sums_, at::kFloat, "sums");
-  check_dtype(classes_, at::kLong, "classes");
-  TORCH_CHECK(count_.dim() == 1 && count_.size(0) == C, "count must be [C], got ", count_.sizes());
-  TORCH_CHECK(sums_.dim() == 2 && sums_.size(0) == C && sums_.size(1) == D, "sums must be [C, D], got ", sums_.sizes());
-  TORCH_CHECK(classes_.dim() == 1, "classes must be 1-D, got ", classes_.sizes());
-  const int64_t k = classes_.size(0);
+  const auto checked = check_class_bank_resync(bank_, count_, sums_, classes_, c10::DeviceType::CUDA);
+  const ClassBankDims dims = std::get<0>(checked);
+  const int64_t k = std::get<1>(checked);
+  const int64_t C = dims.C, S = dims.S, D = dims.D;
   if (k == 0 || D == 0) return;
   const c10::cuda::CUDAGuard guard(bank_.device());
   const Tensor bank = bank_.contiguous();
@@ -226,17 +185,9 @@ void class_bank_resync_cuda(const Tensor& bank_, const Tensor& count_, const Ten
 
 void fifo_bank_enqueue_cuda(const Tensor& bank_, const Tensor& bank_labels_, const Tensor& ptr_, const Tensor& feats_,
                             const Tensor& labels_, const Tensor& mask_) {
-  check_float(bank_, "bank");
-  check_dim(bank_, 2, "bank");
-  const int64_t Nb = bank_.size(0), D = bank_.size(1);
-  TORCH_CHECK(Nb > 0, "bank must have at least one row");
-  check_dtype(bank_labels_, at::kLong, "bank_labels");
-  check_dtype(ptr_, at::kLong, "ptr");
-  TORCH_CHECK(bank_labels_.dim() == 1 && bank_labels_.size(0) == Nb, "bank_labels must be [N], got ",
-              bank_labels_.sizes());
-  TORCH_CHECK(ptr_.numel() == 1, "ptr must hold one element, got ", ptr_.sizes());
-  check_batch(feats_, labels_, mask_, D, bank_);
-  const int64_t M = feats_.size(0);
+  const FifoDims dims =
+      check_fifo_bank_enqueue(bank_, bank_labels_, ptr_, feats_, labels_, mask_, c10::DeviceType::CUDA);
+  const int64_t Nb = dims.Nb, D = dims.D, M = dims.M;
   if (M == 0) return;
   const c10::cuda::CUDAGuard guard(bank_.device());
   WritableContig bank(bank_), bank_labels(bank_labels_), ptr(ptr_);
@@ -259,13 +210,8 @@ void fifo_bank_enqueue_cuda(const Tensor& bank_, const Tensor& bank_labels_, con
 }
 
 std::tuple<Tensor, Tensor> fifo_bank_sums_cuda(const Tensor& bank_, const Tensor& bank_labels_, int64_t num_classes) {
-  check_float(bank_, "bank");
-  check_dim(bank_, 2, "bank");
-  check_dtype(bank_labels_, at::kLong, "bank_labels");
-  TORCH_CHECK(num_classes >= 0, "num_classes must be >= 0");
-  const int64_t Nb = bank_.size(0), D = bank_.size(1);
-  TORCH_CHECK(bank_labels_.dim() == 1 && bank_labels_.size(0) == Nb, "bank_labels must be [N], got ",
-              bank_labels_.sizes());
+  const FifoDims dims = check_fifo_bank_sums(bank_, bank_labels_, num_classes, c10::DeviceType::CUDA);
+  const int64_t D = dims.D;
   const c10::cuda::CUDAGuard guard(bank_.device());
   const Tensor bank = bank_.contiguous();
   // empty slots (label < 0) and out-of-range labels sort past the last class

@@ -7,7 +7,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include "../common.h"
+#include "../checks.h"
 #include "cuda_utils.cuh"
 
 namespace icakd {
@@ -108,29 +108,17 @@ __global__ void spatial_mean_kernel(const scalar_t* __restrict__ g, scalar_t* __
   if (lane == 0) out[r] = static_cast<scalar_t>(t / static_cast<acc_t>(P));
 }
 
-void check_cam_inputs(const Tensor& features, const Tensor& weights) {
-  check_float(features, "features");
-  check_float(weights, "weights");
-  check_dim(features, 4, "features");
-  check_dim(weights, 2, "weights");
-  TORCH_CHECK(weights.size(0) == features.size(0) && weights.size(1) == features.size(1), "weights must be [B, K] = [",
-              features.size(0), ", ", features.size(1), "], got ", weights.sizes());
-  check_same_device(features, weights, "weights");
-}
-
 std::tuple<Tensor, Tensor, Tensor> cam_fwd_cuda(const Tensor& features, const Tensor& weights, bool with_pooled) {
-  check_cam_inputs(features, weights);
+  const CamDims d = check_cam(features, weights, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(features.device());
-  const int64_t B = features.size(0), K = features.size(1), H = features.size(2), W = features.size(3);
-  const int64_t P = H * W;
-  const auto out_dt = at::promote_types(features.scalar_type(), weights.scalar_type());
-  const auto acc = acc_type_of(features.scalar_type(), weights.scalar_type());
+  const int64_t B = d.B, K = d.K, P = d.P;
+  const auto acc = d.acc;
   const Tensor A = features.contiguous();
   const Tensor w = weights.to(acc).contiguous();
-  const auto opts = features.options().dtype(acc);
-  Tensor cam = at::empty({B, H, W}, opts);
-  Tensor pooled = with_pooled ? at::empty({B, K}, opts) : at::empty({0}, features.options().dtype(out_dt));
-  Tensor pool_w = with_pooled ? at::empty({B, P}, opts) : at::empty({0}, opts);
+  CamFwdOutputs o = alloc_cam_fwd(features, d, with_pooled);
+  Tensor& cam = o.cam;
+  Tensor& pooled = o.pooled;
+  Tensor& pool_w = o.pool_w;
   if (B > 0 && P > 0) {
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "icakd_cam_fwd_cuda", [&] {
@@ -147,40 +135,24 @@ std::tuple<Tensor, Tensor, Tensor> cam_fwd_cuda(const Tensor& features, const Te
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  } else if (with_pooled) {
-    pooled.zero_();
   }
-  return {cam.to(out_dt), pooled.to(out_dt), pool_w};
+  return finish_cam_fwd(o, d, with_pooled);
 }
 
 std::tuple<Tensor, Tensor> cam_bwd_cuda(const std::optional<Tensor>& grad_cam, const std::optional<Tensor>& grad_pooled,
                                         const Tensor& features, const Tensor& weights, const Tensor& cam,
                                         const Tensor& pool_w, bool need_features, bool need_weights) {
-  check_cam_inputs(features, weights);
+  const CamBwdOperands op = check_cam_bwd(grad_cam, grad_pooled, features, weights, cam, pool_w, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(features.device());
-  const int64_t B = features.size(0), K = features.size(1), H = features.size(2), W = features.size(3);
-  const int64_t P = H * W;
-  const auto acc = acc_type_of(features.scalar_type(), weights.scalar_type());
-  const auto opts = features.options().dtype(acc);
-  const bool has_gc = grad_cam.has_value() && grad_cam->defined();
-  const bool has_gp = grad_pooled.has_value() && grad_pooled->defined();
-  Tensor gs, gp, pw;
-  if (has_gc) {
-    TORCH_CHECK(grad_cam->numel() == B * P, "grad_cam must have B*H*W elements, got ", grad_cam->sizes());
-    TORCH_CHECK(cam.numel() == B * P, "cam must have B*H*W elements, got ", cam.sizes());
-    gs = (grad_cam->reshape({B, P}).to(acc) * cam.reshape({B, P}).gt(0).to(acc)).contiguous();
-  }
-  if (has_gp) {
-    TORCH_CHECK(grad_pooled->numel() == B * K, "grad_pooled must be [B, K], got ", grad_pooled->sizes());
-    TORCH_CHECK(pool_w.numel() == B * P, "pool_w must be [B, H*W], got ", pool_w.sizes());
-    gp = grad_pooled->reshape({B, K}).to(acc).contiguous();
-    pw = pool_w.reshape({B, P}).to(acc).contiguous();
-  }
+  const int64_t B = op.d.B, K = op.d.K, P = op.d.P;
+  const auto acc = op.d.acc;
+  const bool has_gc = op.has_gc, has_gp = op.has_gp;
+  const Tensor &gs = op.gs, &gp = op.gp, &pw = op.pw, &w = op.w;
   const Tensor A = features.contiguous();
-  const Tensor w = weights.to(acc).contiguous();
-  Tensor gf = need_features ? at::empty({B, K, H, W}, features.options()) : at::empty({0}, features.options());
-  Tensor gw = need_weights ? at::empty({B, K}, opts) : at::empty({0}, opts);
-  if ((need_features || need_weights) && B * K * P > 0) {
+  CamBwdOutputs o = alloc_cam_bwd(features, op.d, need_features, need_weights);
+  Tensor& gf = o.gf;
+  Tensor& gw = o.gw;
+  if (cam_bwd_has_work(op.d, need_features, need_weights)) {
     // about 8 warps' worth of channels per block, at most 65535 chunks
     int64_t kc = std::max<int64_t>(8, (K + 65534) / 65535);
     const dim3 grid(static_cast<unsigned int>(B), static_cast<unsigned int>((K + kc - 1) / kc));
@@ -201,16 +173,12 @@ std::tuple<Tensor, Tensor> cam_bwd_cuda(const std::optional<Tensor>& grad_cam, c
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
-  } else {
-    if (need_features) gf.zero_();
-    if (need_weights) gw.zero_();
   }
-  return {gf, need_weights ? gw.to(weights.scalar_type()) : at::empty({0}, weights.options())};
+  return finish_cam_bwd(o, weights, op.d, need_features, need_weights);
 }
 
 Tensor spatial_mean_cuda(const Tensor& grads) {
-  check_float(grads, "grads");
-  check_dim(grads, 4, "grads");
+  check_spatial_mean(grads, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(grads.device());
   const int64_t B = grads.size(0), K = grads.size(1), P = grads.size(2) * grads.size(3);
   const Tensor g = grads.contiguous();

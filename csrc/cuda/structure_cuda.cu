@@ -11,7 +11,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include "../common.h"
+#include "../checks.h"
 #include "cuda_utils.cuh"
 
 namespace icakd {
@@ -96,19 +96,11 @@ __global__ void inter_live_rows_kernel(const acc_t* __restrict__ A, const acc_t*
 
 std::tuple<Tensor, Tensor> centroids_fwd_cuda(const Tensor& sums_, const Tensor& counts_, const Tensor& feats_,
                                               const Tensor& labels_) {
-  check_float(sums_, "sums");
-  check_float(feats_, "feats");
-  check_dim(sums_, 2, "sums");
-  check_dim(feats_, 2, "feats");
-  check_dtype(counts_, at::kLong, "counts");
-  check_dtype(labels_, at::kLong, "labels");
-  const int64_t C = sums_.size(0), D = sums_.size(1), B = feats_.size(0);
-  TORCH_CHECK(feats_.size(1) == D, "feats must be [B, ", D, "], got ", feats_.sizes());
-  TORCH_CHECK(counts_.dim() == 1 && counts_.size(0) == C, "counts must be [C], got ", counts_.sizes());
-  TORCH_CHECK(labels_.dim() == 1 && labels_.size(0) == B, "labels must be [B], got ", labels_.sizes());
-  check_same_device(sums_, feats_, "feats");
+  // labels outside [0, C) are not counted (the CPU kernel raises; checking here would synchronise)
+  const CentroidDims dims = check_centroids(sums_, counts_, feats_, labels_, c10::DeviceType::CUDA);
+  const int64_t C = dims.C, D = dims.D;
   const c10::cuda::CUDAGuard guard(sums_.device());
-  const auto out_dt = at::promote_types(sums_.scalar_type(), feats_.scalar_type());
+  const auto out_dt = dims.out_dt;
   const Tensor sums = sums_.to(out_dt).contiguous();
   const Tensor feats = feats_.to(out_dt).contiguous();
   const Tensor counts = counts_.contiguous();
@@ -130,50 +122,18 @@ std::tuple<Tensor, Tensor> centroids_fwd_cuda(const Tensor& sums_, const Tensor&
   return {mu, total};
 }
 
-struct IntraArgs {
-  Tensor f_s, f_t, mu_s, mu_t, labels, valid;
-  int64_t B, D, C;
-  at::ScalarType acc;
-};
-
-IntraArgs intra_args(const Tensor& f_s, const Tensor& f_t, const Tensor& mu_s, const Tensor& mu_t,
-                     const Tensor& labels, const Tensor& valid) {
-  check_float(f_s, "f_s");
-  check_float(f_t, "f_t");
-  check_float(mu_s, "mu_s");
-  check_float(mu_t, "mu_t");
-  check_dim(f_s, 2, "f_s");
-  check_dim(mu_s, 2, "mu_s");
-  check_dtype(labels, at::kLong, "labels");
-  check_dtype(valid, at::kBool, "valid");
-  IntraArgs a;
-  a.B = f_s.size(0);
-  a.D = f_s.size(1);
-  a.C = mu_s.size(0);
-  TORCH_CHECK(f_t.sizes() == f_s.sizes(), "f_t must have the shape of f_s ", f_s.sizes(), ", got ", f_t.sizes());
-  TORCH_CHECK(mu_s.size(1) == a.D && mu_t.sizes() == mu_s.sizes(), "mu_s and mu_t must be [C, ", a.D, "]");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == a.B, "labels must be [B], got ", labels.sizes());
-  TORCH_CHECK(valid.dim() == 1 && valid.size(0) == a.C, "valid must be [C], got ", valid.sizes());
-  const bool dbl = f_s.scalar_type() == at::kDouble || f_t.scalar_type() == at::kDouble ||
-                   mu_s.scalar_type() == at::kDouble || mu_t.scalar_type() == at::kDouble;
-  a.acc = dbl ? at::kDouble : at::kFloat;
-  a.f_s = f_s.to(a.acc).contiguous();
-  a.f_t = f_t.to(a.acc).contiguous();
-  a.mu_s = mu_s.to(a.acc).contiguous();
-  a.mu_t = mu_t.to(a.acc).contiguous();
-  a.labels = labels.contiguous();
-  a.valid = valid.contiguous();
-  return a;
-}
-
-// number of rows whose class is valid (device tensor, acc dtype)
+// number of rows whose class is in [0, C) and valid (device tensor, acc dtype); rows with a label
+// outside [0, C) count as invalid, as in intra_rows_kernel
 Tensor intra_valid_rows(const IntraArgs& a) {
-  return a.valid.index_select(0, a.labels.clamp(0, std::max<int64_t>(a.C - 1, 0))).to(a.acc).sum();
+  if (a.C == 0) return at::zeros({}, a.f_s.options());
+  const Tensor in_range = a.labels.ge(0).logical_and(a.labels.lt(a.C));
+  const Tensor v = a.valid.index_select(0, a.labels.clamp(0, a.C - 1)).logical_and(in_range);
+  return v.to(a.acc).sum();
 }
 
 Tensor intra_fwd_cuda(const Tensor& f_s, const Tensor& f_t, const Tensor& mu_s, const Tensor& mu_t,
                       const Tensor& labels, const Tensor& valid) {
-  const IntraArgs a = intra_args(f_s, f_t, mu_s, mu_t, labels, valid);
+  const IntraArgs a = intra_args(f_s, f_t, mu_s, mu_t, labels, valid, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(f_s.device());
   if (a.B == 0) return at::zeros({}, f_s.options().dtype(a.acc));
   Tensor per_row = at::empty({a.B}, f_s.options().dtype(a.acc));
@@ -190,8 +150,8 @@ Tensor intra_fwd_cuda(const Tensor& f_s, const Tensor& f_t, const Tensor& mu_s, 
 
 Tensor intra_bwd_cuda(const Tensor& grad_out, const Tensor& f_s, const Tensor& f_t, const Tensor& mu_s,
                       const Tensor& mu_t, const Tensor& labels, const Tensor& valid) {
-  const IntraArgs a = intra_args(f_s, f_t, mu_s, mu_t, labels, valid);
-  TORCH_CHECK(grad_out.numel() == 1, "grad_out must be a scalar");
+  check_grad_out(grad_out, f_s, "f_s", c10::DeviceType::CUDA);
+  const IntraArgs a = intra_args(f_s, f_t, mu_s, mu_t, labels, valid, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(f_s.device());
   Tensor gd = at::empty({a.B, a.D}, f_s.options().dtype(a.acc));
   if (a.B == 0) return gd;
@@ -207,46 +167,6 @@ Tensor intra_bwd_cuda(const Tensor& grad_out, const Tensor& f_s, const Tensor& f
   return gd.mul_(scale);
 }
 
-struct InterOperands {
-  Tensor A, B;            // [C, Ds + Dt]
-  Tensor norm_s, norm_t;  // [C]
-  Tensor nvalid;          // 0-dim, acc dtype (device)
-  int64_t C, Ds, Dt;
-  at::ScalarType acc;
-};
-
-InterOperands inter_operands(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, double eps) {
-  check_float(mu_s, "mu_s");
-  check_float(mu_t, "mu_t");
-  check_dim(mu_s, 2, "mu_s");
-  check_dim(mu_t, 2, "mu_t");
-  check_dtype(valid, at::kBool, "valid");
-  InterOperands op;
-  op.C = mu_s.size(0);
-  op.Ds = mu_s.size(1);
-  op.Dt = mu_t.size(1);
-  TORCH_CHECK(mu_t.size(0) == op.C, "mu_t must have ", op.C, " rows, got ", mu_t.sizes());
-  TORCH_CHECK(valid.dim() == 1 && valid.size(0) == op.C, "valid must be [C], got ", valid.sizes());
-  check_same_device(mu_s, mu_t, "mu_t");
-  check_same_device(mu_s, valid, "valid");
-  op.acc = acc_type_of(mu_s.scalar_type(), mu_t.scalar_type());
-  const Tensor v = valid.to(op.acc);
-  const Tensor ms = mu_s.to(op.acc);
-  const Tensor mt = mu_t.to(op.acc);
-  op.norm_s = at::linalg_vector_norm(ms, 2, {1}, false, std::nullopt);
-  op.norm_t = at::linalg_vector_norm(mt, 2, {1}, false, std::nullopt);
-  op.A = at::empty({op.C, op.Ds + op.Dt}, ms.options());
-  op.B = at::empty({op.C, op.Ds + op.Dt}, ms.options());
-  const Tensor ns = ms * (v / op.norm_s.clamp_min(eps)).unsqueeze(1);
-  const Tensor nt = mt * (v / op.norm_t.clamp_min(eps)).unsqueeze(1);
-  op.A.narrow(1, 0, op.Ds).copy_(ns);
-  op.A.narrow(1, op.Ds, op.Dt).copy_(nt);
-  op.B.narrow(1, 0, op.Ds).copy_(ns);
-  op.B.narrow(1, op.Ds, op.Dt).copy_(nt).neg_();
-  op.nvalid = v.sum();
-  return op;
-}
-
 // rows per tile: a [T, C] tile of E holds at most 2^25 elements (128 MiB in float32)
 int64_t inter_tile_rows(int64_t C) {
   const int64_t t = (int64_t(1) << 25) / std::max<int64_t>(C, 1);
@@ -254,9 +174,10 @@ int64_t inter_tile_rows(int64_t C) {
 }
 
 Tensor inter_fwd_cuda(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, double eps) {
+  const InterDims d = check_inter(mu_s, mu_t, valid, eps, nullptr, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(mu_s.device());
-  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps);
-  const int64_t C = op.C, T = inter_tile_rows(C);
+  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps, d);
+  const int64_t C = d.C, T = inter_tile_rows(C);
   Tensor diag = at::zeros({}, op.A.options());
   Tensor off = at::zeros({}, op.A.options());
   for (int64_t r0 = 0; r0 < C; r0 += T) {
@@ -272,36 +193,25 @@ Tensor inter_fwd_cuda(const Tensor& mu_s, const Tensor& mu_t, const Tensor& vali
   return (diag + 2 * off) / (op.nvalid * op.nvalid).clamp_min(1);
 }
 
-Tensor normalize_backward(const Tensor& dn, const Tensor& n, const Tensor& norm, double eps) {
-  const Tensor proj = (n * dn).sum(1, true);
-  const Tensor big = norm.gt(eps).unsqueeze(1);
-  const Tensor nrm = norm.unsqueeze(1);
-  return at::where(big, (dn - n * proj) / at::where(big, nrm, at::ones_like(nrm)), dn / eps);
-}
-
 std::tuple<Tensor, Tensor> inter_bwd_cuda(const Tensor& grad_out, const Tensor& mu_s, const Tensor& mu_t,
                                           const Tensor& valid, const std::optional<Tensor>& live, bool need_s,
                                           bool need_t, double eps) {
-  const c10::cuda::CUDAGuard guard(mu_s.device());
-  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps);
-  const int64_t C = op.C, Ds = op.Ds, Dt = op.Dt, Dtot = Ds + Dt;
-  const auto opts = op.A.options();
-  if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
-  TORCH_CHECK(grad_out.numel() == 1, "grad_out must be a scalar");
   const bool has_live = live.has_value() && live->defined();
-  Tensor live_c;
-  if (has_live) {
-    check_dtype(*live, at::kBool, "live");
-    TORCH_CHECK(live->dim() == 1 && live->size(0) == C, "live must be [C], got ", live->sizes());
-    live_c = live->contiguous();
-  }
-  const Tensor scale = grad_out.reshape({}).to(op.acc) * 4 / (op.nvalid * op.nvalid).clamp_min(1);
+  const InterDims d = check_inter(mu_s, mu_t, valid, eps, has_live ? &*live : nullptr, c10::DeviceType::CUDA);
+  check_grad_out(grad_out, mu_s, "mu_s", c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(mu_s.device());
+  const int64_t C = d.C, Ds = d.Ds, Dt = d.Dt, Dtot = Ds + Dt;
+  const auto opts = mu_s.options().dtype(d.acc);
+  if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
+  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps, d);
+  const Tensor live_c = has_live ? live->contiguous() : Tensor();
+  const Tensor scale = grad_out.reshape({}).to(d.acc) * 4 / (op.nvalid * op.nvalid).clamp_min(1);
   Tensor gs = at::empty({0}, opts), gt = at::empty({0}, opts);
   if (has_live && !need_t) {
     Tensor dn = at::zeros({C, Ds}, opts);
     if (C > 0) {
       auto stream = c10::cuda::getCurrentCUDAStream();
-      AT_DISPATCH_FLOATING_TYPES(op.acc, "icakd_inter_live_rows_cuda", [&] {
+      AT_DISPATCH_FLOATING_TYPES(d.acc, "icakd_inter_live_rows_cuda", [&] {
         inter_live_rows_kernel<scalar_t><<<static_cast<unsigned int>(C), kThreads, 0, stream>>>(
             op.A.const_data_ptr<scalar_t>(), op.B.const_data_ptr<scalar_t>(), live_c.const_data_ptr<bool>(),
             dn.data_ptr<scalar_t>(), C, Ds, Dtot);
@@ -326,7 +236,7 @@ std::tuple<Tensor, Tensor> inter_bwd_cuda(const Tensor& grad_out, const Tensor& 
   G.mul_(scale);
   if (need_s) {
     gs = normalize_backward(G.narrow(1, 0, Ds), op.A.narrow(1, 0, Ds), op.norm_s, eps);
-    if (has_live) gs.mul_(live_c.to(op.acc).unsqueeze(1));
+    if (has_live) gs.mul_(live_c.to(d.acc).unsqueeze(1));
   }
   if (need_t) {
     gt = normalize_backward(G.narrow(1, need_s ? Ds : 0, Dt), op.A.narrow(1, Ds, Dt), op.norm_t, eps);
