@@ -155,15 +155,10 @@ def backend_of(p: str) -> str:
 
 #: kernel variants timed beside the defaults (module attribute overrides), to tune the defaults
 CAM_VARIANTS = {
-    "triton_split": {"CAM_FWD_MODE": "split"},
-    "triton_image_w4": {"CAM_FWD_MODE": "image", "CAM_CFG": {"image_warps": 4}},
+    "triton_image": {"CAM_FWD_MODE": "image"},
     "triton_image_t8k": {"CAM_FWD_MODE": "image", "CAM_CFG": {"image_tile": 8192}},
-    "triton_image_t16k_w16": {"CAM_FWD_MODE": "image", "CAM_CFG": {"image_tile": 16384, "image_warps": 16}},
     "triton_bwd_w8": {"CAM_CFG": {"bwd_warps": 8}},
     "triton_bwd_t8k": {"CAM_CFG": {"bwd_tile": 8192, "bwd_warps": 8}},
-    "triton_bwd_flat": {"CAM_CFG": {"bwd_flat": True}},
-    "triton_bwd_flat_w8": {"CAM_CFG": {"bwd_flat": True, "bwd_warps": 8}},
-    "triton_bwd_flat_t8k_w8": {"CAM_CFG": {"bwd_flat": True, "bwd_flat_tile": 8192, "bwd_warps": 8}},
 }
 #: float32 matmul precision per inter provider (PyTorch's switch; the kernels follow it)
 INTER_PRECISION = {"eager": "highest", "eager_tf32": "high", "compiled": "highest", "triton": "highest",
@@ -339,8 +334,31 @@ def case_cam(copy_bw):
     provs = providers("cam")
     if "triton" in provs:
         provs += list(CAM_VARIANTS)
-    run_case(case, make, lambda out: tuple(o.float() for o in out), provs, bytes_moved=nbytes, extra=extra,
-             graph_for=tuple(p for p in provs if p != "compiled"))
+    run_case(case, make, lambda out: tuple(o.float() for o in out), provs, bytes_moved=nbytes, extra=extra)
+
+    # the kernels alone (backend contract functions, no autograd), replayed as a CUDA graph: GPU
+    # time without the host-side layers, i.e. the kernels' own share of the copy bandwidth
+    if DEV == "cuda":
+        fd, wd = f.detach(), w.detach()
+        for p in [q for q in provs if q.startswith("triton") or q == "cpp"]:
+            impl = __import__(f"icakd_fast.ops._{backend_of(p)}_impl", fromlist=["cam_fwd"])
+            mod = __import__("icakd_fast.kernels.cam", fromlist=["cam_fwd"])
+
+            def kern(impl=impl):
+                cam, pooled, pw = impl.cam_fwd(fd, wd, True)
+                return impl.cam_bwd(gc, gp, fd, wd, cam, pw, True, True)
+
+            try:
+                with overrides(mod, CAM_VARIANTS.get(p, {})):
+                    kern()
+                    sync()
+                    ms = bench(kern, graph=True)
+                gbps = nbytes / (ms * 1e-3) / 1e9
+                record(f"{case} kernels only (CUDA graph)", p, status="ok", ms_cuda_graph=ms, gbps=gbps,
+                       fraction_of_copy_bw=(gbps / copy_bw) if copy_bw else None)
+            except Exception as exc:
+                record(f"{case} kernels only (CUDA graph)", p, status=f"error: {type(exc).__name__}: {str(exc)[:200]}")
+                torch.cuda.synchronize()
 
     # generic path: Grad-CAM weights from a gradient tensor (spatial mean) fused into the forward
     if "triton" in providers("cam"):

@@ -36,6 +36,14 @@ if ls .whl/*.whl > /dev/null 2>&1; then
     && export PYTHONPATH=/tmp/peers${PYTHONPATH:+:$PYTHONPATH} && stamp "peer wheels installed"
 fi
 
+# 0b. the C++ extension must be built with a compiler whose C++ runtime matches torch's: on the
+#     H100/H200 image, CXX points at /opt/gcc/bin/g++, and ANY torch extension built with it
+#     (even a five-line one) crashes the process when an op raises; the system g++ works.
+if [ -x /usr/bin/g++ ] && [ "${CXX:-}" != "/usr/bin/g++" ] && [ -z "${KEEP_CXX:-}" ]; then
+  stamp "CXX=${CXX:-unset} -> /usr/bin/g++ for the extension build"
+  export CXX=/usr/bin/g++ CC=/usr/bin/gcc
+fi
+
 # 1. the package (pure Python first, so tests can start at once), then the CUDA extension in the
 #    background at low priority (it shares the CPU with Triton's compiler and the host-side timers)
 ICAKD_SKIP_EXT=1 $PY -m pip install -q --no-deps --no-build-isolation -e . > "$LOGS/build.log" 2>&1 || stamp "pure install failed"
@@ -60,7 +68,7 @@ stamp "kernel bench rc=$?"
 
 wait $build_pid
 tail -n 1 "$LOGS/build.log" | tee -a "$OUT/summary.txt"
-$PY -m icakd_fast.info >> "$OUT/summary.txt" 2>&1
+$PY -m icakd_fast.info --check-extension >> "$OUT/summary.txt" 2>&1
 
 # 4. end-to-end training steps, scale sweep, peers (its own budget; writes e2e results to $OUT)
 E2E=${E2E_BUDGET:-190}
@@ -75,7 +83,7 @@ grep -E "^FAILED|^ERROR" "$LOGS/tests_cpp_gpu.log" | head -20 | tee -a "$OUT/sum
 # 6. hardware counters of the CAM and inter kernels (when Nsight Compute is present and can read them)
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2> /dev/null | head -n 1)
 if [ -n "$NCU" ] && [ "${NCU_TIMEOUT:-30}" -gt 0 ]; then
-  timeout -s INT ${NCU_TIMEOUT:-30} "$NCU" --kernel-name regex:"_cam_|_inter_" --launch-count 16 \
+  timeout -s INT ${NCU_TIMEOUT:-30} "$NCU" --kernel-name regex:"_cam_|_inter_" --launch-count 14 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
     $PY benchmarks/profile_kernels.py > "$LOGS/ncu.txt" 2>&1
   stamp "ncu rc=$?"

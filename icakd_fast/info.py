@@ -1,4 +1,5 @@
-"""``python -m icakd_fast.info``: versions and which backends run here."""
+"""``python -m icakd_fast.info [--check-extension]``: versions, which backends run here and (with the
+flag) whether errors raised inside the C++ extension reach Python."""
 
 from __future__ import annotations
 
@@ -34,8 +35,36 @@ def report() -> str:
     return "\n".join(lines)
 
 
+_ERROR_PROBE = """
+import torch, icakd_fast._C
+try:
+    torch.ops.icakd_fast_C.cam_fwd(torch.zeros(2, 3, 4, 4), torch.zeros(2, 5), True)
+except RuntimeError:
+    print("raised")
+"""
+
+
+def extension_errors_raise() -> str:
+    """Whether an error inside the C++ extension reaches Python as an exception, checked in a child
+    process: an extension linked against a C++ runtime other than torch's can crash instead."""
+    import subprocess
+
+    try:
+        r = subprocess.run([sys.executable, "-c", _ERROR_PROBE], capture_output=True, text=True, timeout=120)
+    except Exception as exc:  # pragma: no cover - e.g. no subprocesses allowed
+        return f"not checked ({type(exc).__name__})"
+    if r.returncode == 0 and "raised" in r.stdout:
+        return "yes"
+    if r.returncode == 0 or "No module named" in r.stderr:
+        return "not checked (extension not built)"
+    return (f"NO: the child process died (exit {r.returncode}); rebuild the extension with the compiler torch "
+            "was built with, e.g. CXX=/usr/bin/g++ (see docs/cpp_extension.md)")
+
+
 def main() -> None:
     print(report())
+    if "--check-extension" in sys.argv:
+        print(f"C++ extension errors raise: {extension_errors_raise()}")
 
 
 if __name__ == "__main__":

@@ -17,14 +17,12 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 impl = pytest.importorskip("icakd_fast.ops._triton_impl")
 
 
-@pytest.fixture(params=["split", "image+flat_bwd"])
+@pytest.fixture(params=["split", "image"])
 def fwd_mode(request, monkeypatch):
-    """Both forward strategies (channel blocks across programs; one program per image) and both
-    backward kernels (strided tiles; flat stores for NCHW-contiguous maps)."""
+    """Both forward strategies: channel blocks across programs, and one program per image."""
     from icakd_fast.kernels import cam as kcam
 
-    monkeypatch.setattr(kcam, "CAM_FWD_MODE", request.param.split("+")[0])
-    monkeypatch.setitem(kcam.CAM_CFG, "bwd_flat", request.param.endswith("flat_bwd"))
+    monkeypatch.setattr(kcam, "CAM_FWD_MODE", request.param)
     return request.param
 
 
@@ -129,7 +127,8 @@ def test_spatial_mean_and_fused_generic_path(dtype, fwd_mode):
     cam, pooled, pool_w, w = impl.cam_fwd_from_grads(f, g, True)
     rw = R.grad_cam_weights(g.double()).to(dtype)
     rc, rp = R.class_activation_features(f.double(), rw.double())
-    assert torch.equal(w, mean)
+    # same sums, possibly in another reduction order (the one-program-per-image kernel)
+    torch.testing.assert_close(w, mean, rtol=2e-6 if dtype == torch.float32 else 2e-3, atol=1e-7)
     assert_close_rel(cam, rc, dtype, "cam (generic)")
     assert_close_rel(pooled, rp, dtype, "pooled (generic)", factor=2)
     assert_close_rel(pool_w, R.cam_pool_weights(rc), dtype, "pool_w (generic)", factor=2)
