@@ -1,0 +1,85 @@
+"""Smoke tests of benchmarks/e2e_bench.py (dry run: CPU, tiny shapes, Triton interpreter) and
+benchmarks/plot_results.py on its output."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks", "e2e_bench.py")
+PLOT = os.path.join(ROOT, "benchmarks", "plot_results.py")
+METHODS = {"ce", "kd", "cskd", "icakd"}
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX only")
+
+
+def _run(args, out, timeout):
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, BENCH, "--out", str(out), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads((out / "e2e_bench.json").read_text())
+    assert (out / "e2e_bench.csv").is_file()
+    return data, proc.stdout
+
+
+def _check_rows(data, presets):
+    env, rows = data["environment"], data["results"]
+    for key in ("device_name", "torch", "triton", "cuda", "memory_measure"):
+        assert key in env
+    for r in rows:
+        for key in ("case", "backend", "method", "shape", "metric", "value", "unit", "status"):
+            assert key in r, r
+    for preset in presets:
+        e2e = [r for r in rows if r["mode"] == "e2e" and r["preset"] == preset]
+        assert METHODS <= {r["method"] for r in e2e if r["metric"] == "images_per_s"}, preset
+        ok = {r["method"] for r in e2e if r["metric"] == "images_per_s" and r["status"] == "ok"}
+        assert METHODS <= ok, [(r["method"], r["backend"], r["status"]) for r in e2e if r["status"] != "ok"]
+    for r in rows:
+        if r["backend"] in ("reference", "cpp"):
+            assert not r["status"].startswith("error"), r
+            assert r["status"] != "mismatch", r
+    return rows
+
+
+def _plot(path, out_png):
+    pytest.importorskip("matplotlib")
+    proc = subprocess.run([sys.executable, PLOT, str(path), "--out", str(out_png)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out_png.stat().st_size > 10_000
+
+
+def test_e2e_bench_dry_run_cifar_sweep_peers(tmp_path):
+    """Fast subset: CIFAR preset (all backends but compiled), sweep, peers, then the plot."""
+    data, stdout = _run(["--dry-run", "--preset", "cifar", "--sweep", "--peers", "--no-compile"], tmp_path, 240)
+    rows = _check_rows(data, ["cifar"])
+    assert any(r["mode"] == "sweep" and r["metric"] == "ms" and r["status"] == "ok" for r in rows)
+    assert any(r["mode"] == "peers" for r in rows)
+    assert any(r["metric"] == "icakd_step_time_ratio_vs_kd" for r in rows)
+    assert "images/s" in stdout  # the summary table
+    triton = [r for r in rows if r["backend"] == "triton" and r["mode"] in ("e2e", "sweep")]
+    if data["environment"]["triton_backend"] == "available":
+        assert triton and all(r["status"] in ("ok",) for r in triton), triton
+    _plot(tmp_path / "e2e_bench.json", tmp_path / "plot.png")
+
+
+def test_e2e_bench_budget_skips(tmp_path):
+    """With no time left every task is recorded as skipped, and the files are still written."""
+    data, _ = _run(["--dry-run", "--preset", "cifar", "--sweep", "--budget-s", "0.001"], tmp_path, 120)
+    rows = data["results"]
+    assert rows and all(r["status"].startswith("skipped") for r in rows if r["mode"] in ("e2e", "sweep"))
+    assert any("budget" in r["status"] for r in rows)
+
+
+@pytest.mark.slow
+def test_e2e_bench_dry_run_everything(tmp_path):
+    """Every mode and preset, compiled rows included (about 2 minutes on 2 CPU cores)."""
+    data, _ = _run(["--dry-run"], tmp_path, 900)
+    rows = _check_rows(data, ["imagenet", "cifar"])
+    compiled = [r for r in rows if r["backend"] == "compiled" and r["metric"] in ("images_per_s", "ms")]
+    assert compiled and all(r["status"] == "ok" or r["status"].startswith(("error", "skipped")) for r in compiled)
+    _plot(tmp_path / "e2e_bench.json", tmp_path / "plot.png")
