@@ -96,14 +96,20 @@ def _cam_from_partials(part_ptr, b, NKB, HW, BLOCK_P: tl.constexpr, BLOCK_R: tl.
         r = r0 + tl.arange(0, BLOCK_R)
         acc += tl.load(base + r.to(tl.int64)[:, None] * BLOCK_P + p[None, :], mask=(r < NKB)[:, None], other=0.0)
     cam = tl.maximum(tl.sum(acc, axis=0), 0.0)
+    return cam, _pool_weights(cam, pmask, HW)
+
+
+@triton.jit
+def _pool_weights(cam, pmask, HW):
+    """Min-max normalised map over the valid lanes, divided by its sum (uniform 1/HW when the
+    map is constant); 0 on padded lanes."""
     lo = tl.min(tl.where(pmask, cam, float("inf")), axis=0)
     hi = tl.max(tl.where(pmask, cam, float("-inf")), axis=0)
     m = tl.where(pmask, (cam - lo) / (hi - lo + 1e-7), 0.0)
     den = tl.sum(m, axis=0)
     safe = tl.where(den > 0, den, 1.0)
     pw = tl.where(den > 0, m / safe, 1.0 / HW)
-    pw = tl.where(pmask, pw, 0.0)
-    return cam, pw
+    return tl.where(pmask, pw, 0.0)
 
 
 @triton.jit
@@ -196,13 +202,7 @@ def _cam_image_kernel(
     cam = tl.maximum(s, 0.0)
     tl.store(cam_ptr + b * HW + p, cam.to(cam_ptr.dtype.element_ty), mask=pmask)
     if WITH_POOLED:
-        lo = tl.min(tl.where(pmask, cam, float("inf")), axis=0)
-        hi = tl.max(tl.where(pmask, cam, float("-inf")), axis=0)
-        m = tl.where(pmask, (cam - lo) / (hi - lo + 1e-7), 0.0)
-        den = tl.sum(m, axis=0)
-        safe = tl.where(den > 0, den, 1.0)
-        pw = tl.where(den > 0, m / safe, 1.0 / HW)
-        pw = tl.where(pmask, pw, 0.0)
+        pw = _pool_weights(cam, pmask, HW)
         tl.store(pw_ptr + b * HW + p, pw.to(pw_ptr.dtype.element_ty), mask=pmask)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
