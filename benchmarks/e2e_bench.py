@@ -1243,9 +1243,9 @@ def main(argv=None) -> int:
     if deferred:
         log("\n== compiled (torch.compile of the reference)")
     for kind, base, fn in deferred:
-        default = 90.0 if kind.startswith("e2e") else 45.0
+        default = 40.0 if kind.startswith("e2e") else 20.0  # one compilation (~10-20 s on an H200) + steps
         if dev.type == "cpu":
-            default *= 2
+            default *= 4
         bench.run(kind, default, base, fn, metric="images_per_s" if kind.startswith("e2e") else "ms")
     for p in presets:
         # re-summarise with the compiled rows (the earlier summary rows are replaced)
