@@ -154,13 +154,19 @@ def _cam_pool_kernel(
     else:
         pw = tl.load(pw_ptr + b * HW + p, mask=pmask, other=0.0).to(acc_ty)
     hh, ww = _split_p(p, WIDTH, FLAT)
-    k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    _pool_block(a_ptr + b * sab, pooled_ptr + b * K, kb * BLOCK_K, K, pw, hh * sah + ww * saw, pmask, sak, BLOCK_K)
+
+
+@triton.jit
+def _pool_block(img_ptr, out_ptr, k0, K, pw, sp, pmask, sak, BLOCK_K: tl.constexpr):
+    """``out[k] = sum_p pw[p] A[k, p]`` for channels ``k0 .. k0 + BLOCK_K`` of one image
+    (``sp``: the pixels' offsets)."""
+    k = k0 + tl.arange(0, BLOCK_K)
     kmask = k < K
     k64 = k.to(tl.int64)
-    a = tl.load(a_ptr + b * sab + k64[:, None] * sak + (hh * sah + ww * saw)[None, :],
-                mask=kmask[:, None] & pmask[None, :], other=0.0)
-    pooled = tl.sum(a.to(acc_ty) * pw[None, :], axis=1)
-    tl.store(pooled_ptr + b * K + k64, pooled.to(pooled_ptr.dtype.element_ty), mask=kmask)
+    a = tl.load(img_ptr + k64[:, None] * sak + sp[None, :], mask=kmask[:, None] & pmask[None, :], other=0.0)
+    pooled = tl.sum(a.to(pw.dtype) * pw[None, :], axis=1)
+    tl.store(out_ptr + k64, pooled.to(out_ptr.dtype.element_ty), mask=kmask)
 
 
 @triton.jit
@@ -205,13 +211,7 @@ def _cam_image_kernel(
         pw = _pool_weights(cam, pmask, HW)
         tl.store(pw_ptr + b * HW + p, pw.to(pw_ptr.dtype.element_ty), mask=pmask)
         for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            kmask = k < K
-            k64 = k.to(tl.int64)
-            a = tl.load(a_ptr + b * sab + k64[:, None] * sak + (hh * sah + ww * saw)[None, :],
-                        mask=kmask[:, None] & pmask[None, :], other=0.0)
-            pooled = tl.sum(a.to(acc_ty) * pw[None, :], axis=1)
-            tl.store(pooled_ptr + b * K + k64, pooled.to(pooled_ptr.dtype.element_ty), mask=kmask)
+            _pool_block(a_ptr + b * sab, pooled_ptr + b * K, k0, K, pw, hh * sah + ww * saw, pmask, sak, BLOCK_K)
 
 
 @triton.jit
