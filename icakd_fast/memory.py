@@ -53,6 +53,30 @@ def _gather_from_ranks(feats: torch.Tensor, labels: torch.Tensor, mask: torch.Te
     return gather(feats), gather(labels), gather(mask.to(torch.uint8)).bool()
 
 
+@torch.library.custom_op("icakd_fast::bank_snapshot", mutates_args=())
+def _bank_snapshot(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of a bank's ``(sums, counts)``, as an opaque op.
+
+    Under ``torch.compile`` a loss that reads the bank and an ``enqueue`` that mutates it can land
+    in one graph. AOTAutograd's min-cut partitioner may then recompute a cheap read of a buffer
+    (say ``(sums + batch) / total``) in the backward instead of saving it, so the backward sees the
+    post-enqueue contents and the gradients are silently wrong (torch <= 2.14). A custom op is never
+    recomputed, so reads through this snapshot are saved as they were at read time.
+    """
+    return sums.clone(), counts.clone()
+
+
+@_bank_snapshot.register_fake
+def _(sums, counts):
+    return torch.empty_like(sums), torch.empty_like(counts)
+
+
+def _snapshot_if_compiling(sums: torch.Tensor, counts: torch.Tensor):
+    if torch.compiler.is_compiling():
+        return _bank_snapshot(sums, counts)
+    return sums, counts
+
+
 def _distributed() -> bool:
     import torch.distributed as dist
 
@@ -167,8 +191,12 @@ class ClassMemoryBank(_BankBase):
         impl.class_bank_resync_(self.bank, self.count, self.sums, classes)
 
     def sums_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sums float32 [C,D], counts int64 [C])`` of the stored rows (previous batches only)."""
-        return self.sums, self.count
+        """``(sums float32 [C,D], counts int64 [C])`` of the stored rows (previous batches only).
+
+        Eager mode returns the buffers themselves; under ``torch.compile`` it returns copies, so
+        that a later ``enqueue`` in the same compiled region cannot change what a backward reads.
+        """
+        return _snapshot_if_compiling(self.sums, self.count)
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -216,7 +244,7 @@ class FIFOMemoryBank(_BankBase):
     def sums_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         name = resolve(self.backend, "fifo_bank", self.bank)
         impl = reference if name == "reference" else implementation(name)
-        return impl.fifo_bank_sums(self.bank, self.labels, self.num_classes)
+        return _snapshot_if_compiling(*impl.fifo_bank_sums(self.bank, self.labels, self.num_classes))
 
     @torch.no_grad()
     def reset(self) -> None:
