@@ -127,6 +127,11 @@ def class_centroids(
     if feats.shape[1] != sums.shape[1]:
         raise ValueError(f"feats has dim {feats.shape[1]} but sums has dim {sums.shape[1]}")
     _check_labels("labels", labels, feats.shape[0], sums.shape[0], feats.device, "feats")
+    return _class_centroids(sums, counts, feats, labels, backend)
+
+
+def _class_centroids(sums, counts, feats, labels, backend):
+    """``class_centroids`` without the argument checks (callers that validated them already)."""
     name = resolve(backend, "centroids", feats)
     if name == "reference":
         return reference.class_centroids(sums, counts, feats, labels)
@@ -159,6 +164,11 @@ def intra_class_loss(
         )
     V.length("valid", valid, mu_s.shape[0], "mu_s")
     _check_labels("labels", labels, f_s.shape[0], mu_s.shape[0], f_s.device, "f_s")
+    return _intra_class_loss(f_s, f_t, mu_s, mu_t, labels, valid, backend)
+
+
+def _intra_class_loss(f_s, f_t, mu_s, mu_t, labels, valid, backend):
+    """``intra_class_loss`` without the argument checks (callers that validated them already)."""
     name = resolve(backend, "intra", f_s)
     if name == "reference":
         return reference.intra_class_loss(f_s, f_t, mu_s, mu_t, labels, valid)

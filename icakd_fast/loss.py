@@ -10,6 +10,7 @@ from torch import nn
 
 from . import _validate as V
 from . import functional as IF
+from . import reference
 from .memory import ClassMemoryBank, FIFOMemoryBank
 
 __all__ = ["ICAKDLoss", "ICAKDOutput", "METHODS"]
@@ -166,6 +167,11 @@ class ICAKDLoss(nn.Module):
         if wt is not None and wt.shape != (self.num_classes, self.teacher_dim):
             raise ValueError(f"teacher_fc_weight must be [{self.num_classes}, {self.teacher_dim}], got {tuple(wt.shape)}")
         V.label_range("labels", y, self.num_classes)
+        if self.bank_s is not None and self.bank_s.bank.device != zs.device:
+            raise ValueError(
+                f"student_logits is on {zs.device} but the loss module's banks are on {self.bank_s.bank.device}; "
+                "move the module with .to(device)"
+            )
 
     def _centroids(self, bank, f, labels, keep):
         if bank is not None:
@@ -174,7 +180,7 @@ class ICAKDLoss(nn.Module):
             sums = torch.zeros(self.num_classes, f.shape[1], dtype=torch.float32, device=f.device)
             counts = torch.zeros(self.num_classes, dtype=torch.int64, device=f.device)
         if keep is None:
-            return IF.class_centroids(sums, counts, f, labels, backend=self.backend)
+            return IF._class_centroids(sums, counts, f, labels, self.backend)
         # correct_only: masked rows drop out of the batch part without changing any shape
         out = torch.promote_types(sums.dtype, f.dtype)
         batch = torch.zeros(self.num_classes, f.shape[1], dtype=out, device=f.device)
@@ -218,8 +224,10 @@ class ICAKDLoss(nn.Module):
             hs, ws_ = student_features.shape[-2:]
             if self.cam_weighting or self.use_cam_loss:
                 targets = labels if self.target == "label" else teacher_logits.argmax(dim=1)
-                alpha_s = IF.cam_weights_from_linear(student_fc_weight, targets, hs * ws_)
-                alpha_t = IF.cam_weights_from_linear(teacher_fc_weight, targets, teacher_features.shape[-2] * teacher_features.shape[-1])
+                # inputs checked by _check (labels in range; argmax targets are in range)
+                alpha_s = reference.cam_weights_from_linear(student_fc_weight, targets, hs * ws_)
+                alpha_t = reference.cam_weights_from_linear(
+                    teacher_fc_weight, targets, teacher_features.shape[-2] * teacher_features.shape[-1])
                 cam_s, v_s = IF.class_activation_features(student_features, alpha_s, backend=self.backend)
                 with torch.no_grad():
                     cam_t, v_t = IF.class_activation_features(teacher_features, alpha_t, backend=self.backend)
@@ -246,14 +254,14 @@ class ICAKDLoss(nn.Module):
             valid = (n_s >= self.min_count) & (n_t >= self.min_count)
             live = torch.zeros(self.num_classes, dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
 
-            l_intra = IF.intra_class_loss(f_s, f_t, mu_s, mu_t, labels, valid, backend=self.backend)
+            l_intra = IF._intra_class_loss(f_s, f_t, mu_s, mu_t, labels, valid, self.backend)
             l_inter = IF.inter_class_loss(mu_s, mu_t, valid, live=live, backend=self.backend)
             parts["intra"] = l_intra
             parts["inter"] = l_inter
             loss = loss + self.w_intra * l_intra + self.w_inter * l_inter
 
             if self.training and self.bank_s is not None:
-                self.bank_s.enqueue(f_s.detach(), labels, keep_s)
-                self.bank_t.enqueue(f_t.detach(), labels, keep_t)
+                self.bank_s._enqueue(f_s, labels, keep_s)
+                self.bank_t._enqueue(f_t, labels, keep_t)
 
         return ICAKDOutput(loss=loss, parts={k: v.detach() for k, v in parts.items()})

@@ -106,8 +106,15 @@ class _BankBase(nn.Module):
                 raise ValueError(f"mask is on {mask.device} but the bank is on {device}; move one of them")
             V.length("mask", mask, feats.shape[0], "feats")
         V.label_range("labels", labels, self.num_classes, mask)
+        return feats, labels, mask
+
+    @staticmethod
+    def _prepare(feats, labels, mask):
+        """Detached features, int64 labels and a mask (all rows if None), gathered from every rank."""
         feats = feats.detach()
         labels = labels.long()
+        if mask is None:
+            mask = torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
         if _distributed():
             feats, labels, mask = _gather_from_ranks(feats, labels, mask)
         return feats, labels, mask
@@ -173,7 +180,12 @@ class ClassMemoryBank(_BankBase):
     @torch.no_grad()
     def enqueue(self, feats: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Store detached ``feats`` [N,D] under ``labels`` [N]; rows with ``mask`` False are skipped."""
-        feats, labels, mask = self._check_enqueue(feats, labels, mask)
+        self._enqueue(*self._check_enqueue(feats, labels, mask))
+
+    @torch.no_grad()
+    def _enqueue(self, feats, labels, mask):
+        """``enqueue`` without the argument checks (callers that validated them already)."""
+        feats, labels, mask = self._prepare(feats, labels, mask)
         name = resolve(self.backend, "class_bank", self.bank)
         impl = reference if name == "reference" else implementation(name)
         impl.class_bank_enqueue_(self.bank, self.count, self.ptr, self.sums, feats, labels, mask)
@@ -236,7 +248,12 @@ class FIFOMemoryBank(_BankBase):
     @torch.no_grad()
     def enqueue(self, feats: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Store detached ``feats`` [N,D] with ``labels`` [N]; rows with ``mask`` False are skipped."""
-        feats, labels, mask = self._check_enqueue(feats, labels, mask)
+        self._enqueue(*self._check_enqueue(feats, labels, mask))
+
+    @torch.no_grad()
+    def _enqueue(self, feats, labels, mask):
+        """``enqueue`` without the argument checks (callers that validated them already)."""
+        feats, labels, mask = self._prepare(feats, labels, mask)
         name = resolve(self.backend, "fifo_bank", self.bank)
         impl = reference if name == "reference" else implementation(name)
         impl.fifo_bank_enqueue_(self.bank, self.labels, self.ptr, feats, labels, mask)

@@ -121,6 +121,9 @@ def test_bad_arguments_name_the_argument():
         mod(fs, zs, ft, zt, y, ws, wt[:, :3])
     with pytest.raises(TypeError, match="labels"):
         mod(fs, zs, ft, zt, y.float(), ws, wt)
+    on_meta = ICAKDLoss(C, DS, DT).to("meta")
+    with pytest.raises(ValueError, match=r"student_logits is on cpu but the loss module's banks are on meta"):
+        on_meta(fs, zs, ft, zt, y, ws, wt)
     with pytest.raises(ValueError, match="method"):
         ICAKDLoss(C, DS, DT, method="fitnet")
     with pytest.raises(ValueError, match="bank"):
