@@ -213,6 +213,20 @@ def case_inter_large(rows, mem, quick):
     reference.inter_class_loss(s2, mu_t[:n], valid[:n], live[:n]).backward()
     torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-3, atol=1e-9)
 
+    # auto picks the float64 Gram form here (C >> Ds + Dt); the direct tiled form for comparison
+    for form in ("auto", "direct"):
+        old_env = os.environ.get("ICAKD_INTER_FORM")
+        os.environ["ICAKD_INTER_FORM"] = form
+        try:
+            _inter_large_rows(mem, form, C, Ds, Dt, P, mu_s0, mu_t, valid, live)
+        finally:
+            if old_env is None:
+                os.environ.pop("ICAKD_INTER_FORM")
+            else:
+                os.environ["ICAKD_INTER_FORM"] = old_env
+
+
+def _inter_large_rows(mem, form, C, Ds, Dt, P, mu_s0, mu_t, valid, live):
     mu_s = mu_s0.clone().requires_grad_()
     with PeakRSS() as peak:
         t0 = time.perf_counter()
@@ -223,7 +237,7 @@ def case_inter_large(rows, mem, quick):
     grad_mb = mu_s.grad.numel() * 4 / 2**20
     mem.append(
         {
-            "case": f"inter loss fwd+bwd (live rows), C={C} Ds={Ds} Dt={Dt} P={P}",
+            "case": f"inter loss fwd+bwd (live rows), C={C} Ds={Ds} Dt={Dt} P={P}, form={form}",
             "fwd_s": round(t1 - t0, 3),
             "bwd_s": round(t2 - t1, 3),
             "peak_added_rss_MB": round(peak.added_mb, 1),
@@ -240,7 +254,7 @@ def case_inter_large(rows, mem, quick):
         t1 = time.perf_counter()
     mem.append(
         {
-            "case": f"inter loss fwd+bwd (full, both gradients), C={C} Ds={Ds} Dt={Dt}",
+            "case": f"inter loss fwd+bwd (full, both gradients), C={C} Ds={Ds} Dt={Dt}, form={form}",
             "fwd_bwd_s": round(t1 - t0, 3),
             "peak_added_rss_MB": round(peak.added_mb, 1),
             "reference_one_CxC_matrix_MB": round(C * C * 4 / 2**20, 1),

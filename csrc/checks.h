@@ -481,8 +481,9 @@ inline InterDims check_inter(const at::Tensor& mu_s, const at::Tensor& mu_t, con
   return d;
 }
 
-// A = [v n_s, v n_t], B = [v n_s, -v n_t] ([C, Ds + Dt], acc dtype), n = mu / max(|mu|, eps)
-// row-wise (as F.normalize), v = valid; row norms and |V| (a 0-dim tensor on the op's device).
+// A = [v n_s, v n_t], B = [v n_s, -v n_t] ([C, Ds + Dt], acc dtype; B only if with_B: the Gram
+// form of inter_gram.h needs A alone), n = mu / max(|mu|, eps) row-wise (as F.normalize),
+// v = valid; row norms and |V| (a 0-dim tensor on the op's device).
 struct InterOperands {
   at::Tensor A, B;
   at::Tensor norm_s, norm_t;
@@ -490,7 +491,7 @@ struct InterOperands {
 };
 
 inline InterOperands inter_operands(const at::Tensor& mu_s, const at::Tensor& mu_t, const at::Tensor& valid,
-                                    double eps, const InterDims& d) {
+                                    double eps, const InterDims& d, bool with_B = true) {
   InterOperands op;
   const at::Tensor v = valid.to(d.acc).unsqueeze(1);
   const at::Tensor ms = mu_s.to(d.acc);
@@ -498,13 +499,13 @@ inline InterOperands inter_operands(const at::Tensor& mu_s, const at::Tensor& mu
   op.norm_s = at::linalg_vector_norm(ms, 2, {1}, false, std::nullopt);
   op.norm_t = at::linalg_vector_norm(mt, 2, {1}, false, std::nullopt);
   op.A = at::empty({d.C, d.Ds + d.Dt}, ms.options());
-  op.B = at::empty({d.C, d.Ds + d.Dt}, ms.options());
-  const at::Tensor ns = ms / op.norm_s.clamp_min(eps).unsqueeze(1) * v;
-  const at::Tensor nt = mt / op.norm_t.clamp_min(eps).unsqueeze(1) * v;
-  op.A.narrow(1, 0, d.Ds).copy_(ns);
-  op.A.narrow(1, d.Ds, d.Dt).copy_(nt);
-  op.B.narrow(1, 0, d.Ds).copy_(ns);
-  op.B.narrow(1, d.Ds, d.Dt).copy_(nt).neg_();
+  at::Tensor a_s = op.A.narrow(1, 0, d.Ds), a_t = op.A.narrow(1, d.Ds, d.Dt);
+  at::div_out(a_s, ms, op.norm_s.clamp_min(eps).unsqueeze(1)).mul_(v);
+  at::div_out(a_t, mt, op.norm_t.clamp_min(eps).unsqueeze(1)).mul_(v);
+  if (with_B) {
+    op.B = op.A.clone();
+    op.B.narrow(1, d.Ds, d.Dt).neg_();
+  }
   op.nvalid = v.sum();
   return op;
 }

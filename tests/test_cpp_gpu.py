@@ -177,10 +177,12 @@ def test_centroids_and_intra(dtype):
             assert torch.equal(a, r)
 
 
+@pytest.mark.parametrize("form", ["direct", "gram"])
 @pytest.mark.parametrize("c,ds,dt", [(1, 3, 2), (130, 24, 40), (1000, 512, 512), (5000, 64, 96)])
 @pytest.mark.parametrize("use_live", [False, True])
 @pytest.mark.parametrize("need_t", [False, True])
-def test_inter(c, ds, dt, use_live, need_t):
+def test_inter(c, ds, dt, use_live, need_t, form, monkeypatch):
+    monkeypatch.setenv("ICAKD_INTER_FORM", form)  # tiles of E, or the float64 Gram matrix
     mu_s0 = torch.randn(c, ds, device=DEV)
     mu_t0 = torch.randn(c, dt, device=DEV)
     valid = torch.rand(c, device=DEV) < 0.9
@@ -209,7 +211,9 @@ def test_inter(c, ds, dt, use_live, need_t):
         close(out[0], lt, scale=10.0)
 
 
-def test_inter_float64_gradcheck_on_gpu():
+@pytest.mark.parametrize("form", ["direct", "gram"])
+def test_inter_float64_gradcheck_on_gpu(form, monkeypatch):
+    monkeypatch.setenv("ICAKD_INTER_FORM", form)
     mu_s = torch.randn(9, 4, dtype=torch.float64, device=DEV, requires_grad=True)
     mu_t = torch.randn(9, 6, dtype=torch.float64, device=DEV, requires_grad=True)
     valid = torch.ones(9, dtype=torch.bool, device=DEV)

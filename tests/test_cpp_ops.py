@@ -257,6 +257,13 @@ def test_intra_gradcheck():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["direct", "gram"])
+def inter_form(request, monkeypatch):
+    """Both forms of the inter loss: tiles of E = A B^T, or the float64 Gram matrix A^T A."""
+    monkeypatch.setenv("ICAKD_INTER_FORM", request.param)
+    return request.param
+
+
 def _inter_inputs(c, ds, dt, dtype, frac_valid=0.8, zero_row=False):
     mu_s = torch.randn(c, ds).to(dtype)
     mu_t = torch.randn(c, dt).to(dtype)
@@ -270,7 +277,7 @@ def _inter_inputs(c, ds, dt, dtype, frac_valid=0.8, zero_row=False):
 
 @pytest.mark.parametrize("c,ds,dt", [(1, 1, 1), (7, 5, 9), (130, 32, 48), (200, 16, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_inter_forward(c, ds, dt, dtype):
+def test_inter_forward(c, ds, dt, dtype, inter_form):
     mu_s, mu_t, valid = _inter_inputs(c, ds, dt, dtype, zero_row=True)
     out = cpp.inter_fwd(mu_s, mu_t, valid, EPS)
     ref = reference.inter_class_loss(mu_s, mu_t, valid)
@@ -283,7 +290,7 @@ def test_inter_forward(c, ds, dt, dtype):
 @pytest.mark.parametrize("use_live", [False, True])
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_inter_backward(c, ds, dt, use_live, need, dtype):
+def test_inter_backward(c, ds, dt, use_live, need, dtype, inter_form):
     mu_s0, mu_t0, valid = _inter_inputs(c, ds, dt, dtype, zero_row=True)
     live = (torch.rand(c) < 0.3) if use_live else None
     g = torch.tensor(0.7, dtype=dtype)
@@ -307,7 +314,7 @@ def test_inter_backward(c, ds, dt, use_live, need, dtype):
         assert torch.all(out[1][~live] == 0)
 
 
-def test_inter_bf16_backward():
+def test_inter_bf16_backward(inter_form):
     mu_s0, mu_t0, valid = _inter_inputs(70, 16, 24, torch.bfloat16)
     live = torch.rand(70) < 0.5
     s1 = mu_s0.clone().requires_grad_()
@@ -318,7 +325,7 @@ def test_inter_bf16_backward():
     close(s1.grad, s2.grad, torch.bfloat16, scale=2.0)
 
 
-def test_inter_no_valid_class():
+def test_inter_no_valid_class(inter_form):
     mu_s, mu_t, valid = _inter_inputs(5, 3, 4, torch.float32)
     valid[:] = False
     assert cpp.inter_fwd(mu_s, mu_t, valid, EPS).item() == 0
@@ -326,7 +333,7 @@ def test_inter_no_valid_class():
     assert torch.all(gs == 0) and torch.all(gt == 0)
 
 
-def test_inter_gradcheck():
+def test_inter_gradcheck(inter_form):
     mu_s, mu_t, valid = _inter_inputs(11, 4, 6, torch.float64)
     mu_s.requires_grad_()
     mu_t.requires_grad_()
@@ -341,7 +348,7 @@ def test_inter_gradcheck():
     assert torch.autograd.gradcheck(live_rows_only, (base[idx].clone().requires_grad_(),))
 
 
-def test_inter_is_deterministic_and_tiles_exactly():
+def test_inter_is_deterministic_and_tiles_exactly(inter_form):
     # several 64-row tiles, uneven last tile; the loss does not depend on the thread count
     mu_s, mu_t, valid = _inter_inputs(301, 8, 12, torch.float32)
     a = cpp.inter_fwd(mu_s, mu_t, valid, EPS)

@@ -6,7 +6,8 @@
 // of 64 rows are independent tasks (at::parallel_for; the GEMM inside a task is single-threaded),
 // each task writes its own partial sum / its own rows, and partial sums are added in tile order,
 // so results do not depend on the thread count. Extra memory: A, B, and one [64, C] tile per
-// thread -- never a C x C matrix.
+// thread -- never a C x C matrix. When C is large against Ds + Dt, the Gram form of
+// inter_gram.h (float64, O(C D^2)) replaces the tiles; it needs A only.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../inter_gram.h"
 
 namespace icakd {
 namespace {
@@ -146,17 +148,19 @@ void normalize_backward_(Tensor& dn, const Tensor& n, const Tensor& norm, double
   dn.div_(norm.clamp_min(eps).unsqueeze(1));
 }
 
-// CPU view of the shared operands: |V| as a host integer
+// CPU view of the shared operands: |V| as a host integer, and the form (inter_gram.h)
 struct CpuInter {
   InterDims d;
   InterOperands op;
   int64_t nvalid;
+  bool gram;
 };
 
 CpuInter cpu_inter(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, double eps, const Tensor* live) {
   CpuInter r;
   r.d = check_inter(mu_s, mu_t, valid, eps, live, c10::DeviceType::CPU);
-  r.op = inter_operands(mu_s, mu_t, valid, eps, r.d);
+  r.gram = inter_use_gram(r.d.C, r.d.Ds + r.d.Dt, /*slow_fp64=*/false);
+  r.op = inter_operands(mu_s, mu_t, valid, eps, r.d, /*with_B=*/!r.gram);
   r.nvalid = static_cast<int64_t>(r.op.nvalid.item<double>());
   return r;
 }
@@ -165,6 +169,8 @@ Tensor inter_fwd_cpu(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid
   const CpuInter in = cpu_inter(mu_s, mu_t, valid, eps, nullptr);
   const InterOperands& op = in.op;
   const int64_t C = in.d.C;
+  const double den = std::max(static_cast<double>(in.nvalid) * static_cast<double>(in.nvalid), 1.0);
+  if (in.gram) return (gram_sum_sq(gram64(op.A), in.d.Ds) / den).to(in.d.acc);
   const int64_t ntiles = (C + kTile - 1) / kTile;
   // E is symmetric: tile i covers its diagonal block once and the blocks to its right twice.
   // Work item w pairs tile w with tile ntiles-1-w so that the tasks have equal cost.
@@ -194,8 +200,6 @@ Tensor inter_fwd_cpu(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid
   });
   double total = 0.0;
   for (double p : partial) total += p;
-  const double nv = static_cast<double>(in.nvalid);
-  const double den = std::max(nv * nv, 1.0);
   return at::full({}, total / den, mu_s.options().dtype(in.d.acc));
 }
 
@@ -208,10 +212,6 @@ std::tuple<Tensor, Tensor> inter_bwd_cpu(const Tensor& grad_out, const Tensor& m
   const int64_t C = d.C, Ds = d.Ds, Dt = d.Dt;
   const auto opts = mu_s.options().dtype(d.acc);
   if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
-  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps, d);
-  const double g = grad_out.to(at::kDouble).item<double>();
-  const double nv = op.nvalid.item<double>();
-  const double scale = 4.0 * g / std::max(nv * nv, 1.0);
 
   // rows whose dL/dn is computed: every valid row, or only valid & live rows when grad_mu_t is
   // not needed (rows outside `live` get a zero grad_mu_s).
@@ -229,18 +229,30 @@ std::tuple<Tensor, Tensor> inter_bwd_cpu(const Tensor& grad_out, const Tensor& m
   for (int64_t c = 0; c < C; ++c)
     if (vp[c] && (!rows_live_only || lp[c])) rows.push_back(c);
   const int64_t R = static_cast<int64_t>(rows.size());
+  const int64_t ncol = (need_s ? Ds : 0) + (need_t ? Dt : 0);
+  const bool gram = inter_bwd_use_gram(C, Ds + Dt, R, ncol);
+  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps, d, /*with_B=*/!gram);
+  const double g = grad_out.to(at::kDouble).item<double>();
+  const double nv = op.nvalid.item<double>();
+  const double scale = 4.0 * g / std::max(nv * nv, 1.0);
 
   // columns of B needed by the second GEMM: [Ds] for n_s, [Dt] for n_t, or both. Each tile's
   // dL/dn rows go straight into the outputs (zero outside `rows`), which are then normalised in
   // place: no [C, Ds + Dt] buffer besides A and B.
   const int64_t col0 = need_s ? 0 : Ds;
-  const int64_t ncol = (need_s ? Ds : 0) + (need_t ? Dt : 0);
   Tensor gs = need_s ? at::zeros({C, Ds}, opts) : at::empty({0}, opts);
   Tensor gt = need_t ? at::zeros({C, Dt}, opts) : at::empty({0}, opts);
-  const Tensor Bt = op.B.t();
-  const Tensor Bsel = op.B.narrow(1, col0, ncol);
-  const int64_t ntiles = (R + kTile - 1) / kTile;
   const Tensor rows_t = at::from_blob(rows.data(), {R}, at::TensorOptions().dtype(at::kLong)).clone();
+  if (gram) {
+    // [R, ncol] for the selected rows at once (float64 GEMMs, multi-threaded by ATen)
+    const Tensor A_rows = R == C ? op.A : op.A.index_select(0, rows_t);
+    const Tensor Gr = gram_rows_times(A_rows, gram64(op.A), Ds, need_s, need_t);
+    if (need_s) gs.index_copy_(0, rows_t, Gr.narrow(1, 0, Ds));
+    if (need_t) gt.index_copy_(0, rows_t, Gr.narrow(1, ncol - Dt, Dt));
+  }
+  const Tensor Bt = gram ? Tensor() : op.B.t();
+  const Tensor Bsel = gram ? Tensor() : op.B.narrow(1, col0, ncol);
+  const int64_t ntiles = gram ? 0 : (R + kTile - 1) / kTile;
   auto store = [&](const Tensor& Gt, int64_t i0, int64_t i1, bool contiguous_rows) {
     // Gt: [T, ncol] = [dL/dn_s | dL/dn_t] of rows[i0:i1]
     for (int part = 0; part < 2; ++part) {

@@ -8,10 +8,15 @@
 //   twice); the backward multiplies E_tile by B. With `live` and no teacher gradient, a dedicated
 //   kernel computes only the live rows: one block per row, blocks of other rows exit at once, so
 //   the cost is O(P*C*D) without knowing P on the host.
+//   When C is large against Ds + Dt (ImageNet-21k), the Gram form of inter_gram.h replaces both:
+//   float64 cuBLAS GEMMs over A alone, O(C D^2), every row of the backward computed then masked
+//   (no host synchronisation). It is chosen only on GPUs with full-rate float64 (sm_80, sm_90,
+//   sm_100) unless C exceeds 64 D.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../inter_gram.h"
 #include "cuda_utils.cuh"
 
 namespace icakd {
@@ -167,6 +172,15 @@ Tensor intra_bwd_cuda(const Tensor& grad_out, const Tensor& f_s, const Tensor& f
   return gd.mul_(scale);
 }
 
+// float64 GEMMs at (nearly) the float32 rate: A100 (sm_80), H100/H200 (sm_90), B100/B200 (sm_100)
+bool slow_fp64(const at::Device& device) {
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device.index()));
+  const bool fast = (major == 8 && minor == 0) || major == 9 || (major == 10 && minor == 0);
+  return !fast;
+}
+
 // rows per tile: a [T, C] tile of E holds at most 2^25 elements (128 MiB in float32)
 int64_t inter_tile_rows(int64_t C) {
   const int64_t t = (int64_t(1) << 25) / std::max<int64_t>(C, 1);
@@ -176,7 +190,12 @@ int64_t inter_tile_rows(int64_t C) {
 Tensor inter_fwd_cuda(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, double eps) {
   const InterDims d = check_inter(mu_s, mu_t, valid, eps, nullptr, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(mu_s.device());
-  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps, d);
+  const bool gram = inter_use_gram(d.C, d.Ds + d.Dt, slow_fp64(mu_s.device()));
+  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps, d, /*with_B=*/!gram);
+  if (gram) {
+    const Tensor nv = op.nvalid.to(at::kDouble);
+    return (gram_sum_sq(gram64(op.A), d.Ds) / (nv * nv).clamp_min(1)).to(d.acc);
+  }
   const int64_t C = d.C, T = inter_tile_rows(C);
   Tensor diag = at::zeros({}, op.A.options());
   Tensor off = at::zeros({}, op.A.options());
@@ -203,10 +222,21 @@ std::tuple<Tensor, Tensor> inter_bwd_cuda(const Tensor& grad_out, const Tensor& 
   const int64_t C = d.C, Ds = d.Ds, Dt = d.Dt, Dtot = Ds + Dt;
   const auto opts = mu_s.options().dtype(d.acc);
   if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
-  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps, d);
+  const bool gram = inter_use_gram(C, Dtot, slow_fp64(mu_s.device()));
+  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps, d, /*with_B=*/!gram);
   const Tensor live_c = has_live ? live->contiguous() : Tensor();
   const Tensor scale = grad_out.reshape({}).to(d.acc) * 4 / (op.nvalid * op.nvalid).clamp_min(1);
   Tensor gs = at::empty({0}, opts), gt = at::empty({0}, opts);
+  if (gram) {
+    // every row (P is not known on the host); rows outside `live` are zeroed below
+    Tensor G = gram_rows_times(op.A, gram64(op.A), Ds, need_s, need_t).mul_(scale);
+    if (need_s) {
+      gs = normalize_backward(G.narrow(1, 0, Ds), op.A.narrow(1, 0, Ds), op.norm_s, eps);
+      if (has_live) gs.mul_(live_c.to(d.acc).unsqueeze(1));
+    }
+    if (need_t) gt = normalize_backward(G.narrow(1, G.size(1) - Dt, Dt), op.A.narrow(1, Ds, Dt), op.norm_t, eps);
+    return {gs, gt};
+  }
   if (has_live && !need_t) {
     Tensor dn = at::zeros({C, Ds}, opts);
     if (C > 0) {
