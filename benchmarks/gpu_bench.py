@@ -164,7 +164,10 @@ CAM_VARIANTS = {
 INTER_PRECISION = {"eager": "highest", "eager_tf32": "high", "compiled": "highest", "triton": "highest",
                    "triton_tf32": "high", "triton_bf16": "medium", "cpp": "highest",
                    "triton_tf32_t64": "high", "triton_tf32_s4": "high", "triton_tf32_m32": "high",
-                   "triton_tf32_m32o512": "high"}
+                   "triton_tf32_m32o512": "high", "cpp_direct": "highest", "cpp_direct_tf32": "high"}
+#: form of the cpp inter loss per provider (ICAKD_INTER_FORM; "cpp" = auto: float64 Gram matrix
+#: when C >= 2 (Ds + Dt) on sm_80/90/100, else tiles of E through cuBLAS)
+INTER_CPP_FORM = {"cpp": "auto", "cpp_direct": "direct", "cpp_direct_tf32": "direct"}
 INTER_VARIANTS = {"triton_tf32_t64": {"fwd_t": 64, "fwd_warps": 4}, "triton_tf32_s4": {"stages": 4},
                   "triton_tf32_m32": {"bwd_m": 32, "bwd_warps": 4}, "triton_tf32_m32o512": {"bwd_m": 32, "bwd_o": 512}}
 
@@ -194,6 +197,26 @@ class overrides:
                 cur.update(v)
             else:
                 setattr(self.module, k, v)
+
+
+class env_var:
+    """Context manager: set (or with None, unset) one environment variable."""
+
+    def __init__(self, name: str, value: str | None):
+        self.name, self.value, self.old = name, value, None
+
+    def __enter__(self):
+        self.old = os.environ.get(self.name)
+        if self.value is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self.value
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self.old
 
 
 class matmul_precision:
@@ -490,7 +513,9 @@ def case_inter():
         from icakd_fast.kernels import structure as kst
 
         def run():
-            with matmul_precision(INTER_PRECISION.get(p, "highest")), overrides(kst, {"GPU_CFG_OVERRIDES": INTER_VARIANTS.get(p, {})}):
+            with matmul_precision(INTER_PRECISION.get(p, "highest")), \
+                    overrides(kst, {"GPU_CFG_OVERRIDES": INTER_VARIANTS.get(p, {})}), \
+                    env_var("ICAKD_INTER_FORM", INTER_CPP_FORM.get(p)):
                 return fn(mu_s, mu_t)
 
         return run
@@ -512,6 +537,8 @@ def case_inter():
         provs.insert(1, "eager_tf32")
     if "triton" in provs:
         provs += ["triton_tf32", "triton_bf16"] + ([] if ARGS.dry_run else list(INTER_VARIANTS))
+    if "cpp" in provs:
+        provs += ["cpp_direct", "cpp_direct_tf32"]
     run_case(case, make, lambda out: (out[0].float(), out[1].float()), provs, extra=fwd_only)
 
 
