@@ -108,16 +108,30 @@ class _BankBase(nn.Module):
         V.label_range("labels", labels, self.num_classes, mask)
         return feats, labels, mask
 
-    @staticmethod
-    def _prepare(feats, labels, mask):
-        """Detached features, int64 labels and a mask (all rows if None), gathered from every rank."""
+    @torch.no_grad()
+    def enqueue(self, feats: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Store detached ``feats`` [N,D] under ``labels`` [N]; rows with ``mask`` False are skipped."""
+        self._enqueue(*self._check_enqueue(feats, labels, mask))
+
+    @torch.no_grad()
+    def _enqueue(self, feats, labels, mask):
+        """``enqueue`` without the argument checks (callers that validated them already): detached
+        features, int64 labels and a mask (all rows if None), gathered from every rank, stored."""
         feats = feats.detach()
         labels = labels.long()
         if mask is None:
             mask = torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
         if _distributed():
             feats, labels, mask = _gather_from_ranks(feats, labels, mask)
-        return feats, labels, mask
+        self._store(feats, labels, mask)
+
+    def _store(self, feats, labels, mask):
+        raise NotImplementedError
+
+    def _impl(self, op: str):
+        """The module implementing ``op`` for this bank's backend and device."""
+        name = resolve(self.backend, op, self.bank)
+        return reference if name == "reference" else implementation(name)
 
     def centroids(self, feats: torch.Tensor | None = None, labels: torch.Tensor | None = None):
         """Class centroids over the bank plus (optionally) a live batch -> ``(centroids [C,D], counts [C])``."""
@@ -177,17 +191,8 @@ class ClassMemoryBank(_BankBase):
             f"dtype={self.bank.dtype}, resync_every={self.resync_every}"
         )
 
-    @torch.no_grad()
-    def enqueue(self, feats: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Store detached ``feats`` [N,D] under ``labels`` [N]; rows with ``mask`` False are skipped."""
-        self._enqueue(*self._check_enqueue(feats, labels, mask))
-
-    @torch.no_grad()
-    def _enqueue(self, feats, labels, mask):
-        """``enqueue`` without the argument checks (callers that validated them already)."""
-        feats, labels, mask = self._prepare(feats, labels, mask)
-        name = resolve(self.backend, "class_bank", self.bank)
-        impl = reference if name == "reference" else implementation(name)
+    def _store(self, feats, labels, mask):
+        impl = self._impl("class_bank")
         impl.class_bank_enqueue_(self.bank, self.count, self.ptr, self.sums, feats, labels, mask)
         if self._resync_offsets.numel():
             classes = (self.resync_pos + self._resync_offsets).remainder(self.num_classes)
@@ -198,9 +203,7 @@ class ClassMemoryBank(_BankBase):
     def resync(self) -> None:
         """Recompute every class's float32 sum exactly from the stored rows."""
         classes = torch.arange(self.num_classes, device=self.bank.device)
-        name = resolve(self.backend, "class_bank", self.bank)
-        impl = reference if name == "reference" else implementation(name)
-        impl.class_bank_resync_(self.bank, self.count, self.sums, classes)
+        self._impl("class_bank").class_bank_resync_(self.bank, self.count, self.sums, classes)
 
     def sums_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sums float32 [C,D], counts int64 [C])`` of the stored rows (previous batches only).
@@ -245,23 +248,12 @@ class FIFOMemoryBank(_BankBase):
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, num_classes={self.num_classes}, dtype={self.bank.dtype}"
 
-    @torch.no_grad()
-    def enqueue(self, feats: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Store detached ``feats`` [N,D] with ``labels`` [N]; rows with ``mask`` False are skipped."""
-        self._enqueue(*self._check_enqueue(feats, labels, mask))
-
-    @torch.no_grad()
-    def _enqueue(self, feats, labels, mask):
-        """``enqueue`` without the argument checks (callers that validated them already)."""
-        feats, labels, mask = self._prepare(feats, labels, mask)
-        name = resolve(self.backend, "fifo_bank", self.bank)
-        impl = reference if name == "reference" else implementation(name)
-        impl.fifo_bank_enqueue_(self.bank, self.labels, self.ptr, feats, labels, mask)
+    def _store(self, feats, labels, mask):
+        self._impl("fifo_bank").fifo_bank_enqueue_(self.bank, self.labels, self.ptr, feats, labels, mask)
 
     def sums_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        name = resolve(self.backend, "fifo_bank", self.bank)
-        impl = reference if name == "reference" else implementation(name)
-        return _snapshot_if_compiling(*impl.fifo_bank_sums(self.bank, self.labels, self.num_classes))
+        sums = self._impl("fifo_bank").fifo_bank_sums(self.bank, self.labels, self.num_classes)
+        return _snapshot_if_compiling(*sums)
 
     @torch.no_grad()
     def reset(self) -> None:

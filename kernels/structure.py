@@ -177,20 +177,21 @@ def _gram_tile(xs_ptr, xt_ptr, rk, rl, km, lm, qk, ql,
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     k64 = rk.to(tl.int64)
     l64 = rl.to(tl.int64)
-    for d0 in range(0, DS, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        dm = d < DS
-        d64 = d.to(tl.int64)
-        xk = tl.load(xs_ptr + k64[:, None] * sxs0 + d64[None, :] * sxs1, mask=km[:, None] & dm[None, :], other=0.0)
-        xl = tl.load(xs_ptr + l64[:, None] * sxs0 + d64[None, :] * sxs1, mask=lm[:, None] & dm[None, :], other=0.0)
-        acc = _mma(xk, tl.trans(xl), acc, PREC, F64)
+    acc = _gram_accumulate(acc, xs_ptr, k64, l64, km, lm, DS, sxs0, sxs1, PREC, F64, BLOCK_D)
     acc = acc * (-(qk[:, None] * ql[None, :]))
-    for d0 in range(0, DT, BLOCK_D):
+    return _gram_accumulate(acc, xt_ptr, k64, l64, km, lm, DT, sxt0, sxt1, PREC, F64, BLOCK_D)
+
+
+@triton.jit
+def _gram_accumulate(acc, x_ptr, k64, l64, km, lm, D, s0, s1, PREC: tl.constexpr, F64: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """``acc + x[rk] x[rl]^T`` over the D columns of ``x``, BLOCK_D at a time."""
+    for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
-        dm = d < DT
+        dm = d < D
         d64 = d.to(tl.int64)
-        xk = tl.load(xt_ptr + k64[:, None] * sxt0 + d64[None, :] * sxt1, mask=km[:, None] & dm[None, :], other=0.0)
-        xl = tl.load(xt_ptr + l64[:, None] * sxt0 + d64[None, :] * sxt1, mask=lm[:, None] & dm[None, :], other=0.0)
+        xk = tl.load(x_ptr + k64[:, None] * s0 + d64[None, :] * s1, mask=km[:, None] & dm[None, :], other=0.0)
+        xl = tl.load(x_ptr + l64[:, None] * s0 + d64[None, :] * s1, mask=lm[:, None] & dm[None, :], other=0.0)
         acc = _mma(xk, tl.trans(xl), acc, PREC, F64)
     return acc
 
