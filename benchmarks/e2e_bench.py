@@ -854,10 +854,128 @@ def profile_pair(bench: Bench, p: Preset, backend: str) -> None:
                          f"{ev.count // n} calls per step")
         del s
         free_memory(bench.device)
+    lines += memory_pair(bench, p, backend)
     path = os.path.join(bench.args.out, f"{bench.args.name}.profile_{p.name}.txt")
     with open(path, "w") as fh:
         fh.write("\n".join(lines))
     log(f"profile tables -> {path}")
+
+
+def _malloc_live_bytes() -> int | None:
+    """Bytes glibc has handed out and not taken back (heap in use + mmapped chunks)."""
+    class _MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def live_at_peak(events: list[dict]) -> tuple[int, list[dict]]:
+    """Replay a CUDA allocator trace (``torch.cuda.memory._snapshot()["device_traces"][i]``):
+    the peak of the bytes allocated during the trace and the allocations alive at that moment.
+
+    Only the trace's own allocations count (not those made before recording started)."""
+    live: dict[int, dict] = {}
+    cur = peak = 0
+    at_peak: list[dict] = []
+    for ev in events:
+        action = ev.get("action")
+        if action == "alloc":
+            live[ev["addr"]] = ev
+            cur += ev["size"]
+            if cur > peak:
+                peak, at_peak = cur, list(live.values())
+        elif action in ("free_requested", "free") and ev["addr"] in live:
+            cur -= live.pop(ev["addr"])["size"]
+    return peak, at_peak
+
+
+def _frame_label(frames: list[dict]) -> str:
+    """The first frame in this project's code (or else the first frame) as ``file:line (function)``."""
+    keys = ("icakd_fast", os.sep + "kernels" + os.sep, "e2e_bench.py", "torchvision")
+    pick = next((f for f in frames if any(k in f.get("filename", "") for k in keys)), frames[0] if frames else None)
+    if pick is None:
+        return "<no stack>"
+    return f"{os.path.basename(pick['filename'])}:{pick.get('line', '?')} ({pick.get('name', '?')})"
+
+
+def group_by_site(allocs: list[dict], top: int = 12) -> list[tuple[str, int, int]]:
+    """(site, bytes, count) of allocations grouped by ``_frame_label``, largest first."""
+    sites: dict[str, list[int]] = {}
+    for a in allocs:
+        entry = sites.setdefault(_frame_label(a.get("frames", [])), [0, 0])
+        entry[0] += a["size"]
+        entry[1] += 1
+    return sorted(((k, v[0], v[1]) for k, v in sites.items()), key=lambda r: -r[1])[:top]
+
+
+def memory_pair(bench: Bench, p: Preset, backend: str) -> list[str]:
+    """Peak memory of one KD and one ICAKD step above the level at its start, and (CUDA) what is
+    alive at the peak, grouped by allocation site. CPU: glibc's bytes in use, read after every
+    operator (a TorchDispatchMode), no breakdown."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    lines, peaks = [], {}
+    for method in ("kd", "icakd"):
+        s = E2ESetup(p, method, backend, bench.device)
+        for i in range(max(p.warmup, 1)):
+            s.step(i)
+        sync(bench.device)
+        base = dict(mode="profile", case=f"memory_{p.name}", preset=p.name, method=method, backend=backend,
+                    shape=p.shape())
+        if bench.device.type == "cuda":
+            torch.cuda.memory._record_memory_history(max_entries=200000)
+            start = torch.cuda.memory_allocated(bench.device)
+            torch.cuda.reset_peak_memory_stats(bench.device)
+            s.step(0)
+            sync(bench.device)
+            peak = torch.cuda.max_memory_allocated(bench.device) - start
+            snap = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            trace = snap["device_traces"][bench.device.index or 0]
+            _, alive = live_at_peak(trace)
+            lines.append(f"==== {p.name} {method} backend={backend}: step peak {peak / MIB:.1f} MiB above its start; "
+                         "alive at the peak, by site (allocations made during the step):")
+            lines += [f"  {b / MIB:9.1f} MiB  x{n:<4d} {site}" for site, b, n in group_by_site(alive)]
+        else:
+            if _malloc_live_bytes() is None:
+                return ["memory breakdown skipped: glibc mallinfo2 unavailable"]
+
+            class _Peak(TorchDispatchMode):
+                top = 0
+
+                def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                    out = func(*args, **(kwargs or {}))
+                    _Peak.top = max(_Peak.top, _malloc_live_bytes())
+                    return out
+
+            start = _malloc_live_bytes()
+            _Peak.top = start
+            with _Peak():
+                s.step(0)
+            peak = _Peak.top - start
+            lines.append(f"==== {p.name} {method} backend={backend}: step peak {peak / MIB:.1f} MiB above its start "
+                         "(glibc bytes in use, read after every operator)")
+        peaks[method] = peak
+        bench.record(base, "step_peak_above_start_mib", peak / MIB, "MiB", "ok",
+                     "max_memory_allocated - allocated at step start" if bench.device.type == "cuda"
+                     else "glibc bytes in use after each operator - at step start")
+        if method == "icakd":
+            bank = s.bank_bytes()
+            proj = sum(t.numel() * t.element_size() for t in s.crit.projector.parameters())
+            persistent = bank + 3 * proj  # weight, momentum, gradient
+            bench.record(dict(base, method="icakd vs kd"), "step_peak_icakd_minus_kd_mib",
+                         (peaks["icakd"] - peaks["kd"]) / MIB, "MiB", "ok",
+                         f"plus banks {bank / MIB:.1f} MiB and projector weight/momentum/grad "
+                         f"{(persistent - bank) / MIB:.1f} MiB held across steps")
+        del s
+        free_memory(bench.device)
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------

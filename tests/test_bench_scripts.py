@@ -83,3 +83,40 @@ def test_e2e_bench_dry_run_everything(tmp_path):
     compiled = [r for r in rows if r["backend"] == "compiled" and r["metric"] in ("images_per_s", "ms")]
     assert compiled and all(r["status"] == "ok" or r["status"].startswith(("error", "skipped")) for r in compiled)
     _plot(tmp_path / "e2e_bench.json", tmp_path / "plot.png")
+
+
+def test_e2e_bench_profile_reports_memory_per_method(tmp_path):
+    """--profile: phase times, then the step peak memory of KD and ICAKD and their difference."""
+    data, _ = _run(["--dry-run", "--preset", "cifar", "--methods", "kd,icakd", "--backends", "reference",
+                    "--no-compile", "--profile"], tmp_path, 240)
+    rows = data["results"]
+    peaks = {r["method"]: r["value"] for r in rows if r["metric"] == "step_peak_above_start_mib"}
+    assert set(peaks) == {"kd", "icakd"} and all(v > 0 for v in peaks.values()), peaks
+    diff = [r for r in rows if r["metric"] == "step_peak_icakd_minus_kd_mib"]
+    assert len(diff) == 1 and abs(diff[0]["value"] - (peaks["icakd"] - peaks["kd"])) < 1e-6
+    text = next(tmp_path.glob("*.profile_cifar.txt")).read_text()
+    assert "step peak" in text and "icakd backend=reference" in text
+
+
+def test_live_at_peak_replays_an_allocator_trace():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import e2e_bench
+    finally:
+        sys.path.pop(0)
+    here = {"filename": "/x/icakd_fast/loss.py", "line": 7, "name": "forward"}
+    other = {"filename": "/x/torch/nn/functional.py", "line": 3, "name": "linear"}
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": [other, here]},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": [other]},
+        {"action": "free_requested", "addr": 2, "size": 50},
+        {"action": "free_completed", "addr": 2, "size": 50},
+        {"action": "alloc", "addr": 3, "size": 70, "frames": [here]},  # peak: 170 (1 and 3 alive)
+        {"action": "free_requested", "addr": 1, "size": 100},
+        {"action": "free_requested", "addr": 99, "size": 10},  # allocated before the trace: ignored
+        {"action": "alloc", "addr": 4, "size": 20, "frames": []},
+    ]
+    peak, alive = e2e_bench.live_at_peak(trace)
+    assert peak == 170 and sorted(a["addr"] for a in alive) == [1, 3]
+    sites = e2e_bench.group_by_site(alive)
+    assert sites == [("loss.py:7 (forward)", 170, 2)]
