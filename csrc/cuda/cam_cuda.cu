@@ -1,8 +1,11 @@
 // CUDA kernels of the Grad-CAM ops: one thread block per image.
 //
-// Forward: threads own pixels for the weighted channel sum (coalesced over H*W), then a block
-// reduction gives the min/max/sum of the map, then warps own channels for the CAM-weighted
-// pooling. Backward: threads own (channel, pixel) elements for grad_features, warps own channels
+// Forward: the weighted channel sum runs on (pixel, channel group) threads: a pass covers Pt
+// pixels (the next power of two >= H*W, at least a warp, at most the block), the block's
+// kThreads / Pt groups take every G-th channel with four independent accumulators, and a
+// shared-memory sum over the groups gives each pixel (so a 7x7 map keeps all 256 threads busy
+// instead of 49, coalesced over H*W). Then a block reduction gives the min/max/sum of the map,
+// then warps own channels for the CAM-weighted pooling. Backward: threads own (channel, pixel) elements for grad_features, warps own channels
 // for grad_weights. float32 accumulation (float64 for float64 inputs).
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -16,23 +19,51 @@ namespace {
 using at::Tensor;
 using cuda::kThreads;
 
+// pixels per pass of the weighted sum: a power of two in [32, kThreads], >= P when P <= kThreads
+inline int cam_pixels_per_pass(int64_t P) {
+  int pt = 32;
+  while (pt < kThreads && pt < P) pt *= 2;
+  return pt;
+}
+
+// launched with kThreads threads; Pt = cam_pixels_per_pass(P)
 template <typename scalar_t, typename acc_t>
 __global__ void cam_fwd_kernel(const scalar_t* __restrict__ A, const acc_t* __restrict__ w, acc_t* __restrict__ cam,
                                acc_t* __restrict__ pool_w, acc_t* __restrict__ pooled, int64_t K, int64_t P,
-                               bool with_pooled) {
+                               int Pt, bool with_pooled) {
   __shared__ acc_t red[32];
+  __shared__ acc_t part[kThreads];
   const int64_t b = blockIdx.x;
   const scalar_t* Ab = A + b * K * P;
   const acc_t* wb = w + b * K;
   acc_t* camb = cam + b * P;
+  const int G = kThreads / Pt;                                   // channel groups (Pt divides kThreads)
+  const int g = static_cast<int>(threadIdx.x) / Pt, pl = static_cast<int>(threadIdx.x) % Pt;
   acc_t lo = INFINITY, hi = -INFINITY;
-  for (int64_t p = threadIdx.x; p < P; p += blockDim.x) {
-    acc_t s = 0;
-    for (int64_t k = 0; k < K; ++k) s += wb[k] * static_cast<acc_t>(Ab[k * P + p]);
-    const acc_t v = s > acc_t(0) ? s : acc_t(0);
-    camb[p] = v;
-    lo = v < lo ? v : lo;
-    hi = v > hi ? v : hi;
+  for (int64_t p0 = 0; p0 < P; p0 += Pt) {
+    const int64_t p = p0 + pl;
+    acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    if (p < P) {
+      int64_t k = g;
+      for (; k + 3 * G < K; k += 4 * G) {
+        s0 += wb[k] * static_cast<acc_t>(Ab[k * P + p]);
+        s1 += wb[k + G] * static_cast<acc_t>(Ab[(k + G) * P + p]);
+        s2 += wb[k + 2 * G] * static_cast<acc_t>(Ab[(k + 2 * G) * P + p]);
+        s3 += wb[k + 3 * G] * static_cast<acc_t>(Ab[(k + 3 * G) * P + p]);
+      }
+      for (; k < K; k += G) s0 += wb[k] * static_cast<acc_t>(Ab[k * P + p]);
+    }
+    part[threadIdx.x] = (s0 + s1) + (s2 + s3);
+    __syncthreads();
+    if (g == 0 && p < P) {
+      acc_t t = 0;
+      for (int j = 0; j < G; ++j) t += part[j * Pt + pl];
+      const acc_t v = t > acc_t(0) ? t : acc_t(0);
+      camb[p] = v;
+      lo = v < lo ? v : lo;
+      hi = v > hi ? v : hi;
+    }
+    __syncthreads();  // part is rewritten by the next pass
   }
   if (!with_pooled) return;  // uniform over the block
   lo = cuda::block_reduce(lo, cuda::MinOp(), acc_t(INFINITY), red);
@@ -126,12 +157,12 @@ std::tuple<Tensor, Tensor, Tensor> cam_fwd_cuda(const Tensor& features, const Te
         cam_fwd_kernel<scalar_t, double><<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(
             A.const_data_ptr<scalar_t>(), w.const_data_ptr<double>(), cam.data_ptr<double>(),
             with_pooled ? pool_w.data_ptr<double>() : nullptr, with_pooled ? pooled.data_ptr<double>() : nullptr, K, P,
-            with_pooled);
+            cam_pixels_per_pass(P), with_pooled);
       } else {
         cam_fwd_kernel<scalar_t, float><<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(
             A.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(), cam.data_ptr<float>(),
             with_pooled ? pool_w.data_ptr<float>() : nullptr, with_pooled ? pooled.data_ptr<float>() : nullptr, K, P,
-            with_pooled);
+            cam_pixels_per_pass(P), with_pooled);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
