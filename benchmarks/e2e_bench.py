@@ -854,7 +854,6 @@ def profile_pair(bench: Bench, p: Preset, backend: str) -> None:
                          f"{ev.count // n} calls per step")
         del s
         free_memory(bench.device)
-    lines += memory_pair(bench, p, backend)
     path = os.path.join(bench.args.out, f"{bench.args.name}.profile_{p.name}.txt")
     with open(path, "w") as fh:
         fh.write("\n".join(lines))
@@ -914,6 +913,28 @@ def group_by_site(allocs: list[dict], top: int = 12) -> list[tuple[str, int, int
     return sorted(((k, v[0], v[1]) for k, v in sites.items()), key=lambda r: -r[1])[:top]
 
 
+def memory_mode(bench: Bench, names: list[str], backends: list[str]) -> None:
+    """``--memory``: ``memory_pair`` per preset and backend; breakdowns in NAME.memory_PRESET.txt."""
+    for name in names:
+        p = make_preset(name, bench.device, bench.args)
+        lines = []
+        for backend in backends:
+            base = dict(mode="memory", case=f"memory_{name}", preset=name, method="icakd vs kd", backend=backend,
+                        shape=p.shape())
+            reason = "compiled steps are not traced by the memory mode" if backend == "compiled" else \
+                skip_reason(backend, bench.device, bench.args.dry_run)
+            if reason:
+                bench.record(base, "step_peak_icakd_minus_kd_mib", status=f"skipped: {reason}")
+                continue
+            bench.run(f"memory_{name}", 30.0 if bench.device.type == "cuda" else 300.0, base,
+                      lambda p=p, b=backend: lines.extend(memory_pair(bench, p, b)),
+                      metric="step_peak_icakd_minus_kd_mib")
+        path = os.path.join(bench.args.out, f"{bench.args.name}.memory_{name}.txt")
+        with open(path, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        log(f"memory breakdown -> {path}")
+
+
 def memory_pair(bench: Bench, p: Preset, backend: str) -> list[str]:
     """Peak memory of one KD and one ICAKD step above the level at its start, and (CUDA) what is
     alive at the peak, grouped by allocation site. CPU: glibc's bytes in use, read after every
@@ -926,7 +947,7 @@ def memory_pair(bench: Bench, p: Preset, backend: str) -> list[str]:
         for i in range(max(p.warmup, 1)):
             s.step(i)
         sync(bench.device)
-        base = dict(mode="profile", case=f"memory_{p.name}", preset=p.name, method=method, backend=backend,
+        base = dict(mode="memory", case=f"memory_{p.name}", preset=p.name, method=method, backend=backend,
                     shape=p.shape())
         if bench.device.type == "cuda":
             torch.cuda.memory._record_memory_history(max_entries=200000)
@@ -1240,6 +1261,9 @@ def parse_args(argv=None):
     p.add_argument("--sweep-classes", default=None, help="comma list of C for the sweep")
     p.add_argument("--sweep-slots", default=None, help="comma list of slots_per_class for the sweep")
     p.add_argument("--profile", action="store_true", help="torch.profiler of KD vs ICAKD steps (fastest backend)")
+    p.add_argument("--memory", action="store_true",
+                   help="step peak memory of KD vs ICAKD per backend for the --preset shapes (CUDA: what is alive "
+                        "at the peak, by allocation site); a mode of its own")
     p.add_argument("--budget-s", type=float, default=None,
                    help="total wall-time budget in seconds (default: 420 on CUDA, 3600 on CPU, none for --dry-run)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -1250,9 +1274,9 @@ def parse_args(argv=None):
         args.backends = "reference,compiled,triton,cpp,auto"
     if args.no_compile:
         args.backends = ",".join(b for b in args.backends.split(",") if b.strip() != "compiled")
-    if args.preset:
+    if args.preset and not args.memory:
         args.e2e = True
-    if not (args.e2e or args.sweep or args.peers):
+    if not (args.e2e or args.sweep or args.peers or args.memory):
         args.e2e = args.sweep = args.peers = True
     return args
 
@@ -1289,6 +1313,11 @@ def main(argv=None) -> int:
     log(json.dumps(bench.env))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     backends = e2e_backends(bench)
+
+    # 0. memory mode
+    if args.memory:
+        names = {"all": ["imagenet", "cifar"], None: ["imagenet"] if dev.type == "cuda" else ["cifar"]}
+        memory_mode(bench, names.get(args.preset, [args.preset]), backends)
 
     # 1. e2e rows in priority order (compiled rows are deferred to the end: each one compiles)
     deferred = []

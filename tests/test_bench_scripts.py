@@ -85,16 +85,20 @@ def test_e2e_bench_dry_run_everything(tmp_path):
     _plot(tmp_path / "e2e_bench.json", tmp_path / "plot.png")
 
 
-def test_e2e_bench_profile_reports_memory_per_method(tmp_path):
-    """--profile: phase times, then the step peak memory of KD and ICAKD and their difference."""
-    data, _ = _run(["--dry-run", "--preset", "cifar", "--methods", "kd,icakd", "--backends", "reference",
-                    "--no-compile", "--profile"], tmp_path, 240)
+def test_e2e_bench_memory_mode_reports_kd_and_icakd_peaks(tmp_path):
+    """--memory: the step peak memory of KD and ICAKD per backend and their difference."""
+    data, _ = _run(["--dry-run", "--memory", "--preset", "cifar", "--backends", "reference,cpp"], tmp_path, 240)
     rows = data["results"]
-    peaks = {r["method"]: r["value"] for r in rows if r["metric"] == "step_peak_above_start_mib"}
-    assert set(peaks) == {"kd", "icakd"} and all(v > 0 for v in peaks.values()), peaks
-    diff = [r for r in rows if r["metric"] == "step_peak_icakd_minus_kd_mib"]
-    assert len(diff) == 1 and abs(diff[0]["value"] - (peaks["icakd"] - peaks["kd"])) < 1e-6
-    text = next(tmp_path.glob("*.profile_cifar.txt")).read_text()
+    assert not any(r["mode"] == "e2e" for r in rows)
+    for backend in ("reference", "cpp"):
+        peaks = {r["method"]: r["value"] for r in rows
+                 if r["metric"] == "step_peak_above_start_mib" and r["backend"] == backend}
+        if backend == "cpp" and not peaks:
+            continue  # extension not built
+        assert set(peaks) == {"kd", "icakd"} and all(v > 0 for v in peaks.values()), (backend, peaks)
+        diff = [r for r in rows if r["metric"] == "step_peak_icakd_minus_kd_mib" and r["backend"] == backend]
+        assert len(diff) == 1 and abs(diff[0]["value"] - (peaks["icakd"] - peaks["kd"])) < 1e-6
+    text = (tmp_path / "e2e_bench.memory_cifar.txt").read_text()
     assert "step peak" in text and "icakd backend=reference" in text
 
 
