@@ -8,7 +8,7 @@
 #
 # Optional: peer packages as wheels in ./.whl (pytorch-metric-learning, grad-cam, ttach) are
 # installed into a private folder first (see benchmarks/README.md). Stage limits (seconds):
-# TRITON_TESTS_TIMEOUT, BENCH_TIMEOUT, E2E_BUDGET, CPP_TIMEOUT.
+# TRITON_TESTS_TIMEOUT, BENCH_TIMEOUT, E2E_BUDGET, MEMORY_TIMEOUT, CPP_TIMEOUT.
 set -u
 OUT=${1:-${OUT:-gpu-out}}
 mkdir -p "$OUT"
@@ -71,9 +71,14 @@ tail -n 1 "$LOGS/build.log" | tee -a "$OUT/summary.txt"
 $PY -m icakd_fast.info --check-extension >> "$OUT/summary.txt" 2>&1
 
 # 4. end-to-end training steps, scale sweep, peers (its own budget; writes e2e results to $OUT)
-E2E=${E2E_BUDGET:-190}
+E2E=${E2E_BUDGET:-160}
 timeout -s INT $(( E2E + 30 )) $PY benchmarks/e2e_bench.py --out "$OUT" --device cuda --budget-s "$E2E" > "$LOGS/e2e.log" 2>&1
 stamp "e2e bench rc=$?"
+# 4b. what ICAKD keeps alive at the step's memory peak, beside KD (into the logs and the summary)
+timeout -s INT ${MEMORY_TIMEOUT:-45} $PY benchmarks/e2e_bench.py --out "$LOGS/memory" --name e2e_memory --device cuda \
+  --memory --preset imagenet --backends triton,cpp > "$LOGS/memory.log" 2>&1
+stamp "memory breakdown rc=$?"
+cat "$LOGS"/memory/e2e_memory.memory_imagenet.txt >> "$OUT/summary.txt" 2> /dev/null
 
 # 5. the CUDA extension's tests (GPU-marked ones included)
 timeout -s INT ${CPP_TIMEOUT:-40} $PY -m pytest tests/test_cpp_gpu.py tests/test_cpp_ops.py $XDIST -q -rf --tb=short \
