@@ -145,6 +145,13 @@ inline CamDims check_cam(const at::Tensor& features, const at::Tensor& weights, 
 }
 
 // Outputs of cam_fwd, in the accumulation dtype (cam and pooled are cast to out_dt at the end).
+// The CAM kernels read a feature map in place when it is contiguous NCHW or contiguous
+// channels_last (NHWC); any other layout is copied to NCHW first.
+inline bool cam_reads_channels_last(const at::Tensor& features) {
+  return features.dim() == 4 && !features.is_contiguous() &&
+         features.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 struct CamFwdOutputs {
   at::Tensor cam, pooled, pool_w;
 };

@@ -79,11 +79,14 @@ def test_cam_forward_backward(shape, dtype):
     for a, r in zip(out, ref):
         assert a.dtype == r.dtype and a.shape == r.shape and a.device == r.device
         close(a, r, dtype, scale=4.0)
-    # channels_last input
+    # channels_last input, read in place: forward and both gradients
     cl = f0.to(memory_format=torch.channels_last)
     c1, p1, _ = cpp.cam_fwd(cl, w0, True)
     close(c1, ref[0], dtype, scale=4.0)
     close(p1, ref[1], dtype, scale=4.0)
+    out_cl = run(lambda f, w: ops.cam_features("cpp", f.to(memory_format=torch.channels_last), w))
+    for a, r in zip(out_cl, ref):
+        close(a, r, dtype, scale=4.0)
     tri = _triton()
     if tri is not None and dtype != torch.float64:
         c2, p2, _ = tri.cam_fwd(f0, w0, True)

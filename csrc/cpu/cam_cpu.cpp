@@ -45,10 +45,6 @@ int64_t image_grain(int64_t per_image) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(per_image, 1));
 }
 
-bool is_channels_last(const Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 // ---------------------------------------------------------------------------------------------
 // portable primitives (plain loops; the compiler vectorises the fixed-size inner loops)
 // ---------------------------------------------------------------------------------------------
@@ -293,7 +289,7 @@ void cam_fwd_kernel(const scalar_t* A, const acc_t* w, acc_t* cam, acc_t* pooled
 
 std::tuple<Tensor, Tensor, Tensor> cam_fwd_cpu(const Tensor& features, const Tensor& weights, bool with_pooled) {
   const CamDims d = check_cam(features, weights, c10::DeviceType::CPU);
-  const bool cl = is_channels_last(features);
+  const bool cl = cam_reads_channels_last(features);
   const Tensor A = cl ? features : features.contiguous();
   const Tensor w = weights.to(d.acc).contiguous();
   CamFwdOutputs o = alloc_cam_fwd(features, d, with_pooled);
@@ -388,7 +384,7 @@ std::tuple<Tensor, Tensor> cam_bwd_cpu(const std::optional<Tensor>& grad_cam, co
                                        const Tensor& pool_w, bool need_features, bool need_weights) {
   const CamBwdOperands op = check_cam_bwd(grad_cam, grad_pooled, features, weights, cam, pool_w, c10::DeviceType::CPU);
   const CamDims& d = op.d;
-  const bool cl = is_channels_last(features);
+  const bool cl = cam_reads_channels_last(features);
   CamBwdOutputs o = alloc_cam_bwd(features, d, need_features, need_weights);
   if (cam_bwd_has_work(d, need_features, need_weights)) {
     // the features are read only for grad_weights (and only where grad_cam is given)

@@ -1,4 +1,6 @@
-// CUDA kernels of the Grad-CAM ops: one thread block per image.
+// CUDA kernels of the Grad-CAM ops: one thread block per image. Contiguous NCHW and
+// channels_last feature maps are read in place (element (b, k, p) at b*K*P + k*sK + p*sP:
+// sK = P, sP = 1 for NCHW; sK = 1, sP = K for channels_last); other layouts are copied to NCHW.
 //
 // Forward: the weighted channel sum runs on (pixel, channel group) threads: a pass covers Pt
 // pixels (the next power of two >= H*W, at least a warp, at most the block), the block's
@@ -30,7 +32,7 @@ inline int cam_pixels_per_pass(int64_t P) {
 template <typename scalar_t, typename acc_t>
 __global__ void cam_fwd_kernel(const scalar_t* __restrict__ A, const acc_t* __restrict__ w, acc_t* __restrict__ cam,
                                acc_t* __restrict__ pool_w, acc_t* __restrict__ pooled, int64_t K, int64_t P,
-                               int Pt, bool with_pooled) {
+                               int64_t sK, int64_t sP, int Pt, bool with_pooled) {
   __shared__ acc_t red[32];
   __shared__ acc_t part[kThreads];
   const int64_t b = blockIdx.x;
@@ -45,13 +47,14 @@ __global__ void cam_fwd_kernel(const scalar_t* __restrict__ A, const acc_t* __re
     acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     if (p < P) {
       int64_t k = g;
+      const scalar_t* Ap = Ab + p * sP;
       for (; k + 3 * G < K; k += 4 * G) {
-        s0 += wb[k] * static_cast<acc_t>(Ab[k * P + p]);
-        s1 += wb[k + G] * static_cast<acc_t>(Ab[(k + G) * P + p]);
-        s2 += wb[k + 2 * G] * static_cast<acc_t>(Ab[(k + 2 * G) * P + p]);
-        s3 += wb[k + 3 * G] * static_cast<acc_t>(Ab[(k + 3 * G) * P + p]);
+        s0 += wb[k] * static_cast<acc_t>(Ap[k * sK]);
+        s1 += wb[k + G] * static_cast<acc_t>(Ap[(k + G) * sK]);
+        s2 += wb[k + 2 * G] * static_cast<acc_t>(Ap[(k + 2 * G) * sK]);
+        s3 += wb[k + 3 * G] * static_cast<acc_t>(Ap[(k + 3 * G) * sK]);
       }
-      for (; k < K; k += G) s0 += wb[k] * static_cast<acc_t>(Ab[k * P + p]);
+      for (; k < K; k += G) s0 += wb[k] * static_cast<acc_t>(Ap[k * sK]);
     }
     part[threadIdx.x] = (s0 + s1) + (s2 + s3);
     __syncthreads();
@@ -82,9 +85,9 @@ __global__ void cam_fwd_kernel(const scalar_t* __restrict__ A, const acc_t* __re
   __syncthreads();  // pool_w of this image complete and visible to the block
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   for (int64_t k = warp; k < K; k += nwarps) {
-    const scalar_t* row = Ab + k * P;
+    const scalar_t* row = Ab + k * sK;
     acc_t t = 0;
-    for (int64_t p = lane; p < P; p += 32) t += pwb[p] * static_cast<acc_t>(row[p]);
+    for (int64_t p = lane; p < P; p += 32) t += pwb[p] * static_cast<acc_t>(row[p * sP]);
     t = cuda::warp_reduce(t, cuda::SumOp());
     if (lane == 0) pooled[b * K + k] = t;
   }
@@ -95,7 +98,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void cam_bwd_kernel(const scalar_t* __restrict__ A, const acc_t* __restrict__ w,
                                const acc_t* __restrict__ gs, const acc_t* __restrict__ gp,
                                const acc_t* __restrict__ pw, scalar_t* __restrict__ gf, acc_t* __restrict__ gw,
-                               int64_t K, int64_t P, int64_t kc) {
+                               int64_t K, int64_t P, int64_t sK, int64_t sP, int64_t kc) {
   const int64_t b = blockIdx.x;
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * kc;
   const int64_t k1 = k0 + kc < K ? k0 + kc : K;
@@ -119,8 +122,8 @@ __global__ void cam_bwd_kernel(const scalar_t* __restrict__ A, const acc_t* __re
     for (int64_t k = k0 + warp; k < k1; k += nwarps) {
       acc_t t = 0;
       if (gsb) {
-        const scalar_t* row = A + (b * K + k) * P;
-        for (int64_t p = lane; p < P; p += 32) t += gsb[p] * static_cast<acc_t>(row[p]);
+        const scalar_t* row = A + b * K * P + k * sK;
+        for (int64_t p = lane; p < P; p += 32) t += gsb[p] * static_cast<acc_t>(row[p * sP]);
       }
       t = cuda::warp_reduce(t, cuda::SumOp());
       if (lane == 0) gw[b * K + k] = t;
@@ -144,7 +147,9 @@ std::tuple<Tensor, Tensor, Tensor> cam_fwd_cuda(const Tensor& features, const Te
   const c10::cuda::CUDAGuard guard(features.device());
   const int64_t B = d.B, K = d.K, P = d.P;
   const auto acc = d.acc;
-  const Tensor A = features.contiguous();
+  const bool cl = cam_reads_channels_last(features);
+  const Tensor A = cl ? features : features.contiguous();
+  const int64_t sK = cl ? 1 : P, sP = cl ? K : 1;
   const Tensor w = weights.to(acc).contiguous();
   CamFwdOutputs o = alloc_cam_fwd(features, d, with_pooled);
   Tensor& cam = o.cam;
@@ -157,12 +162,12 @@ std::tuple<Tensor, Tensor, Tensor> cam_fwd_cuda(const Tensor& features, const Te
         cam_fwd_kernel<scalar_t, double><<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(
             A.const_data_ptr<scalar_t>(), w.const_data_ptr<double>(), cam.data_ptr<double>(),
             with_pooled ? pool_w.data_ptr<double>() : nullptr, with_pooled ? pooled.data_ptr<double>() : nullptr, K, P,
-            cam_pixels_per_pass(P), with_pooled);
+            sK, sP, cam_pixels_per_pass(P), with_pooled);
       } else {
         cam_fwd_kernel<scalar_t, float><<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(
             A.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(), cam.data_ptr<float>(),
             with_pooled ? pool_w.data_ptr<float>() : nullptr, with_pooled ? pooled.data_ptr<float>() : nullptr, K, P,
-            cam_pixels_per_pass(P), with_pooled);
+            sK, sP, cam_pixels_per_pass(P), with_pooled);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -179,7 +184,11 @@ std::tuple<Tensor, Tensor> cam_bwd_cuda(const std::optional<Tensor>& grad_cam, c
   const auto acc = op.d.acc;
   const bool has_gc = op.has_gc, has_gp = op.has_gp;
   const Tensor &gs = op.gs, &gp = op.gp, &pw = op.pw, &w = op.w;
-  const Tensor A = features.contiguous();
+  // the features are read only for grad_weights, and only where grad_cam is given
+  const bool cl = cam_reads_channels_last(features);
+  const bool read_a = need_weights && has_gc;
+  const Tensor A = (read_a && !cl) ? features.contiguous() : features;
+  const int64_t sK = cl ? 1 : P, sP = cl ? K : 1;
   CamBwdOutputs o = alloc_cam_bwd(features, op.d, need_features, need_weights);
   Tensor& gf = o.gf;
   Tensor& gw = o.gw;
@@ -194,13 +203,13 @@ std::tuple<Tensor, Tensor> cam_bwd_cuda(const std::optional<Tensor>& grad_cam, c
             A.const_data_ptr<scalar_t>(), w.const_data_ptr<double>(), has_gc ? gs.const_data_ptr<double>() : nullptr,
             has_gp ? gp.const_data_ptr<double>() : nullptr, has_gp ? pw.const_data_ptr<double>() : nullptr,
             need_features ? gf.data_ptr<scalar_t>() : nullptr, need_weights ? gw.data_ptr<double>() : nullptr, K, P,
-            kc);
+            sK, sP, kc);
       } else {
         cam_bwd_kernel<scalar_t, float><<<grid, kThreads, 0, stream>>>(
             A.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(), has_gc ? gs.const_data_ptr<float>() : nullptr,
             has_gp ? gp.const_data_ptr<float>() : nullptr, has_gp ? pw.const_data_ptr<float>() : nullptr,
             need_features ? gf.data_ptr<scalar_t>() : nullptr, need_weights ? gw.data_ptr<float>() : nullptr, K, P,
-            kc);
+            sK, sP, kc);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
