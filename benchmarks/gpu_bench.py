@@ -159,6 +159,7 @@ CAM_VARIANTS = {
     "triton_image_t8k": {"CAM_FWD_MODE": "image", "CAM_CFG": {"image_tile": 8192}},
     "triton_bwd_w8": {"CAM_CFG": {"bwd_warps": 8}},
     "triton_bwd_t8k": {"CAM_CFG": {"bwd_tile": 8192, "bwd_warps": 8}},
+    "triton_vec": {"CAM_VEC": True},
 }
 #: float32 matmul precision per inter provider (PyTorch's switch; the kernels follow it)
 INTER_PRECISION = {"eager": "highest", "eager_tf32": "high", "compiled": "highest", "triton": "highest",

@@ -1,6 +1,6 @@
 """Runs each Triton kernel of the hot spots a few times at benchmark shapes, for a kernel profiler.
 
-    ncu --kernel-name regex:"_cam_|_inter_" --launch-count 14 \
+    ncu --kernel-name regex:"_cam_|_inter_" --launch-count 22 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
         python benchmarks/profile_kernels.py
 
@@ -46,6 +46,10 @@ def main():
     cam, pooled, pool_w, _ = kcam.cam_fwd(f, w, True)
     gc, gp = torch.randn_like(cam), torch.randn_like(pooled)
     timed("cam_bwd", lambda: kcam.cam_bwd(gc, gp, f, w, cam, pool_w, True, True))
+    kcam.CAM_VEC = True  # the opt-in vec kernels on the same inputs
+    timed("cam_fwd vec", lambda: kcam.cam_fwd(f, w, True))
+    timed("cam_bwd vec", lambda: kcam.cam_bwd(gc, gp, f, w, cam, pool_w, True, True))
+    kcam.CAM_VEC = False
     C, Ds, Dt, P = 4096, 512, 2048, 256
     mu_s, mu_t = torch.randn(C, Ds, device="cuda"), torch.randn(C, Dt, device="cuda")
     valid = torch.ones(C, dtype=torch.bool, device="cuda")

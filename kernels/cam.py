@@ -330,6 +330,166 @@ def _cam_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# "vec" layout (opt-in, ``CAM_VEC``): NCHW-contiguous maps read in memory order
+# ----------------------------------------------------------------------------------------------
+# The channel-block kernels above load [BLOCK_K, BLOCK_P] tiles whose rows are H*W elements
+# long: for a 7x7 map a row is 98 bytes, unaligned, so every element is a scalar load. Here a
+# program walks its channel block 8 channels (8*HW contiguous elements) at a time as a
+# [BLOCK_R, 8] tile, row r = elements r*8 .. r*8+7 of the step (rows >= HW unused): each row is
+# 8 contiguous, aligned elements (one 16-byte load in bf16 when K is a multiple of 16). The
+# pixel of slot (r, i) is (r*8 + i) % HW and its channel (r*8 + i) // HW, the same at every step,
+# so per-pixel quantities (pool_w, grad_cam) are gathered once per program, and a row touches at
+# most two channels (HW >= 8): their weights are two loads per row, not one per element.
+# Partial sums are kept per slot; pixel p is the sum of slots p + m*HW, m < 8 (fixed order).
+
+
+@triton.jit
+def _vec_slots(HW: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Slot pattern of a step: (slot [R, 8], row mask [R, 1], channel of the slot [R, 8], first
+    and last channel of the row [R, 1])."""
+    r = tl.arange(0, BLOCK_R)[:, None]
+    slot = r * 8 + tl.arange(0, 8)[None, :]
+    return slot, r < HW, slot // HW, (r * 8) // HW, (r * 8 + 7) // HW
+
+
+@triton.jit
+def _vec_row_pair(ptr, stride, k0, kf, kl, K, rmask, acc_ty):
+    """Per-row values of the row's first and last channel (``ptr[k * stride]``; 0 past K)."""
+    f = tl.load(ptr + (k0 + kf) * stride, mask=rmask & (k0 + kf < K), other=0.0).to(acc_ty)
+    last = tl.load(ptr + (k0 + kl) * stride, mask=rmask & (k0 + kl < K), other=0.0).to(acc_ty)
+    return f, last
+
+
+@triton.jit
+def _vec_channel_sums(v, kk, kf, kl):
+    """``out[c] = sum of v over the slots of channel c`` (c < 8) for a [R, 8] tile."""
+    first = tl.sum(tl.where(kk == kf, v, 0.0), axis=1)[:, None]  # [R, 1]
+    rest = tl.sum(tl.where(kk == kf, 0.0, v), axis=1)[:, None]
+    c = tl.arange(0, 8)[None, :]
+    return tl.sum(tl.where(kf == c, first, 0.0) + tl.where((kl == c) & (kl != kf), rest, 0.0), axis=0)
+
+
+@triton.jit
+def _cam_partial_vec_kernel(
+    a_ptr, w_ptr, part_ptr, K, NKB, swb, swk,
+    HW: tl.constexpr, STEPS: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Pass 1, one program per (image, block of 8*STEPS channels): per-slot partial sums."""
+    acc_ty = part_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // NKB
+    kb = pid % NKB
+    slot, rmask, kk, kf, kl = _vec_slots(HW, BLOCK_R)
+    img = a_ptr + b * K * HW
+    acc = tl.zeros([BLOCK_R, 8], dtype=acc_ty)
+    for st in range(STEPS):
+        k0 = (kb * STEPS + st) * 8
+        a = tl.load(img + k0 * HW + slot, mask=rmask & (k0 + kk < K), other=0.0)
+        wf, wl = _vec_row_pair(w_ptr + b * swb, swk, k0, kf, kl, K, rmask, acc_ty)
+        acc += a.to(acc_ty) * tl.where(kk == kf, wf, wl)
+    tl.store(part_ptr + pid * (BLOCK_R * 8) + slot, acc)
+
+
+@triton.jit
+def _cam_norm_vec_kernel(
+    part_ptr, cam_ptr, pw_ptr, NKB,
+    HW: tl.constexpr, WITH_POOLED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Pass 2, one program per image: pixel p = sum over blocks and m < 8 of slot p + m*HW."""
+    acc_ty = part_ptr.dtype.element_ty
+    b = tl.program_id(0).to(tl.int64)
+    p = tl.arange(0, BLOCK_P)
+    pmask = p < HW
+    base = part_ptr + b * NKB * (BLOCK_R * 8)
+    acc = tl.zeros([BLOCK_N, BLOCK_P], dtype=acc_ty)
+    for n0 in range(0, NKB, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = (n < NKB)[:, None] & pmask[None, :]
+        rows = base + n.to(tl.int64)[:, None] * (BLOCK_R * 8)
+        for m in tl.static_range(8):
+            acc += tl.load(rows + (p + m * HW)[None, :], mask=nmask, other=0.0)
+    cam = tl.maximum(tl.sum(acc, axis=0), 0.0)
+    tl.store(cam_ptr + b * HW + p, cam.to(cam_ptr.dtype.element_ty), mask=pmask)
+    if WITH_POOLED:
+        pw = _pool_weights(cam, pmask, HW)
+        tl.store(pw_ptr + b * HW + p, pw.to(pw_ptr.dtype.element_ty), mask=pmask)
+
+
+@triton.jit
+def _cam_pool_vec_kernel(
+    a_ptr, pw_ptr, pooled_ptr, K, NKB,
+    HW: tl.constexpr, STEPS: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Pass 3, one program per (image, channel block): ``pooled[k] = sum_p pool_w[p] A[k, p]``."""
+    acc_ty = pw_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // NKB
+    kb = pid % NKB
+    slot, rmask, kk, kf, kl = _vec_slots(HW, BLOCK_R)
+    pw = tl.load(pw_ptr + b * HW + slot % HW, mask=rmask, other=0.0).to(acc_ty)
+    img = a_ptr + b * K * HW
+    c = tl.arange(0, 8)
+    for st in range(STEPS):
+        k0 = (kb * STEPS + st) * 8
+        a = tl.load(img + k0 * HW + slot, mask=rmask & (k0 + kk < K), other=0.0)
+        out = _vec_channel_sums(a.to(acc_ty) * pw, kk, kf, kl)
+        tl.store(pooled_ptr + b * K + k0 + c, out.to(pooled_ptr.dtype.element_ty), mask=k0 + c < K)
+
+
+@triton.jit
+def _cam_bwd_vec_kernel(
+    a_ptr, w_ptr, cam_ptr, pw_ptr, gc_ptr, gp_ptr, ga_ptr, gw_ptr,
+    K, NKB, WIDTH, swb, swk, sgcb, sgch, sgcw, sgpb, sgpk,
+    HW: tl.constexpr, STEPS: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_GCAM: tl.constexpr, HAS_GPOOL: tl.constexpr, NEED_F: tl.constexpr, NEED_W: tl.constexpr,
+    ACC_F64: tl.constexpr,
+):
+    """Backward, one program per (image, channel block): ``dA = w g_s + g_pooled pool_w`` written
+    tile by tile, ``dw[k] = sum_p g_s[p] A[k, p]`` (g_s = grad_cam where cam > 0; ``cam`` and
+    ``pool_w`` are contiguous [B, HW], ``grad_cam`` any [B, H, W] strides)."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // NKB
+    kb = pid % NKB
+    slot, rmask, kk, kf, kl = _vec_slots(HW, BLOCK_R)
+    p = slot % HW
+    pix = b * HW + p
+    if ACC_F64:
+        zero = tl.zeros([BLOCK_R, 8], dtype=tl.float64)
+    else:
+        zero = tl.zeros([BLOCK_R, 8], dtype=tl.float32)
+    acc_ty = zero.dtype
+    if HAS_GCAM:
+        gc = tl.load(gc_ptr + b * sgcb + (p // WIDTH) * sgch + (p % WIDTH) * sgcw, mask=rmask, other=0.0).to(acc_ty)
+        cv = tl.load(cam_ptr + pix, mask=rmask, other=0.0).to(acc_ty)
+        gs = tl.where(cv > 0, gc, 0.0)
+    else:
+        gs = zero
+    if HAS_GPOOL:
+        pw = tl.load(pw_ptr + pix, mask=rmask, other=0.0).to(acc_ty)
+    img = b * K * HW
+    c = tl.arange(0, 8)
+    for st in range(STEPS):
+        k0 = (kb * STEPS + st) * 8
+        m2 = rmask & (k0 + kk < K)
+        off = img + k0 * HW + slot
+        if NEED_F:
+            wf, wl = _vec_row_pair(w_ptr + b * swb, swk, k0, kf, kl, K, rmask, acc_ty)
+            ga = tl.where(kk == kf, wf, wl) * gs
+            if HAS_GPOOL:
+                gf, gl = _vec_row_pair(gp_ptr + b * sgpb, sgpk, k0, kf, kl, K, rmask, acc_ty)
+                ga += tl.where(kk == kf, gf, gl) * pw
+            tl.store(ga_ptr + off, ga.to(ga_ptr.dtype.element_ty), mask=m2)
+        if NEED_W:
+            if HAS_GCAM:
+                a = tl.load(a_ptr + off, mask=m2, other=0.0)
+                out = _vec_channel_sums(a.to(acc_ty) * gs, kk, kf, kl)
+            else:
+                out = tl.zeros([8], dtype=acc_ty)
+            tl.store(gw_ptr + b * K + k0 + c, out.to(gw_ptr.dtype.element_ty), mask=k0 + c < K)
+
+
+# ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
 
@@ -354,6 +514,24 @@ CAM_CFG: dict = {"image_tile": 4096, "image_warps": 8,
 
 def _use_image_mode(B: int, dev: torch.device) -> bool:
     return CAM_FWD_MODE == "image"
+
+
+#: opt-in "vec" kernels (see above) for NCHW-contiguous maps with 8 <= H*W <= CAM_VEC_MAX_HW;
+#: off until timed on a GPU (``benchmarks/gpu_bench.py`` times them as ``triton_vec``)
+CAM_VEC = False
+CAM_VEC_MAX_HW = 1024
+#: 8-channel steps per program of the vec kernels
+_VEC_STEPS = 8
+
+
+def _use_vec(features: torch.Tensor, hw: int) -> bool:
+    return bool(CAM_VEC) and 8 <= hw <= CAM_VEC_MAX_HW and features.is_contiguous()
+
+
+def _vec_grid(hw: int, k: int) -> tuple[int, int, int]:
+    """``(BLOCK_R, STEPS, number of channel blocks)`` of the vec kernels."""
+    steps = max(1, min(_VEC_STEPS, triton.cdiv(k, 8)))
+    return next_pow2(hw), steps, triton.cdiv(k, 8 * steps)
 
 
 def _flat(width: int, *maps) -> bool:
@@ -411,6 +589,24 @@ def cam_fwd(features: torch.Tensor, weights: torch.Tensor | None, with_pooled: b
     if HW > max_fused_hw and grads is not None:
         w_out = spatial_mean(grads)
         weights, grads = w_out, None
+    if grads is None and _use_vec(features, HW):
+        block_r, steps, nkb = _vec_grid(HW, K)
+        part = torch.empty((B * nkb, block_r * 8), dtype=acc, device=dev)
+        _launch(_cam_partial_vec_kernel)[(B * nkb,)](
+            features, weights, part, K, nkb, *weights.stride(),
+            HW=HW, STEPS=steps, BLOCK_R=block_r, num_warps=4,
+        )
+        block_p = next_pow2(HW)
+        _launch(_cam_norm_vec_kernel)[(B,)](
+            part, cam, pool_w if with_pooled else part, nkb,
+            HW=HW, WITH_POOLED=with_pooled, BLOCK_P=block_p, BLOCK_R=block_r,
+            BLOCK_N=max(1, min(next_pow2(nkb), _FWD_TILE // block_p)), num_warps=4,
+        )
+        if with_pooled:
+            _launch(_cam_pool_vec_kernel)[(B * nkb,)](
+                features, pool_w, pooled, K, nkb, HW=HW, STEPS=steps, BLOCK_R=block_r, num_warps=4,
+            )
+        return cam, pooled, pool_w, w_out
     if HW <= max_fused_hw and _use_image_mode(B, dev):
         block_p = next_pow2(HW)
         block_k = max(1, min(next_pow2(K), CAM_CFG["image_tile"] // block_p))
@@ -516,15 +712,28 @@ def cam_bwd(grad_cam, grad_pooled, features, weights, cam, pool_w, need_features
         if need_weights:
             gw.zero_()
         return ga, gw
+    gc = grad_cam if has_gc else cam
+    gp = grad_pooled if has_gp else weights
+    ga_arg = ga if need_features else features
+    gw_arg = gw if need_weights else weights
+    if _use_vec(features, HW) and cam.is_contiguous() and (not has_gp or pool_w.is_contiguous()) \
+            and (not need_features or ga.is_contiguous()):
+        block_r, steps, nkb = _vec_grid(HW, K)
+        _launch(_cam_bwd_vec_kernel)[(B * nkb,)](
+            features, weights, cam, pool_w if has_gp else cam, gc, gp, ga_arg, gw_arg,
+            K, nkb, W, *weights.stride(),
+            *(gc.stride() if has_gc else (0, 0, 0)),
+            *(gp.stride() if has_gp else (0, 0)),
+            HW=HW, STEPS=steps, BLOCK_R=block_r,
+            HAS_GCAM=has_gc, HAS_GPOOL=has_gp, NEED_F=need_features, NEED_W=need_weights,
+            ACC_F64=acc == torch.float64, num_warps=4,
+        )
+        return ga, gw
     if HW <= MAX_FUSED_HW:
         block_k, block_p = _fused_blocks(HW, K, CAM_CFG["bwd_tile"])
     else:
         block_k, block_p = _tile_blocks(HW, K)
     nkb = triton.cdiv(K, block_k)
-    gc = grad_cam if has_gc else cam
-    gp = grad_pooled if has_gp else weights
-    ga_arg = ga if need_features else features
-    gw_arg = gw if need_weights else weights
     _launch(_cam_bwd_kernel)[(B * nkb,)](
         features, weights, cam, pool_w if has_gp else cam, gc, gp, ga_arg, gw_arg,
         K, HW, W, nkb,

@@ -17,13 +17,44 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 impl = pytest.importorskip("icakd_fast.ops._triton_impl")
 
 
-@pytest.fixture(params=["split", "image"])
+@pytest.fixture(params=["split", "image", "vec"])
 def fwd_mode(request, monkeypatch):
-    """Both forward strategies: channel blocks across programs, and one program per image."""
+    """The forward strategies: channel blocks across programs, one program per image, and the
+    opt-in "vec" kernels (NCHW-contiguous maps with H*W >= 8, forward and backward; other inputs
+    fall back to the split kernels)."""
     from icakd_fast.kernels import cam as kcam
 
-    monkeypatch.setattr(kcam, "CAM_FWD_MODE", request.param)
+    if request.param == "vec":
+        monkeypatch.setattr(kcam, "CAM_VEC", True)
+    else:
+        monkeypatch.setattr(kcam, "CAM_FWD_MODE", request.param)
     return request.param
+
+
+@pytest.mark.parametrize("hw", [(2, 4), (3, 3), (3, 5), (4, 4), (1, 17), (7, 7), (8, 8)])
+@pytest.mark.parametrize("k", [1, 7, 8, 9, 65, 130])
+def test_vec_kernels_every_channel_and_pixel_phase(hw, k, monkeypatch):
+    """The vec kernels' slot pattern (8 contiguous elements per row, two channels per row at most)
+    at channel counts around the 8-channel step and the 64-channel block, maps from 8 pixels up;
+    the backward with an expanded (stride 0) grad_cam as ``cam.sum()`` gives it."""
+    from icakd_fast.kernels import cam as kcam
+
+    monkeypatch.setattr(kcam, "CAM_VEC", True)
+    assert kcam._use_vec(torch.empty(1, k, *hw), hw[0] * hw[1])
+    B = 3
+    f = torch.randn(B, k, *hw, device=DEV, requires_grad=True)
+    w = torch.randn(B, k, device=DEV, requires_grad=True)
+    cam, pooled = F.class_activation_features(f, w, backend="triton")
+    gp = torch.randn(B, k, device=DEV)
+    gf, gw = torch.autograd.grad(cam.sum() + (pooled * gp).sum(), (f, w))
+    rc, rp, rgf, rgw = _ref_all(f, w, torch.ones(B, *hw), gp)
+    assert_close_rel(cam, rc, torch.float32, "cam")
+    assert_close_rel(pooled, rp, torch.float32, "pooled")
+    assert_close_rel(gf, rgf, torch.float32, "grad_features")
+    assert_close_rel(gw, rgw, torch.float32, "grad_weights")
+    # weights only (no grad_features, no grad_pooled)
+    (gw_only,) = torch.autograd.grad(F.class_activation_features(f.detach(), w, backend="triton")[0].sum(), (w,))
+    assert_close_rel(gw_only, _ref_all(f, w, torch.ones(B, *hw), torch.zeros(B, k))[3], torch.float32, "grad_weights alone")
 
 
 def _layout(x, layout):
