@@ -7,8 +7,9 @@
 // kThreads / Pt groups take every G-th channel with four independent accumulators, and a
 // shared-memory sum over the groups gives each pixel (so a 7x7 map keeps all 256 threads busy
 // instead of 49, coalesced over H*W). Then a block reduction gives the min/max/sum of the map,
-// then warps own channels for the CAM-weighted pooling. Backward: threads own (channel, pixel) elements for grad_features, warps own channels
-// for grad_weights. float32 accumulation (float64 for float64 inputs).
+// then warps own channels for the CAM-weighted pooling. Backward: threads own (channel, pixel)
+// elements for grad_features, warps own channels for grad_weights. float32 accumulation (float64
+// for float64 inputs).
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
