@@ -344,12 +344,13 @@ def _cam_bwd_kernel(
 
 
 @triton.jit
-def _vec_slots(HW: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Slot pattern of a step: (slot [R, 8], row mask [R, 1], channel of the slot [R, 8], first
-    and last channel of the row [R, 1])."""
+def _vec_program(NKB, HW: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This program's image and channel block, and the slot pattern of a step: (b, kb, slot
+    [R, 8], row mask [R, 1], channel of the slot [R, 8], first and last channel of the row [R, 1])."""
+    pid = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, BLOCK_R)[:, None]
     slot = r * 8 + tl.arange(0, 8)[None, :]
-    return slot, r < HW, slot // HW, (r * 8) // HW, (r * 8 + 7) // HW
+    return pid // NKB, pid % NKB, slot, r < HW, slot // HW, (r * 8) // HW, (r * 8 + 7) // HW
 
 
 @triton.jit
@@ -376,10 +377,7 @@ def _cam_partial_vec_kernel(
 ):
     """Pass 1, one program per (image, block of 8*STEPS channels): per-slot partial sums."""
     acc_ty = part_ptr.dtype.element_ty
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // NKB
-    kb = pid % NKB
-    slot, rmask, kk, kf, kl = _vec_slots(HW, BLOCK_R)
+    b, kb, slot, rmask, kk, kf, kl = _vec_program(NKB, HW, BLOCK_R)
     img = a_ptr + b * K * HW
     acc = tl.zeros([BLOCK_R, 8], dtype=acc_ty)
     for st in range(STEPS):
@@ -387,7 +385,7 @@ def _cam_partial_vec_kernel(
         a = tl.load(img + k0 * HW + slot, mask=rmask & (k0 + kk < K), other=0.0)
         wf, wl = _vec_row_pair(w_ptr + b * swb, swk, k0, kf, kl, K, rmask, acc_ty)
         acc += a.to(acc_ty) * tl.where(kk == kf, wf, wl)
-    tl.store(part_ptr + pid * (BLOCK_R * 8) + slot, acc)
+    tl.store(part_ptr + (b * NKB + kb) * (BLOCK_R * 8) + slot, acc)
 
 
 @triton.jit
@@ -423,10 +421,7 @@ def _cam_pool_vec_kernel(
 ):
     """Pass 3, one program per (image, channel block): ``pooled[k] = sum_p pool_w[p] A[k, p]``."""
     acc_ty = pw_ptr.dtype.element_ty
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // NKB
-    kb = pid % NKB
-    slot, rmask, kk, kf, kl = _vec_slots(HW, BLOCK_R)
+    b, kb, slot, rmask, kk, kf, kl = _vec_program(NKB, HW, BLOCK_R)
     pw = tl.load(pw_ptr + b * HW + slot % HW, mask=rmask, other=0.0).to(acc_ty)
     img = a_ptr + b * K * HW
     c = tl.arange(0, 8)
@@ -448,10 +443,7 @@ def _cam_bwd_vec_kernel(
     """Backward, one program per (image, channel block): ``dA = w g_s + g_pooled pool_w`` written
     tile by tile, ``dw[k] = sum_p g_s[p] A[k, p]`` (g_s = grad_cam where cam > 0; ``cam`` and
     ``pool_w`` are contiguous [B, HW], ``grad_cam`` any [B, H, W] strides)."""
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // NKB
-    kb = pid % NKB
-    slot, rmask, kk, kf, kl = _vec_slots(HW, BLOCK_R)
+    b, kb, slot, rmask, kk, kf, kl = _vec_program(NKB, HW, BLOCK_R)
     p = slot % HW
     pix = b * HW + p
     if ACC_F64:
