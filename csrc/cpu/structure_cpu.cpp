@@ -73,10 +73,19 @@ std::tuple<Tensor, Tensor> centroids_fwd_cpu(const Tensor& sums_, const Tensor& 
 // intra
 // ---------------------------------------------------------------------------------------------
 
-// per-row |d|^2 (0 for invalid rows), d written to dout when given; returns #valid rows
+// rows whose class is valid
+int64_t intra_nvalid(const IntraArgs& a) {
+  const int64_t* lab = a.labels.const_data_ptr<int64_t>();
+  const bool* val = a.valid.const_data_ptr<bool>();
+  int64_t nvalid = 0;
+  for (int64_t b = 0; b < a.B; ++b) nvalid += val[lab[b]] ? 1 : 0;
+  return nvalid;
+}
+
+// d_b = (f_s - mu_s[y]) - (f_t - mu_t[y]) per row (0 for invalid rows): |d_b|^2 into per_row
+// (a fixed-order lane sum), dscale * d_b into dout -- one pass over each row, either or both.
 template <typename acc_t>
-int64_t intra_rows(const IntraArgs& a, acc_t* per_row, acc_t* dout, acc_t dscale_unused = 0) {
-  (void)dscale_unused;
+void intra_rows(const IntraArgs& a, acc_t* per_row, acc_t* dout, acc_t dscale) {
   const acc_t* fs = a.f_s.const_data_ptr<acc_t>();
   const acc_t* ft = a.f_t.const_data_ptr<acc_t>();
   const acc_t* ms = a.mu_s.const_data_ptr<acc_t>();
@@ -84,28 +93,35 @@ int64_t intra_rows(const IntraArgs& a, acc_t* per_row, acc_t* dout, acc_t dscale
   const int64_t* lab = a.labels.const_data_ptr<int64_t>();
   const bool* val = a.valid.const_data_ptr<bool>();
   const int64_t D = a.D;
-  int64_t nvalid = 0;
-  for (int64_t b = 0; b < a.B; ++b) nvalid += val[lab[b]] ? 1 : 0;
   at::parallel_for(0, a.B, std::max<int64_t>(1, 8192 / std::max<int64_t>(D, 1)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t c = lab[b];
       const bool ok = val[c];
-      acc_t t = 0;
+      const acc_t *xs = fs + b * D, *xt = ft + b * D, *cs = ms + c * D, *ct = mt + c * D;
       if (dout) {
-        for (int64_t d = 0; d < D; ++d) {
-          const acc_t x = (fs[b * D + d] - ms[c * D + d]) - (ft[b * D + d] - mt[c * D + d]);
-          dout[b * D + d] = ok ? x : acc_t(0);
+        acc_t* o = dout + b * D;
+        if (ok) {
+          for (int64_t d = 0; d < D; ++d) o[d] = dscale * ((xs[d] - cs[d]) - (xt[d] - ct[d]));
+        } else {
+          std::fill(o, o + D, acc_t(0));
         }
       }
-#pragma omp simd reduction(+ : t)
-      for (int64_t d = 0; d < D; ++d) {
-        const acc_t x = (fs[b * D + d] - ms[c * D + d]) - (ft[b * D + d] - mt[c * D + d]);
-        t += x * x;
+      if (per_row) {
+        acc_t lanes[kLanes] = {};
+        int64_t d = 0;
+        for (; d + kLanes <= D; d += kLanes)
+          for (int j = 0; j < kLanes; ++j) {
+            const acc_t x = (xs[d + j] - cs[d + j]) - (xt[d + j] - ct[d + j]);
+            lanes[j] += x * x;
+          }
+        for (int j = 0; d + j < D; ++j) {
+          const acc_t x = (xs[d + j] - cs[d + j]) - (xt[d + j] - ct[d + j]);
+          lanes[j] += x * x;
+        }
+        per_row[b] = ok ? lanes_tree_sum<acc_t>(lanes) : acc_t(0);
       }
-      if (per_row) per_row[b] = ok ? t : acc_t(0);
     }
   });
-  return nvalid;
 }
 
 Tensor intra_fwd_cpu(const Tensor& f_s, const Tensor& f_t, const Tensor& mu_s, const Tensor& mu_t, const Tensor& labels,
@@ -114,10 +130,10 @@ Tensor intra_fwd_cpu(const Tensor& f_s, const Tensor& f_t, const Tensor& mu_s, c
   Tensor out = at::empty({}, f_s.options().dtype(a.acc));
   AT_DISPATCH_FLOATING_TYPES(a.acc, "icakd_intra_fwd_cpu", [&] {
     std::vector<scalar_t> per_row(a.B);
-    const int64_t nvalid = intra_rows<scalar_t>(a, per_row.data(), nullptr);
+    intra_rows<scalar_t>(a, per_row.data(), nullptr, scalar_t(0));
     scalar_t total = 0;
     for (int64_t b = 0; b < a.B; ++b) total += per_row[b];
-    out.fill_(total / static_cast<scalar_t>(std::max<int64_t>(nvalid, 1)));
+    out.fill_(total / static_cast<scalar_t>(std::max<int64_t>(intra_nvalid(a), 1)));
   });
   return out;
 }
@@ -128,9 +144,9 @@ Tensor intra_bwd_cpu(const Tensor& grad_out, const Tensor& f_s, const Tensor& f_
   const IntraArgs a = intra_args(f_s, f_t, mu_s, mu_t, labels, valid, c10::DeviceType::CPU);
   Tensor gd = at::empty({a.B, a.D}, f_s.options().dtype(a.acc));
   AT_DISPATCH_FLOATING_TYPES(a.acc, "icakd_intra_bwd_cpu", [&] {
-    const int64_t nvalid = intra_rows<scalar_t>(a, nullptr, gd.data_ptr<scalar_t>());
     const scalar_t g = grad_out.to(at::kDouble).item<double>();
-    gd.mul_(2 * g / static_cast<scalar_t>(std::max<int64_t>(nvalid, 1)));
+    const scalar_t scale = 2 * g / static_cast<scalar_t>(std::max<int64_t>(intra_nvalid(a), 1));
+    intra_rows<scalar_t>(a, nullptr, gd.data_ptr<scalar_t>(), scale);
   });
   return gd;
 }
