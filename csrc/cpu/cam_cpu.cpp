@@ -12,8 +12,9 @@
 // the features, grad_weights the primitive that matches the layout of the features.
 //
 // float32 runs explicit AVX2/FMA code when the CPU has it (chosen once at run time; the
-// environment variable ICAKD_CPU_VECTOR=generic forces the portable loops); every other dtype, and
-// float32 elsewhere, runs plain loops written for the auto-vectoriser. Everything accumulates in
+// environment variable ICAKD_CPU_VECTOR=generic forces the portable loops); the forward widens
+// float16/bfloat16 images to float32 first and takes the same path; every other case runs plain
+// loops written for the auto-vectoriser. Everything accumulates in
 // float32 (float64 for float64 inputs), in an order fixed by the shapes only: results do not
 // depend on the thread count.
 #include <ATen/Dispatch.h>
@@ -24,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -260,28 +262,45 @@ inline void cam_map_and_pool_weights(const acc_t* s, acc_t* cb, acc_t* pw, int64
   }
 }
 
+// one image: s, cam, pool_w, pooled (a_t: the element type the primitives read)
+template <typename acc_t, typename a_t>
+void cam_fwd_image(const a_t* Ab, const acc_t* wb, acc_t* cb, acc_t* pw, acc_t* ob, acc_t* s, int64_t K, int64_t P,
+                   bool with_pooled, bool channels_last) {
+  if (channels_last) {
+    rows_dot<acc_t, a_t>(wb, Ab, P, K, s);
+  } else {
+    weighted_rows<acc_t, a_t>(wb, Ab, K, P, s);
+  }
+  cam_map_and_pool_weights<acc_t>(s, cb, pw, P, with_pooled);
+  if (!with_pooled) return;
+  if (channels_last) {
+    weighted_rows<acc_t, a_t>(pw, Ab, P, K, ob);
+  } else {
+    rows_dot<acc_t, a_t>(pw, Ab, K, P, ob);
+  }
+}
+
+// float16 / bfloat16 maps are widened to float32 one image at a time (a task-local buffer that
+// stays in cache), so that they run the float32 primitives (AVX2/FMA where available) on exactly
+// the values the portable loops would convert element by element.
 template <typename scalar_t, typename acc_t>
 void cam_fwd_kernel(const scalar_t* A, const acc_t* w, acc_t* cam, acc_t* pooled, acc_t* pool_w, int64_t B,
                     int64_t K, int64_t P, bool with_pooled, bool channels_last) {
+  constexpr bool kWiden = std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, float>;
   at::parallel_for(0, B, image_grain(K * P), [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> s(P);
+    std::vector<float> wide(kWiden ? K * P : 0);
     for (int64_t b = b0; b < b1; ++b) {
       const scalar_t* Ab = A + b * K * P;
-      const acc_t* wb = w + b * K;
-      acc_t* cb = cam + b * P;
       acc_t* pw = with_pooled ? pool_w + b * P : nullptr;
-      if (channels_last) {
-        rows_dot<acc_t, scalar_t>(wb, Ab, P, K, s.data());
+      acc_t* ob = with_pooled ? pooled + b * K : nullptr;
+      if constexpr (kWiden) {
+        for (int64_t i = 0; i < K * P; ++i) wide[i] = static_cast<float>(Ab[i]);
+        cam_fwd_image<acc_t, float>(wide.data(), w + b * K, cam + b * P, pw, ob, s.data(), K, P, with_pooled,
+                                    channels_last);
       } else {
-        weighted_rows<acc_t, scalar_t>(wb, Ab, K, P, s.data());
-      }
-      cam_map_and_pool_weights<acc_t>(s.data(), cb, pw, P, with_pooled);
-      if (!with_pooled) continue;
-      acc_t* ob = pooled + b * K;
-      if (channels_last) {
-        weighted_rows<acc_t, scalar_t>(pw, Ab, P, K, ob);
-      } else {
-        rows_dot<acc_t, scalar_t>(pw, Ab, K, P, ob);
+        cam_fwd_image<acc_t, scalar_t>(Ab, w + b * K, cam + b * P, pw, ob, s.data(), K, P, with_pooled,
+                                       channels_last);
       }
     }
   });
