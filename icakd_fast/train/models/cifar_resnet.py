@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._common import build_stages, init_weights
+
 __all__ = ["CifarResNet", "BasicBlock", "CIFAR_RESNET_SPECS"]
 
 
@@ -47,25 +49,12 @@ class CifarResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        in_planes = widths[0]
-        stages = []
-        for i, planes in enumerate(widths[1:]):
-            blocks = []
-            for j in range(n):
-                stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(BasicBlock(in_planes, planes, stride))
-                in_planes = planes
-            stages.append(nn.Sequential(*blocks))
+        stages, in_planes = build_stages(BasicBlock, widths, n)
         self.layer1, self.layer2, self.layer3 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
         self.feature_dim = in_planes
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

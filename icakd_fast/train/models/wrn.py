@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._common import build_stages, init_weights
+
 __all__ = ["WideResNet"]
 
 
@@ -38,28 +40,14 @@ class WideResNet(nn.Module):
         n = (depth - 4) // 6
         widths = [16, 16 * widen, 32 * widen, 64 * widen]
         self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
-        in_planes = widths[0]
-        stages = []
-        for i, planes in enumerate(widths[1:]):
-            blocks = []
-            for j in range(n):
-                blocks.append(_PreActBlock(in_planes, planes, 2 if (i > 0 and j == 0) else 1, drop))
-                in_planes = planes
-            stages.append(nn.Sequential(*blocks))
+        stages, in_planes = build_stages(lambda i, o, s: _PreActBlock(i, o, s, drop), widths, n)
         self.block1, self.block2, self.block3 = stages
         self.bn = nn.BatchNorm2d(in_planes)
         self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
         self.feature_dim = in_planes
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self, zero_linear_bias=True)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))
