@@ -28,3 +28,12 @@ def noncontig(x: torch.Tensor) -> torch.Tensor:
     big = torch.empty(x.shape + (2,), dtype=x.dtype, device=x.device)
     big[..., 0] = x
     return big[..., 0]
+
+
+def cam_features_with_grads(fn, features, weights, grad_cam, grad_pooled):
+    """``(cam, pooled, d features, d weights)`` of ``fn(features, weights)`` run on fresh leaf copies
+    (``clone`` keeps the memory format), backpropagating ``grad_cam`` and ``grad_pooled``."""
+    f, w = features.clone().requires_grad_(), weights.clone().requires_grad_()
+    cam, pooled = fn(f, w)
+    torch.autograd.backward([cam, pooled], [grad_cam, grad_pooled])
+    return cam, pooled, f.grad, w.grad

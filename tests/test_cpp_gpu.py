@@ -18,6 +18,8 @@ if not _ext.load():
 from icakd_fast import ops, reference  # noqa: E402
 from icakd_fast.ops import _cpp_impl as cpp  # noqa: E402
 
+from helpers import cam_features_with_grads  # noqa: E402
+
 EPS = reference.NORM_EPS
 DEV = "cuda"
 
@@ -68,14 +70,8 @@ def test_cam_forward_backward(shape, dtype):
     gc = torch.randn(b, h, w, device=DEV).to(dtype)
     gp = torch.randn(b, k, device=DEV).to(dtype)
 
-    def run(fn):
-        f, wt = f0.clone().requires_grad_(), w0.clone().requires_grad_()
-        cam, pooled = fn(f, wt)
-        torch.autograd.backward([cam, pooled], [gc, gp])
-        return cam, pooled, f.grad, wt.grad
-
-    out = run(lambda f, w: ops.cam_features("cpp", f, w))
-    ref = run(reference.class_activation_features)
+    out = cam_features_with_grads(lambda f, w: ops.cam_features("cpp", f, w), f0, w0, gc, gp)
+    ref = cam_features_with_grads(reference.class_activation_features, f0, w0, gc, gp)
     for a, r in zip(out, ref):
         assert a.dtype == r.dtype and a.shape == r.shape and a.device == r.device
         close(a, r, dtype, scale=4.0)
@@ -84,7 +80,8 @@ def test_cam_forward_backward(shape, dtype):
     c1, p1, _ = cpp.cam_fwd(cl, w0, True)
     close(c1, ref[0], dtype, scale=4.0)
     close(p1, ref[1], dtype, scale=4.0)
-    out_cl = run(lambda f, w: ops.cam_features("cpp", f.to(memory_format=torch.channels_last), w))
+    out_cl = cam_features_with_grads(
+        lambda f, w: ops.cam_features("cpp", f.to(memory_format=torch.channels_last), w), f0, w0, gc, gp)
     for a, r in zip(out_cl, ref):
         close(a, r, dtype, scale=4.0)
     tri = _triton()

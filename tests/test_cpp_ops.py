@@ -20,6 +20,8 @@ if not _ext.load():
 from icakd_fast import ops, reference  # noqa: E402
 from icakd_fast.ops import _cpp_impl as cpp  # noqa: E402
 
+from helpers import cam_features_with_grads  # noqa: E402
+
 pytestmark = pytest.mark.cpp
 
 C_OPS = torch.ops.icakd_fast_C
@@ -107,15 +109,8 @@ def test_cam_backward_matches_reference(shape, dtype):
     g_cam = torch.randn(b, h, w).to(dtype)
     g_pool = torch.randn(b, k).to(dtype)
 
-    def run(fn):
-        f = f0.clone().requires_grad_()
-        wt = w0.clone().requires_grad_()
-        cam, pooled = fn(f, wt)
-        torch.autograd.backward([cam, pooled], [g_cam, g_pool])
-        return cam, pooled, f.grad, wt.grad
-
-    out = run(lambda f, w: ops.cam_features("cpp", f, w))
-    ref = run(reference.class_activation_features)
+    out = cam_features_with_grads(lambda f, w: ops.cam_features("cpp", f, w), f0, w0, g_cam, g_pool)
+    ref = cam_features_with_grads(reference.class_activation_features, f0, w0, g_cam, g_pool)
     for a, r in zip(out, ref):
         assert a.dtype == r.dtype and a.shape == r.shape
         close(a, r, dtype, scale=2.0)
@@ -638,14 +633,8 @@ def test_cam_channels_last_forward_backward(shape, dtype):
     w0 = torch.randn(b, k).to(dtype)
     gc, gp = torch.randn(b, h, w).to(dtype), torch.randn(b, k).to(dtype)
 
-    def run(fn):
-        f, wt = f0.clone().requires_grad_(), w0.clone().requires_grad_()
-        cam, pooled = fn(f, wt)
-        torch.autograd.backward([cam, pooled], [gc, gp])
-        return cam, pooled, f.grad, wt.grad
-
-    out = run(lambda f, w: ops.cam_features("cpp", f, w))
-    ref = run(reference.class_activation_features)
+    out = cam_features_with_grads(lambda f, w: ops.cam_features("cpp", f, w), f0, w0, gc, gp)
+    ref = cam_features_with_grads(reference.class_activation_features, f0, w0, gc, gp)
     for a, r in zip(out, ref):
         assert a.dtype == r.dtype and a.shape == r.shape
         close(a, r, dtype, scale=2.0)
