@@ -98,9 +98,7 @@ class _BankBase(nn.Module):
         if feats.shape[1] != self.dim:
             raise ValueError(f"feats must be [N, {self.dim}] for this bank, got {tuple(feats.shape)}")
         V.length("labels", labels, feats.shape[0], "feats")
-        if mask is None:
-            mask = torch.ones(feats.shape[0], dtype=torch.bool, device=device)
-        else:
+        if mask is not None:
             V.boolean("mask", mask, 1)
             if mask.device != device:
                 raise ValueError(f"mask is on {mask.device} but the bank is on {device}; move one of them")
@@ -252,8 +250,9 @@ class FIFOMemoryBank(_BankBase):
         self._impl("fifo_bank").fifo_bank_enqueue_(self.bank, self.labels, self.ptr, feats, labels, mask)
 
     def sums_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        sums = self._impl("fifo_bank").fifo_bank_sums(self.bank, self.labels, self.num_classes)
-        return _snapshot_if_compiling(*sums)
+        # new tensors made by a segment sum (index_add or a custom op, neither of which the
+        # partitioner recomputes): unlike the class bank's buffers, no snapshot is needed
+        return self._impl("fifo_bank").fifo_bank_sums(self.bank, self.labels, self.num_classes)
 
     @torch.no_grad()
     def reset(self) -> None:
