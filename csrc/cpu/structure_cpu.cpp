@@ -255,7 +255,6 @@ std::tuple<Tensor, Tensor> inter_bwd_cpu(const Tensor& grad_out, const Tensor& m
   // columns of B needed by the second GEMM: [Ds] for n_s, [Dt] for n_t, or both. Each tile's
   // dL/dn rows go straight into the outputs (zero outside `rows`), which are then normalised in
   // place: no [C, Ds + Dt] buffer besides A and B.
-  const int64_t col0 = need_s ? 0 : Ds;
   Tensor gs = need_s ? at::zeros({C, Ds}, opts) : at::empty({0}, opts);
   Tensor gt = need_t ? at::zeros({C, Dt}, opts) : at::empty({0}, opts);
   const Tensor rows_t = at::from_blob(rows.data(), {R}, at::TensorOptions().dtype(at::kLong)).clone();
@@ -265,34 +264,34 @@ std::tuple<Tensor, Tensor> inter_bwd_cpu(const Tensor& grad_out, const Tensor& m
     const Tensor Gr = gram_rows_times(A_rows, gram64(op.A), Ds, need_s, need_t);
     if (need_s) gs.index_copy_(0, rows_t, Gr.narrow(1, 0, Ds));
     if (need_t) gt.index_copy_(0, rows_t, Gr.narrow(1, ncol - Dt, Dt));
-  }
-  const Tensor Bt = gram ? Tensor() : op.B.t();
-  const Tensor Bsel = gram ? Tensor() : op.B.narrow(1, col0, ncol);
-  const int64_t ntiles = gram ? 0 : (R + kTile - 1) / kTile;
-  auto store = [&](const Tensor& Gt, int64_t i0, int64_t i1, bool contiguous_rows) {
-    // Gt: [T, ncol] = [dL/dn_s | dL/dn_t] of rows[i0:i1]
-    for (int part = 0; part < 2; ++part) {
-      if ((part == 0 && !need_s) || (part == 1 && !need_t)) continue;
-      Tensor& out = part == 0 ? gs : gt;
-      const Tensor src = part == 0 ? Gt.narrow(1, 0, Ds) : Gt.narrow(1, ncol - Dt, Dt);
-      if (contiguous_rows) {
-        out.narrow(0, rows[i0], i1 - i0).copy_(src);
-      } else {
-        for (int64_t i = i0; i < i1; ++i) out[rows[i]].copy_(src[i - i0]);
+  } else {
+    const Tensor Bt = op.B.t();
+    const Tensor Bsel = op.B.narrow(1, need_s ? 0 : Ds, ncol);
+    auto store = [&](const Tensor& Gt, int64_t i0, int64_t i1, bool contiguous_rows) {
+      // Gt: [T, ncol] = [dL/dn_s | dL/dn_t] of rows[i0:i1]
+      for (int part = 0; part < 2; ++part) {
+        if ((part == 0 && !need_s) || (part == 1 && !need_t)) continue;
+        Tensor& out = part == 0 ? gs : gt;
+        const Tensor src = part == 0 ? Gt.narrow(1, 0, Ds) : Gt.narrow(1, ncol - Dt, Dt);
+        if (contiguous_rows) {
+          out.narrow(0, rows[i0], i1 - i0).copy_(src);
+        } else {
+          for (int64_t i = i0; i < i1; ++i) out[rows[i]].copy_(src[i - i0]);
+        }
       }
-    }
-  };
-  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i0 = t * kTile, i1 = std::min(R, i0 + kTile);
-      const bool contiguous_rows = rows[i1 - 1] - rows[i0] == i1 - 1 - i0;
-      const Tensor idx = rows_t.narrow(0, i0, i1 - i0);
-      const Tensor At = contiguous_rows ? op.A.narrow(0, rows[i0], i1 - i0) : op.A.index_select(0, idx);
-      const Tensor E = at::mm(At, Bt);    // [T, C]
-      const Tensor Gt = at::mm(E, Bsel);  // [T, ncol]
-      store(Gt, i0, i1, contiguous_rows);
-    }
-  });
+    };
+    at::parallel_for(0, (R + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t i0 = t * kTile, i1 = std::min(R, i0 + kTile);
+        const bool contiguous_rows = rows[i1 - 1] - rows[i0] == i1 - 1 - i0;
+        const Tensor idx = rows_t.narrow(0, i0, i1 - i0);
+        const Tensor At = contiguous_rows ? op.A.narrow(0, rows[i0], i1 - i0) : op.A.index_select(0, idx);
+        const Tensor E = at::mm(At, Bt);    // [T, C]
+        const Tensor Gt = at::mm(E, Bsel);  // [T, ncol]
+        store(Gt, i0, i1, contiguous_rows);
+      }
+    });
+  }
   if (need_s) {
     gs.mul_(scale);
     normalize_backward_(gs, op.A.narrow(1, 0, Ds), op.norm_s, eps);
