@@ -25,6 +25,7 @@ import statistics
 import threading
 import time
 from collections import defaultdict
+from unittest import mock
 
 import torch
 
@@ -215,15 +216,8 @@ def case_inter_large(rows, mem, quick):
 
     # auto picks the float64 Gram form here (C >> Ds + Dt); the direct tiled form for comparison
     for form in ("auto", "direct"):
-        old_env = os.environ.get("ICAKD_INTER_FORM")
-        os.environ["ICAKD_INTER_FORM"] = form
-        try:
+        with mock.patch.dict(os.environ, {"ICAKD_INTER_FORM": form}):
             _inter_large_rows(mem, form, C, Ds, Dt, P, mu_s0, mu_t, valid, live)
-        finally:
-            if old_env is None:
-                os.environ.pop("ICAKD_INTER_FORM")
-            else:
-                os.environ["ICAKD_INTER_FORM"] = old_env
 
 
 def _inter_large_rows(mem, form, C, Ds, Dt, P, mu_s0, mu_t, valid, live):

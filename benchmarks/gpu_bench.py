@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import traceback
+from unittest import mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -198,26 +199,6 @@ class overrides:
                 cur.update(v)
             else:
                 setattr(self.module, k, v)
-
-
-class env_var:
-    """Context manager: set (or with None, unset) one environment variable."""
-
-    def __init__(self, name: str, value: str | None):
-        self.name, self.value, self.old = name, value, None
-
-    def __enter__(self):
-        self.old = os.environ.get(self.name)
-        if self.value is None:
-            os.environ.pop(self.name, None)
-        else:
-            os.environ[self.name] = self.value
-
-    def __exit__(self, *exc):
-        if self.old is None:
-            os.environ.pop(self.name, None)
-        else:
-            os.environ[self.name] = self.old
 
 
 class matmul_precision:
@@ -516,7 +497,7 @@ def case_inter():
         def run():
             with matmul_precision(INTER_PRECISION.get(p, "highest")), \
                     overrides(kst, {"GPU_CFG_OVERRIDES": INTER_VARIANTS.get(p, {})}), \
-                    env_var("ICAKD_INTER_FORM", INTER_CPP_FORM.get(p)):
+                    mock.patch.dict(os.environ, {"ICAKD_INTER_FORM": INTER_CPP_FORM[p]} if p in INTER_CPP_FORM else {}):
                 return fn(mu_s, mu_t)
 
         return run
