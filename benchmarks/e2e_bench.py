@@ -46,6 +46,7 @@ import argparse
 import contextlib
 import csv
 import ctypes
+import functools
 import gc
 import importlib.abc
 import importlib.util
@@ -860,17 +861,28 @@ def profile_pair(bench: Bench, p: Preset, backend: str) -> None:
     log(f"profile tables -> {path}")
 
 
-def _malloc_live_bytes() -> int | None:
-    """Bytes glibc has handed out and not taken back (heap in use + mmapped chunks)."""
-    class _MallInfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.lru_cache(maxsize=1)
+def _mallinfo2():
+    """glibc's ``mallinfo2`` (None where there is none); looked up once, it is read per operator."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
     except (OSError, AttributeError):
         return None
-    info = libc.mallinfo2()
+    fn.restype = _MallInfo2
+    return fn
+
+
+def _malloc_live_bytes() -> int | None:
+    """Bytes glibc has handed out and not taken back (heap in use + mmapped chunks)."""
+    fn = _mallinfo2()
+    if fn is None:
+        return None
+    info = fn()
     return info.uordblks + info.hblkhd
 
 
@@ -941,6 +953,15 @@ def memory_pair(bench: Bench, p: Preset, backend: str) -> list[str]:
     operator (a TorchDispatchMode), no breakdown."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    class _Peak(TorchDispatchMode):
+        """Largest glibc bytes-in-use seen after any operator."""
+        top = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            _Peak.top = max(_Peak.top, _malloc_live_bytes())
+            return out
+
     lines, peaks = [], {}
     for method in ("kd", "icakd"):
         s = E2ESetup(p, method, backend, bench.device)
@@ -966,15 +987,6 @@ def memory_pair(bench: Bench, p: Preset, backend: str) -> list[str]:
         else:
             if _malloc_live_bytes() is None:
                 return ["memory breakdown skipped: glibc mallinfo2 unavailable"]
-
-            class _Peak(TorchDispatchMode):
-                top = 0
-
-                def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                    out = func(*args, **(kwargs or {}))
-                    _Peak.top = max(_Peak.top, _malloc_live_bytes())
-                    return out
-
             start = _malloc_live_bytes()
             _Peak.top = start
             with _Peak():
@@ -988,12 +1000,11 @@ def memory_pair(bench: Bench, p: Preset, backend: str) -> list[str]:
                      else "glibc bytes in use after each operator - at step start")
         if method == "icakd":
             bank = s.bank_bytes()
-            proj = sum(t.numel() * t.element_size() for t in s.crit.projector.parameters())
-            persistent = bank + 3 * proj  # weight, momentum, gradient
+            proj = 3 * sum(t.numel() * t.element_size() for t in s.crit.projector.parameters())  # + momentum, grad
             bench.record(dict(base, method="icakd vs kd"), "step_peak_icakd_minus_kd_mib",
                          (peaks["icakd"] - peaks["kd"]) / MIB, "MiB", "ok",
                          f"plus banks {bank / MIB:.1f} MiB and projector weight/momentum/grad "
-                         f"{(persistent - bank) / MIB:.1f} MiB held across steps")
+                         f"{proj / MIB:.1f} MiB held across steps")
         del s
         free_memory(bench.device)
     return lines
