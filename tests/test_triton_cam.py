@@ -47,14 +47,14 @@ def test_vec_kernels_every_channel_and_pixel_phase(hw, k, monkeypatch):
     cam, pooled = F.class_activation_features(f, w, backend="triton")
     gp = torch.randn(B, k, device=DEV)
     gf, gw = torch.autograd.grad(cam.sum() + (pooled * gp).sum(), (f, w))
-    rc, rp, rgf, rgw = _ref_all(f, w, torch.ones(B, *hw), gp)
+    rc, rp, rgf, rgw = _ref_all(f, w, torch.ones(B, *hw, device=DEV), gp)
     assert_close_rel(cam, rc, torch.float32, "cam")
     assert_close_rel(pooled, rp, torch.float32, "pooled")
     assert_close_rel(gf, rgf, torch.float32, "grad_features")
     assert_close_rel(gw, rgw, torch.float32, "grad_weights")
     # weights only (no grad_features, no grad_pooled)
     (gw_only,) = torch.autograd.grad(F.class_activation_features(f.detach(), w, backend="triton")[0].sum(), (w,))
-    assert_close_rel(gw_only, _ref_all(f, w, torch.ones(B, *hw), torch.zeros(B, k))[3], torch.float32, "grad_weights alone")
+    assert_close_rel(gw_only, _ref_all(f, w, torch.ones(B, *hw, device=DEV), torch.zeros(B, k, device=DEV))[3], torch.float32, "grad_weights alone")
 
 
 def _layout(x, layout):
