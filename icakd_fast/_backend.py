@@ -128,11 +128,11 @@ def implementation(name: str):
 
 
 #: automatic order on CUDA tensors, per op, from the H200 measurements recorded in
-#: benchmarks/results (gpu_bench_H200_run3/run4, e2e_H200): in a full ImageNet training step the
-#: Triton CAM kernels gave the fastest ICAKD step (their GPU time is 0.22 ms vs 0.59 ms for the C++
+#: benchmarks/results (gpu_bench_H200_run3-run7, e2e_H200*): in a full ImageNet training step the
+#: Triton CAM kernels gave the fastest ICAKD step (their GPU time is 0.22 ms vs 0.54 ms for the C++
 #: kernels; the C++ op has less host overhead, which a GPU-bound step hides); the C++ bank enqueue
-#: was fastest (0.24 ms, 0.04 ms in a CUDA graph); the Triton inter loss is the fastest and needs 43 MB
-#: at C=21841 (C++: 812 MB); for centroids + intra plain PyTorch was fastest.
+#: was fastest (0.25 ms, 0.04 ms in a CUDA graph); for centroids + intra plain PyTorch was fastest.
+#: The inter loss depends on shapes and precision: ``_inter_cuda_order``.
 _CUDA_ORDER = {
     "cam": ("triton", "cpp", "reference"),
     "class_bank": ("cpp", "triton", "reference"),
@@ -142,8 +142,54 @@ _CUDA_ORDER = {
 }
 
 
-def _auto_order(device: torch.device, op: str | None = None) -> tuple[str, ...]:
+_FULL_RATE_FP64: dict[int, bool] = {}
+
+
+@torch.compiler.assume_constant_result
+def _full_rate_fp64(index: int) -> bool:
+    """GPUs with full-rate float64 tensor cores (A100, H100/H200, B200): mirrors the C++ check."""
+    hit = _FULL_RATE_FP64.get(index)
+    if hit is None:
+        major, minor = torch.cuda.get_device_capability(index)
+        hit = _FULL_RATE_FP64[index] = (major, minor) in ((8, 0), (10, 0)) or major == 9
+    return hit
+
+
+def inter_gram_pays(mu_s: torch.Tensor, mu_t: torch.Tensor, device: torch.device | None = None) -> bool:
+    """Whether the C++ inter loss takes its float64 Gram form for these operands (the rule of
+    ``inter_use_gram`` in csrc/inter_gram.h): ``ICAKD_INTER_FORM=direct|gram`` if set, else
+    C >= 2 (Ds + Dt) -- 64 (Ds + Dt) on GPUs without full-rate float64. ``device``: the
+    operands' device unless given."""
+    form = os.environ.get("ICAKD_INTER_FORM", "")
+    if form in ("direct", "gram"):
+        return form == "gram"
+    factor = 2
+    device = mu_s.device if device is None else device
     if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        factor = 2 if _full_rate_fp64(index) else 64
+    return mu_s.shape[0] >= factor * max(mu_s.shape[1] + mu_t.shape[1], 1)
+
+
+def _inter_cuda_order(tensors: tuple, device: torch.device) -> tuple[str, ...]:
+    """The inter loss on CUDA: the C++ op's float64 Gram form (O(C D^2)) beats the Triton tiles
+    (O(C^2 D)) when C is large against D = Ds + Dt and float32 products must keep float32
+    accuracy (H200, C=21841, D=2560: 10.0 ms vs 19.7 ms); with TF32 allowed the Triton tiles win
+    (6.4 ms), and so they do below the C++ op's own threshold (``inter_use_gram``), where it
+    would take its slower direct form."""
+    mu_s, mu_t = tensors[0], tensors[1]
+    if not (isinstance(mu_s, torch.Tensor) and isinstance(mu_t, torch.Tensor) and mu_s.dim() == 2 and mu_t.dim() == 2):
+        return ("triton", "cpp", "reference")
+    exact = mu_s.dtype == torch.float64 or (mu_s.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    if exact and inter_gram_pays(mu_s, mu_t, device):
+        return ("cpp", "triton", "reference")
+    return ("triton", "cpp", "reference")
+
+
+def _auto_order(device: torch.device, op: str | None = None, tensors: tuple = ()) -> tuple[str, ...]:
+    if device.type == "cuda":
+        if op == "inter" and len(tensors) >= 2:
+            return _inter_cuda_order(tensors, device)
         return _CUDA_ORDER.get(op, ("triton", "cpp", "reference"))
     if device.type == "cpu" and triton_interpret():
         # the interpreter is a correctness tool, never the fast path: cpp first
@@ -165,7 +211,7 @@ def resolve(backend: str | None, op: str, *tensors: object) -> str:
         backend = env if env and env != "auto" else None
     device = _device_of(tensors)
     if backend is None:
-        for name in _auto_order(device, op):
+        for name in _auto_order(device, op, tensors):
             if name == "reference" or not not_supported_reasons(name, op, device):
                 return name
         return "reference"

@@ -198,7 +198,7 @@ def inter_class_loss(
     if live is not None:
         V.boolean("live", live, 1)
         V.length("live", live, mu_s.shape[0], "mu_s")
-    name = resolve(backend, "inter", mu_s)
+    name = resolve(backend, "inter", mu_s, mu_t)
     if name == "reference":
         return reference.inter_class_loss(mu_s, mu_t, valid, live)
     return ops.inter_loss(name, mu_s, mu_t, valid, live, reference.NORM_EPS)

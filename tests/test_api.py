@@ -79,6 +79,38 @@ def test_explicit_unavailable_backend_lists_every_reason():
             assert r in str(info.value)
 
 
+def test_cuda_inter_order_follows_shape_precision_and_device(monkeypatch):
+    """On CUDA the inter loss goes to the C++ float64 Gram form only where it is the faster one:
+    float32 kept exact (no TF32) or float64, C >= 2 (Ds + Dt) on full-rate float64 GPUs (64x on
+    others), and not forced to the direct form; else the Triton tiles come first. (The rule reads
+    shapes, dtypes and flags only, so CPU tensors stand in for CUDA ones here.)"""
+    cap = {"v": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: cap["v"])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_backend, "_FULL_RATE_FP64", {})
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.delenv("ICAKD_INTER_FORM", raising=False)
+    cuda = torch.device("cuda")
+
+    def first(c, ds=100, dt=200, dtype=torch.float32):
+        return _backend._auto_order(cuda, "inter", (torch.zeros(c, ds, dtype=dtype), torch.zeros(c, dt, dtype=dtype)))[0]
+
+    assert first(600) == "cpp" and first(599) == "triton"
+    assert first(600, dtype=torch.float64) == "cpp"
+    assert first(10**4, dtype=torch.bfloat16) == "triton"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert first(600) == "triton" and first(600, dtype=torch.float64) == "cpp"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setenv("ICAKD_INTER_FORM", "direct")
+    assert first(600) == "triton"
+    monkeypatch.delenv("ICAKD_INTER_FORM")
+    cap["v"] = (8, 9)  # consumer GPU: float64 at 1/64 rate
+    _backend._FULL_RATE_FP64.clear()
+    assert first(600) == "triton" and first(64 * 300) == "cpp"
+    # other ops keep their fixed order
+    assert _backend._auto_order(cuda, "cam", (torch.zeros(600, 100),)) == _backend._CUDA_ORDER["cam"]
+
+
 def test_environment_override(monkeypatch):
     monkeypatch.setenv("ICAKD_BACKEND", "reference")
     assert _backend.resolve(None, "cam", torch.zeros(1)) == "reference"
