@@ -488,6 +488,15 @@ inline InterDims check_inter(const at::Tensor& mu_s, const at::Tensor& mu_t, con
   return d;
 }
 
+// K = A^T A from inter_gram_fwd: float64 [Ds + Dt, Ds + Dt] on the operands' device
+inline void check_gram(const at::Tensor& K, const at::Tensor& mu_s, const InterDims& d, c10::DeviceType kernel) {
+  const int64_t D = d.Ds + d.Dt;
+  check_devices(kernel, {{&mu_s, "mu_s"}, {&K, "gram"}});
+  TORCH_CHECK(K.scalar_type() == at::kDouble, "gram must be float64 (the K of inter_gram_fwd), got ", K.scalar_type());
+  TORCH_CHECK(K.dim() == 2 && K.size(0) == D && K.size(1) == D, "gram must be [Ds + Dt, Ds + Dt] = [", D, ", ", D,
+              "] (the K of inter_gram_fwd), got shape ", K.sizes());
+}
+
 // A = [v n_s, v n_t], B = [v n_s, -v n_t] ([C, Ds + Dt], acc dtype; B only if with_B: the Gram
 // form of inter_gram.h needs A alone), n = mu / max(|mu|, eps) row-wise (as F.normalize),
 // v = valid; row norms and |V| (a 0-dim tensor on the op's device).

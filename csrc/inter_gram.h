@@ -10,8 +10,8 @@
 //
 // This costs O(C D^2) instead of O(C^2 D): the cheaper form once C exceeds a few D (ImageNet-21k:
 // C = 21841, D = 2560). The three Frobenius norms nearly cancel when the student's relations
-// match the teacher's, so K and A (S K S) are accumulated in float64 (A is converted in row
-// chunks, never as a whole); the result is then more accurate than the float32 direct form.
+// match the teacher's, so A is built, and K and A (S K S) accumulated, in float64, in row chunks
+// (A never exists as a whole); the result is then more accurate than the float32 direct form.
 // float64 GEMMs are fast on CPUs and on data-centre GPUs (sm_80, sm_90, sm_100: tensor-core
 // DGEMM), and 32-64x slower than float32 on other GPUs: inter_use_gram() takes that into account.
 #pragma once
@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <tuple>
 
 namespace icakd {
 
@@ -52,20 +53,48 @@ inline bool inter_bwd_use_gram(int64_t C, int64_t D, int64_t R, int64_t ncol) {
   return static_cast<double>(C) * D + static_cast<double>(R) * ncol < static_cast<double>(R) * C;
 }
 
-// rows per float64 chunk of A: at most 2^23 elements (64 MiB)
+// rows per float64 chunk of A: at most 2^22 elements (32 MiB); ICAKD_GRAM_CHUNK_ELEMS overrides
+// the element count (tests use tiny chunks to cover the chunk loops at small shapes)
 inline int64_t gram_chunk_rows(int64_t D) {
-  return std::max<int64_t>(1, (int64_t(1) << 23) / std::max<int64_t>(D, 1));
+  int64_t elems = int64_t(1) << 22;
+  if (const char* env = std::getenv("ICAKD_GRAM_CHUNK_ELEMS")) {
+    const long long v = std::atoll(env);
+    if (v > 0) elems = v;
+  }
+  return std::max<int64_t>(1, elems / std::max<int64_t>(D, 1));
 }
 
-// K = A^T A in float64 (A: [R, D] in any floating dtype)
-inline at::Tensor gram64(const at::Tensor& A) {
-  const int64_t R = A.size(0), D = A.size(1);
-  if (A.scalar_type() == at::kDouble) return at::mm(A.t(), A);
-  at::Tensor K = at::zeros({D, D}, A.options().dtype(at::kDouble));
+// Rows of A = [v n_s, v n_t] in float64, built from the given rows of mu_s, mu_t and valid
+// (any floating dtype, any device), with the rows' norms |mu_s|, |mu_t| (float64).
+struct GramRows {
+  at::Tensor A, norm_s, norm_t;
+};
+
+inline GramRows gram_rows64(const at::Tensor& ms_rows, const at::Tensor& mt_rows, const at::Tensor& valid_rows,
+                            double eps) {
+  const int64_t n = ms_rows.size(0), Ds = ms_rows.size(1), Dt = mt_rows.size(1);
+  const at::Tensor ms = ms_rows.to(at::kDouble), mt = mt_rows.to(at::kDouble);
+  const at::Tensor v = valid_rows.to(at::kDouble).unsqueeze(1);
+  GramRows r;
+  r.norm_s = at::linalg_vector_norm(ms, 2, {1}, false, std::nullopt);
+  r.norm_t = at::linalg_vector_norm(mt, 2, {1}, false, std::nullopt);
+  r.A = at::empty({n, Ds + Dt}, ms.options());
+  at::Tensor a_s = r.A.narrow(1, 0, Ds), a_t = r.A.narrow(1, Ds, Dt);
+  at::div_out(a_s, ms, r.norm_s.clamp_min(eps).unsqueeze(1)).mul_(v);
+  at::div_out(a_t, mt, r.norm_t.clamp_min(eps).unsqueeze(1)).mul_(v);
+  return r;
+}
+
+// K = A^T A in float64, A built chunk by chunk from mu_s / mu_t (never whole: the extra memory is
+// one chunk plus K, whatever C)
+inline at::Tensor gram64(const at::Tensor& mu_s, const at::Tensor& mu_t, const at::Tensor& valid, double eps) {
+  const int64_t C = mu_s.size(0), D = mu_s.size(1) + mu_t.size(1);
+  at::Tensor K = at::zeros({D, D}, mu_s.options().dtype(at::kDouble));
   const int64_t T = gram_chunk_rows(D);
-  for (int64_t r0 = 0; r0 < R; r0 += T) {
-    const at::Tensor Ac = A.narrow(0, r0, std::min(T, R - r0)).to(at::kDouble);
-    K.addmm_(Ac.t(), Ac);
+  for (int64_t r0 = 0; r0 < C; r0 += T) {
+    const int64_t n = std::min(T, C - r0);
+    const at::Tensor A = gram_rows64(mu_s.narrow(0, r0, n), mu_t.narrow(0, r0, n), valid.narrow(0, r0, n), eps).A;
+    K.addmm_(A.t(), A);
   }
   return K;
 }
@@ -79,26 +108,63 @@ inline at::Tensor gram_sum_sq(const at::Tensor& K, int64_t Ds) {
   return ss.square().sum() + tt.square().sum() - 2 * st.square().sum();
 }
 
-// (E A S)[rows, cols] = A_rows (S K S)[:, cols] for cols = [0, Ds) if need_s, then [Ds, D) if
-// need_t; returned in A's dtype, [R, ncol].
-inline at::Tensor gram_rows_times(const at::Tensor& A_rows, const at::Tensor& K, int64_t Ds, bool need_s,
-                                  bool need_t) {
-  const int64_t D = K.size(0), Dt = D - Ds;
+// dmu = (dn - n (n . dn)) / |mu| where |mu| > eps, dn / eps otherwise, in place on dn (float64)
+inline void gram_normalize_backward_(at::Tensor& dn, const at::Tensor& n, const at::Tensor& norm, double eps) {
+  const at::Tensor big = norm.gt(eps).unsqueeze(1);
+  const at::Tensor proj = at::where(big, (n * dn).sum(1, true), at::zeros({}, dn.options()));
+  dn.addcmul_(n, proj, -1);
+  dn.div_(norm.clamp_min(eps).unsqueeze(1));
+}
+
+// Backward of the Gram form: writes dL/dmu_s (if need_s) and dL/dmu_t (if need_t) of the given
+// rows into gs [C, Ds] / gt [C, Dt] (rows not given are left alone). `rows`: int64 indices, or an
+// undefined tensor for every row; `live`: bool [C] or undefined -- gs rows outside it are zero.
+// `scale` (0-dim tensor): dL/dE's factor, 4 grad_out / |V|^2. Per chunk of rows:
+//   dL/dn = scale * A_rows (S K S), then the normalisation's backward, all in float64.
+inline void gram_backward_rows(const at::Tensor& mu_s, const at::Tensor& mu_t, const at::Tensor& valid, double eps,
+                               const at::Tensor& K, const at::Tensor& scale, const at::Tensor& rows,
+                               const at::Tensor& live, bool need_s, bool need_t, at::Tensor& gs, at::Tensor& gt) {
+  const int64_t Ds = mu_s.size(1), Dt = mu_t.size(1), D = Ds + Dt;
   const int64_t col0 = need_s ? 0 : Ds;
   const int64_t ncol = (need_s ? Ds : 0) + (need_t ? Dt : 0);
   // S K S: the student-teacher blocks change sign
   at::Tensor M = K.narrow(1, col0, ncol).clone();
   if (need_s) M.narrow(0, Ds, Dt).narrow(1, 0, Ds).neg_();
   if (need_t) M.narrow(0, 0, Ds).narrow(1, ncol - Dt, Dt).neg_();
-  const int64_t R = A_rows.size(0);
-  at::Tensor out = at::empty({R, ncol}, A_rows.options());
-  if (A_rows.scalar_type() == at::kDouble) return at::mm_out(out, A_rows, M);
+  const at::Tensor s64 = scale.to(at::kDouble);
+  const bool all_rows = !rows.defined();
+  const int64_t R = all_rows ? mu_s.size(0) : rows.size(0);
   const int64_t T = gram_chunk_rows(std::max(D, ncol));
   for (int64_t r0 = 0; r0 < R; r0 += T) {
     const int64_t n = std::min(T, R - r0);
-    out.narrow(0, r0, n).copy_(at::mm(A_rows.narrow(0, r0, n).to(at::kDouble), M));
+    const at::Tensor idx = all_rows ? at::Tensor() : rows.narrow(0, r0, n);
+    auto pick = [&](const at::Tensor& x) { return all_rows ? x.narrow(0, r0, n) : x.index_select(0, idx); };
+    const GramRows g = gram_rows64(pick(mu_s), pick(mu_t), pick(valid), eps);
+    at::Tensor G = at::mm(g.A, M).mul_(s64);  // [n, ncol]
+    for (int part = 0; part < 2; ++part) {
+      if ((part == 0 && !need_s) || (part == 1 && !need_t)) continue;
+      at::Tensor dn = part == 0 ? G.narrow(1, 0, Ds) : G.narrow(1, ncol - Dt, Dt);
+      gram_normalize_backward_(dn, part == 0 ? g.A.narrow(1, 0, Ds) : g.A.narrow(1, Ds, Dt),
+                               part == 0 ? g.norm_s : g.norm_t, eps);
+      if (part == 0 && live.defined()) dn.mul_(pick(live).to(at::kDouble).unsqueeze(1));
+      at::Tensor& out = part == 0 ? gs : gt;
+      if (all_rows) {
+        out.narrow(0, r0, n).copy_(dn);
+      } else {
+        out.index_copy_(0, idx, dn.to(out.scalar_type()));
+      }
+    }
   }
-  return out;
+}
+
+// Loss of the Gram form and K itself (saved by the autograd Function for the backward, which then
+// skips the O(C D^2) product): (loss in `acc`, K [D, D] float64).
+inline std::tuple<at::Tensor, at::Tensor> gram_forward(const at::Tensor& mu_s, const at::Tensor& mu_t,
+                                                       const at::Tensor& valid, double eps, at::ScalarType acc) {
+  at::Tensor K = gram64(mu_s, mu_t, valid, eps);
+  const at::Tensor nv = valid.sum().to(at::kDouble);
+  at::Tensor loss = (gram_sum_sq(K, mu_s.size(1)) / (nv * nv).clamp_min(1)).to(acc);
+  return {loss, K};
 }
 
 }  // namespace icakd

@@ -13,4 +13,10 @@ TORCH_LIBRARY_FRAGMENT(icakd_fast_C, m) {
   m.def(
       "inter_bwd(Tensor grad_out, Tensor mu_s, Tensor mu_t, Tensor valid, Tensor? live, bool need_s, "
       "bool need_t, float eps) -> (Tensor, Tensor)");
+  // The Gram form as two steps: the forward also returns K = A^T A (float64 [Ds + Dt, Ds + Dt]),
+  // which the backward takes instead of recomputing it (O(C D^2) saved).
+  m.def("inter_gram_fwd(Tensor mu_s, Tensor mu_t, Tensor valid, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "inter_gram_bwd(Tensor grad_out, Tensor gram, Tensor mu_s, Tensor mu_t, Tensor valid, Tensor? live, "
+      "bool need_s, bool need_t, float eps) -> (Tensor, Tensor)");
 }

@@ -177,12 +177,20 @@ def test_centroids_and_intra(dtype):
             assert torch.equal(a, r)
 
 
-@pytest.mark.parametrize("form", ["direct", "gram"])
+def _set_inter_form(form, monkeypatch):
+    """direct: tiles of E; gram: the float64 Gram matrix; gram_chunks: the same in chunks of a few
+    rows (the chunk loops of inter_gram.h at small shapes)."""
+    monkeypatch.setenv("ICAKD_INTER_FORM", "direct" if form == "direct" else "gram")
+    if form == "gram_chunks":
+        monkeypatch.setenv("ICAKD_GRAM_CHUNK_ELEMS", "1000")
+
+
+@pytest.mark.parametrize("form", ["direct", "gram", "gram_chunks"])
 @pytest.mark.parametrize("c,ds,dt", [(1, 3, 2), (130, 24, 40), (1000, 512, 512), (5000, 64, 96)])
 @pytest.mark.parametrize("use_live", [False, True])
 @pytest.mark.parametrize("need_t", [False, True])
 def test_inter(c, ds, dt, use_live, need_t, form, monkeypatch):
-    monkeypatch.setenv("ICAKD_INTER_FORM", form)  # tiles of E, or the float64 Gram matrix
+    _set_inter_form(form, monkeypatch)
     mu_s0 = torch.randn(c, ds, device=DEV)
     mu_t0 = torch.randn(c, dt, device=DEV)
     valid = torch.rand(c, device=DEV) < 0.9
@@ -211,6 +219,34 @@ def test_inter(c, ds, dt, use_live, need_t, form, monkeypatch):
         close(out[0], lt, scale=10.0)
 
 
+def test_auto_inter_takes_the_gram_form_eager_and_compiled(monkeypatch):
+    """With float32 kept exact and C >= 2 (Ds + Dt), the automatic choice on an H100/H200 is the
+    C++ Gram form; eager and torch.compile(fullgraph=True) match the reference, loss and grad."""
+    from icakd_fast import _backend, functional as IF
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.delenv("ICAKD_INTER_FORM", raising=False)
+    c, ds, dt = 700, 100, 200
+    mu_s0 = torch.randn(c, ds, device=DEV)
+    mu_t = torch.randn(c, dt, device=DEV)
+    valid = torch.rand(c, device=DEV) < 0.9
+    live = torch.rand(c, device=DEV) < 0.3
+    if _backend._full_rate_fp64(torch.cuda.current_device()):
+        assert _backend.resolve(None, "inter", mu_s0, mu_t) == "cpp"
+
+    def run(fn):
+        s = mu_s0.clone().requires_grad_()
+        loss = fn(s, mu_t, valid, live=live)
+        loss.backward()
+        return loss.detach(), s.grad
+
+    ref = run(reference.inter_class_loss)
+    for fn in (IF.inter_class_loss, torch.compile(IF.inter_class_loss, fullgraph=True)):
+        loss, grad = run(fn)
+        close(loss, ref[0], scale=10.0)
+        torch.testing.assert_close(grad, ref[1], rtol=1e-3, atol=1e-3 * ref[1].abs().max().item())
+
+
 @pytest.mark.parametrize("form", ["direct", "gram"])
 def test_inter_float64_gradcheck_on_gpu(form, monkeypatch):
     monkeypatch.setenv("ICAKD_INTER_FORM", form)
@@ -220,8 +256,11 @@ def test_inter_float64_gradcheck_on_gpu(form, monkeypatch):
     assert torch.autograd.gradcheck(lambda s, t: ops.inter_loss("cpp", s, t, valid, None, EPS), (mu_s, mu_t))
 
 
-def test_no_host_sync_in_training_step_ops():
-    """The CUDA ops must not synchronise with the host (cudaStreamSynchronize / item)."""
+@pytest.mark.parametrize("form", ["direct", "gram_chunks"])
+def test_no_host_sync_in_training_step_ops(form, monkeypatch):
+    """The CUDA ops must not synchronise with the host (cudaStreamSynchronize / item), with
+    either form of the inter loss."""
+    _set_inter_form(form, monkeypatch)
     c, d, b = 100, 64, 32
     bank = (torch.zeros(c, 4, d, device=DEV), torch.zeros(c, dtype=torch.int64, device=DEV),
             torch.zeros(c, dtype=torch.int64, device=DEV), torch.zeros(c, d, device=DEV))

@@ -309,6 +309,34 @@ def test_inter_backward(c, ds, dt, use_live, need, dtype, inter_form):
         assert torch.all(out[1][~live] == 0)
 
 
+@pytest.mark.parametrize("all_valid", [False, True])
+@pytest.mark.parametrize("use_live", [False, True])
+@pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
+def test_inter_gram_chunks(all_valid, use_live, need, monkeypatch):
+    """The Gram form builds A and the gradients in row chunks: chunks of two rows (and a remainder
+    of one) give the same loss and gradients as the reference, on every row or only the live ones."""
+    monkeypatch.setenv("ICAKD_INTER_FORM", "gram")
+    monkeypatch.setenv("ICAKD_GRAM_CHUNK_ELEMS", "40")  # D = 19: two rows per chunk
+    mu_s0, mu_t0, valid = _inter_inputs(23, 8, 11, torch.float64, zero_row=True)
+    if all_valid:  # every row computed: chunks are slices, not index lists
+        valid[:] = True
+    live = (torch.rand(23) < 0.4) if use_live else None
+
+    def run(fn):
+        mu_s = mu_s0.clone().requires_grad_(need[0])
+        mu_t = mu_t0.clone().requires_grad_(need[1])
+        loss = fn(mu_s, mu_t)
+        (loss * 1.3).backward()
+        return loss, mu_s.grad, mu_t.grad
+
+    out = run(lambda s, t: ops.inter_loss("cpp", s, t, valid, live, EPS))
+    ref = run(lambda s, t: reference.inter_class_loss(s, t, valid, live))
+    for a, r in zip(out, ref):
+        assert (a is None) == (r is None)
+        if a is not None:
+            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
 def test_inter_bf16_backward(inter_form):
     mu_s0, mu_t0, valid = _inter_inputs(70, 16, 24, torch.bfloat16)
     live = torch.rand(70) < 0.5
@@ -379,6 +407,7 @@ def _opcheck_cases():
     fifo_labels = torch.tensor([0, -1, 3, 1, -1])
     mu_s, mu_t, valid = _inter_inputs(9, 4, 6, torch.float32)
     live = torch.rand(9) < 0.5
+    K = cpp.inter_gram_fwd(mu_s, mu_t, valid, EPS)[1]
     f_s, f_t, m_s, m_t, lab, val = _intra_inputs(6, 4, 5, torch.float32)
     g = torch.tensor(1.3)
     return {
@@ -398,6 +427,8 @@ def _opcheck_cases():
         "intra_bwd": [(g, f_s, f_t, m_s, m_t, lab, val)],
         "inter_fwd": [(mu_s, mu_t, valid, EPS)],
         "inter_bwd": [(g, mu_s, mu_t, valid, live, True, False, EPS), (g, mu_s, mu_t, valid, None, True, True, EPS)],
+        "inter_gram_fwd": [(mu_s, mu_t, valid, EPS)],
+        "inter_gram_bwd": [(g, K, mu_s, mu_t, valid, live, True, False, EPS), (g, K, mu_s, mu_t, valid, None, True, True, EPS)],
     }
 
 
@@ -447,6 +478,8 @@ def _good_args():
         "intra_bwd": [g, f_s, f_t, m_s, m_t, lab, val],
         "inter_fwd": [mu_s, mu_t, valid, EPS],
         "inter_bwd": [g, mu_s, mu_t, valid, live, True, True, EPS],
+        "inter_gram_fwd": [mu_s, mu_t, valid, EPS],
+        "inter_gram_bwd": [g, cpp.inter_gram_fwd(mu_s, mu_t, valid, EPS)[1], mu_s, mu_t, valid, live, True, True, EPS],
     }
 
 
@@ -551,6 +584,13 @@ BAD = [
     ("inter_bwd", "live", _set("inter_bwd", "live", lambda t: t.long())),
     ("inter_bwd", "grad_out", _set("inter_bwd", "grad_out", lambda t: torch.ones(2, 2))),
     ("inter_bwd", "valid", _set("inter_bwd", "valid", lambda t: t[:3])),
+    ("inter_gram_fwd", "mu_t", _set("inter_gram_fwd", "mu_t", lambda t: t[:8])),
+    ("inter_gram_fwd", "eps", _set("inter_gram_fwd", "eps", lambda e: -1.0)),
+    ("inter_gram_bwd", "gram", _set("inter_gram_bwd", "gram", lambda t: t.float())),
+    ("inter_gram_bwd", "gram", _set("inter_gram_bwd", "gram", lambda t: t[:-1])),
+    ("inter_gram_bwd", "gram", _set("inter_gram_bwd", "gram", lambda t: t[0])),
+    ("inter_gram_bwd", "live", _set("inter_gram_bwd", "live", lambda t: t[:8])),
+    ("inter_gram_bwd", "grad_out", _set("inter_gram_bwd", "grad_out", lambda t: torch.ones(2))),
 ]
 
 

@@ -172,12 +172,13 @@ struct CpuInter {
   bool gram;
 };
 
+// (the Gram form needs no operands: it builds A itself, chunk by chunk)
 CpuInter cpu_inter(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, double eps, const Tensor* live) {
   CpuInter r;
   r.d = check_inter(mu_s, mu_t, valid, eps, live, c10::DeviceType::CPU);
   r.gram = inter_use_gram(r.d.C, r.d.Ds + r.d.Dt, /*slow_fp64=*/false);
-  r.op = inter_operands(mu_s, mu_t, valid, eps, r.d, /*with_B=*/!r.gram);
-  r.nvalid = static_cast<int64_t>(r.op.nvalid.item<double>());
+  if (!r.gram) r.op = inter_operands(mu_s, mu_t, valid, eps, r.d);
+  r.nvalid = valid.sum().item<int64_t>();
   return r;
 }
 
@@ -186,7 +187,7 @@ Tensor inter_fwd_cpu(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid
   const InterOperands& op = in.op;
   const int64_t C = in.d.C;
   const double den = std::max(static_cast<double>(in.nvalid) * static_cast<double>(in.nvalid), 1.0);
-  if (in.gram) return (gram_sum_sq(gram64(op.A), in.d.Ds) / den).to(in.d.acc);
+  if (in.gram) return (gram_sum_sq(gram64(mu_s, mu_t, valid, eps), in.d.Ds) / den).to(in.d.acc);
   const int64_t ntiles = (C + kTile - 1) / kTile;
   // E is symmetric: tile i covers its diagonal block once and the blocks to its right twice.
   // Work item w pairs tile w with tile ntiles-1-w so that the tasks have equal cost.
@@ -219,6 +220,72 @@ Tensor inter_fwd_cpu(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid
   return at::full({}, total / den, mu_s.options().dtype(in.d.acc));
 }
 
+// Rows whose dL/dn is computed: every valid row, or only valid & live rows when grad_mu_t is not
+// needed (rows outside `live` get a zero grad_mu_s).
+struct CpuRows {
+  std::vector<int64_t> rows;
+  Tensor index;  // the same as an int64 tensor
+  Tensor live;   // contiguous `live`, or undefined
+};
+
+CpuRows cpu_rows(const Tensor& valid, const std::optional<Tensor>& live, bool need_t) {
+  CpuRows r;
+  const int64_t C = valid.size(0);
+  const Tensor valid_c = valid.contiguous();
+  const bool* vp = valid_c.const_data_ptr<bool>();
+  const bool* lp = nullptr;
+  if (live.has_value() && live->defined()) {
+    r.live = live->contiguous();
+    lp = r.live.const_data_ptr<bool>();
+  }
+  const bool live_only = lp != nullptr && !need_t;
+  r.rows.reserve(C);
+  for (int64_t c = 0; c < C; ++c)
+    if (vp[c] && (!live_only || lp[c])) r.rows.push_back(c);
+  const int64_t R = static_cast<int64_t>(r.rows.size());
+  r.index = at::from_blob(r.rows.data(), {R}, at::TensorOptions().dtype(at::kLong)).clone();
+  return r;
+}
+
+// 4 grad_out / |V|^2 on the host
+double inter_scale(const Tensor& grad_out, const Tensor& valid) {
+  const double nv = static_cast<double>(valid.sum().item<int64_t>());
+  return 4.0 * grad_out.to(at::kDouble).item<double>() / std::max(nv * nv, 1.0);
+}
+
+// The Gram form's backward from K: the selected rows, chunk by chunk, normalisation backward
+// included (float64); zero elsewhere.
+std::tuple<Tensor, Tensor> gram_bwd_rows_cpu(const Tensor& grad_out, const Tensor& K, const Tensor& mu_s,
+                                             const Tensor& mu_t, const Tensor& valid, const CpuRows& r, bool need_s,
+                                             bool need_t, double eps, const at::TensorOptions& opts) {
+  const int64_t C = mu_s.size(0);
+  Tensor gs = need_s ? at::zeros({C, mu_s.size(1)}, opts) : at::empty({0}, opts);
+  Tensor gt = need_t ? at::zeros({C, mu_t.size(1)}, opts) : at::empty({0}, opts);
+  const Tensor scale = at::scalar_tensor(inter_scale(grad_out, valid), at::TensorOptions().dtype(at::kDouble));
+  const bool all_rows = static_cast<int64_t>(r.rows.size()) == C;
+  gram_backward_rows(mu_s, mu_t, valid, eps, K, scale, all_rows ? Tensor() : r.index, r.live, need_s, need_t, gs, gt);
+  return {gs, gt};
+}
+
+std::tuple<Tensor, Tensor> inter_gram_fwd_cpu(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, double eps) {
+  const InterDims d = check_inter(mu_s, mu_t, valid, eps, nullptr, c10::DeviceType::CPU);
+  return gram_forward(mu_s, mu_t, valid, eps, d.acc);
+}
+
+std::tuple<Tensor, Tensor> inter_gram_bwd_cpu(const Tensor& grad_out, const Tensor& gram, const Tensor& mu_s,
+                                              const Tensor& mu_t, const Tensor& valid,
+                                              const std::optional<Tensor>& live, bool need_s, bool need_t,
+                                              double eps) {
+  const bool has_live = live.has_value() && live->defined();
+  const InterDims d = check_inter(mu_s, mu_t, valid, eps, has_live ? &*live : nullptr, c10::DeviceType::CPU);
+  check_grad_out(grad_out, mu_s, "mu_s", c10::DeviceType::CPU);
+  check_gram(gram, mu_s, d, c10::DeviceType::CPU);
+  const auto opts = mu_s.options().dtype(d.acc);
+  if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
+  return gram_bwd_rows_cpu(grad_out, gram, mu_s, mu_t, valid, cpu_rows(valid, live, need_t), need_s, need_t, eps,
+                           opts);
+}
+
 std::tuple<Tensor, Tensor> inter_bwd_cpu(const Tensor& grad_out, const Tensor& mu_s, const Tensor& mu_t,
                                          const Tensor& valid, const std::optional<Tensor>& live, bool need_s,
                                          bool need_t, double eps) {
@@ -228,70 +295,50 @@ std::tuple<Tensor, Tensor> inter_bwd_cpu(const Tensor& grad_out, const Tensor& m
   const int64_t C = d.C, Ds = d.Ds, Dt = d.Dt;
   const auto opts = mu_s.options().dtype(d.acc);
   if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
-
-  // rows whose dL/dn is computed: every valid row, or only valid & live rows when grad_mu_t is
-  // not needed (rows outside `live` get a zero grad_mu_s).
-  const Tensor valid_c = valid.contiguous();
-  const bool* vp = valid_c.const_data_ptr<bool>();
-  Tensor live_c;
-  const bool* lp = nullptr;
-  if (has_live) {
-    live_c = live->contiguous();
-    lp = live_c.const_data_ptr<bool>();
-  }
-  const bool rows_live_only = has_live && !need_t;
-  std::vector<int64_t> rows;
-  rows.reserve(C);
-  for (int64_t c = 0; c < C; ++c)
-    if (vp[c] && (!rows_live_only || lp[c])) rows.push_back(c);
+  const CpuRows r = cpu_rows(valid, live, need_t);
+  const std::vector<int64_t>& rows = r.rows;
+  const Tensor& rows_t = r.index;
+  const Tensor& live_c = r.live;
   const int64_t R = static_cast<int64_t>(rows.size());
   const int64_t ncol = (need_s ? Ds : 0) + (need_t ? Dt : 0);
-  const bool gram = inter_bwd_use_gram(C, Ds + Dt, R, ncol);
-  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps, d, /*with_B=*/!gram);
-  const double g = grad_out.to(at::kDouble).item<double>();
-  const double nv = op.nvalid.item<double>();
-  const double scale = 4.0 * g / std::max(nv * nv, 1.0);
+  if (inter_bwd_use_gram(C, Ds + Dt, R, ncol)) {
+    return gram_bwd_rows_cpu(grad_out, gram64(mu_s, mu_t, valid, eps), mu_s, mu_t, valid, r, need_s, need_t, eps,
+                             opts);
+  }
+  const double scale = inter_scale(grad_out, valid);
+  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps, d);
 
   // columns of B needed by the second GEMM: [Ds] for n_s, [Dt] for n_t, or both. Each tile's
   // dL/dn rows go straight into the outputs (zero outside `rows`), which are then normalised in
   // place: no [C, Ds + Dt] buffer besides A and B.
   Tensor gs = need_s ? at::zeros({C, Ds}, opts) : at::empty({0}, opts);
   Tensor gt = need_t ? at::zeros({C, Dt}, opts) : at::empty({0}, opts);
-  const Tensor rows_t = at::from_blob(rows.data(), {R}, at::TensorOptions().dtype(at::kLong)).clone();
-  if (gram) {
-    // [R, ncol] for the selected rows at once (float64 GEMMs, multi-threaded by ATen)
-    const Tensor A_rows = R == C ? op.A : op.A.index_select(0, rows_t);
-    const Tensor Gr = gram_rows_times(A_rows, gram64(op.A), Ds, need_s, need_t);
-    if (need_s) gs.index_copy_(0, rows_t, Gr.narrow(1, 0, Ds));
-    if (need_t) gt.index_copy_(0, rows_t, Gr.narrow(1, ncol - Dt, Dt));
-  } else {
-    const Tensor Bt = op.B.t();
-    const Tensor Bsel = op.B.narrow(1, need_s ? 0 : Ds, ncol);
-    auto store = [&](const Tensor& Gt, int64_t i0, int64_t i1, bool contiguous_rows) {
-      // Gt: [T, ncol] = [dL/dn_s | dL/dn_t] of rows[i0:i1]
-      for (int part = 0; part < 2; ++part) {
-        if ((part == 0 && !need_s) || (part == 1 && !need_t)) continue;
-        Tensor& out = part == 0 ? gs : gt;
-        const Tensor src = part == 0 ? Gt.narrow(1, 0, Ds) : Gt.narrow(1, ncol - Dt, Dt);
-        if (contiguous_rows) {
-          out.narrow(0, rows[i0], i1 - i0).copy_(src);
-        } else {
-          for (int64_t i = i0; i < i1; ++i) out[rows[i]].copy_(src[i - i0]);
-        }
+  const Tensor Bt = op.B.t();
+  const Tensor Bsel = op.B.narrow(1, need_s ? 0 : Ds, ncol);
+  auto store = [&](const Tensor& Gt, int64_t i0, int64_t i1, bool contiguous_rows) {
+    // Gt: [T, ncol] = [dL/dn_s | dL/dn_t] of rows[i0:i1]
+    for (int part = 0; part < 2; ++part) {
+      if ((part == 0 && !need_s) || (part == 1 && !need_t)) continue;
+      Tensor& out = part == 0 ? gs : gt;
+      const Tensor src = part == 0 ? Gt.narrow(1, 0, Ds) : Gt.narrow(1, ncol - Dt, Dt);
+      if (contiguous_rows) {
+        out.narrow(0, rows[i0], i1 - i0).copy_(src);
+      } else {
+        for (int64_t i = i0; i < i1; ++i) out[rows[i]].copy_(src[i - i0]);
       }
-    };
-    at::parallel_for(0, (R + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t i0 = t * kTile, i1 = std::min(R, i0 + kTile);
-        const bool contiguous_rows = rows[i1 - 1] - rows[i0] == i1 - 1 - i0;
-        const Tensor idx = rows_t.narrow(0, i0, i1 - i0);
-        const Tensor At = contiguous_rows ? op.A.narrow(0, rows[i0], i1 - i0) : op.A.index_select(0, idx);
-        const Tensor E = at::mm(At, Bt);    // [T, C]
-        const Tensor Gt = at::mm(E, Bsel);  // [T, ncol]
-        store(Gt, i0, i1, contiguous_rows);
-      }
-    });
-  }
+    }
+  };
+  at::parallel_for(0, (R + kTile - 1) / kTile, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = t * kTile, i1 = std::min(R, i0 + kTile);
+      const bool contiguous_rows = rows[i1 - 1] - rows[i0] == i1 - 1 - i0;
+      const Tensor idx = rows_t.narrow(0, i0, i1 - i0);
+      const Tensor At = contiguous_rows ? op.A.narrow(0, rows[i0], i1 - i0) : op.A.index_select(0, idx);
+      const Tensor E = at::mm(At, Bt);    // [T, C]
+      const Tensor Gt = at::mm(E, Bsel);  // [T, ncol]
+      store(Gt, i0, i1, contiguous_rows);
+    }
+  });
   if (need_s) {
     gs.mul_(scale);
     normalize_backward_(gs, op.A.narrow(1, 0, Ds), op.norm_s, eps);
@@ -312,6 +359,8 @@ TORCH_LIBRARY_IMPL(icakd_fast_C, CPU, m) {
   m.impl("intra_bwd", &intra_bwd_cpu);
   m.impl("inter_fwd", &inter_fwd_cpu);
   m.impl("inter_bwd", &inter_bwd_cpu);
+  m.impl("inter_gram_fwd", &inter_gram_fwd_cpu);
+  m.impl("inter_gram_bwd", &inter_gram_bwd_cpu);
 }
 
 }  // namespace icakd

@@ -190,12 +190,11 @@ int64_t inter_tile_rows(int64_t C) {
 Tensor inter_fwd_cuda(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, double eps) {
   const InterDims d = check_inter(mu_s, mu_t, valid, eps, nullptr, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(mu_s.device());
-  const bool gram = inter_use_gram(d.C, d.Ds + d.Dt, slow_fp64(mu_s.device()));
-  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps, d, /*with_B=*/!gram);
-  if (gram) {
-    const Tensor nv = op.nvalid.to(at::kDouble);
-    return (gram_sum_sq(gram64(op.A), d.Ds) / (nv * nv).clamp_min(1)).to(d.acc);
+  if (inter_use_gram(d.C, d.Ds + d.Dt, slow_fp64(mu_s.device()))) {
+    const Tensor nv = valid.sum().to(at::kDouble);
+    return (gram_sum_sq(gram64(mu_s, mu_t, valid, eps), d.Ds) / (nv * nv).clamp_min(1)).to(d.acc);
   }
+  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps, d);
   const int64_t C = d.C, T = inter_tile_rows(C);
   Tensor diag = at::zeros({}, op.A.options());
   Tensor off = at::zeros({}, op.A.options());
@@ -212,6 +211,42 @@ Tensor inter_fwd_cuda(const Tensor& mu_s, const Tensor& mu_t, const Tensor& vali
   return (diag + 2 * off) / (op.nvalid * op.nvalid).clamp_min(1);
 }
 
+// The Gram form's backward from K: every row, chunk by chunk (P is not known on the host); gs
+// rows outside `live` are zero.
+std::tuple<Tensor, Tensor> gram_bwd_cuda(const Tensor& grad_out, const Tensor& K, const Tensor& mu_s,
+                                         const Tensor& mu_t, const Tensor& valid, const Tensor& live_c, bool need_s,
+                                         bool need_t, double eps, const at::TensorOptions& opts) {
+  const int64_t C = mu_s.size(0);
+  const Tensor nv = valid.sum().to(at::kDouble);
+  const Tensor scale = grad_out.reshape({}).to(at::kDouble) * 4 / (nv * nv).clamp_min(1);
+  Tensor gs = need_s ? at::empty({C, mu_s.size(1)}, opts) : at::empty({0}, opts);
+  Tensor gt = need_t ? at::empty({C, mu_t.size(1)}, opts) : at::empty({0}, opts);
+  gram_backward_rows(mu_s, mu_t, valid, eps, K, scale, Tensor(), live_c, need_s, need_t, gs, gt);
+  return {gs, gt};
+}
+
+std::tuple<Tensor, Tensor> inter_gram_fwd_cuda(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid,
+                                               double eps) {
+  const InterDims d = check_inter(mu_s, mu_t, valid, eps, nullptr, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(mu_s.device());
+  return gram_forward(mu_s, mu_t, valid, eps, d.acc);
+}
+
+std::tuple<Tensor, Tensor> inter_gram_bwd_cuda(const Tensor& grad_out, const Tensor& gram, const Tensor& mu_s,
+                                               const Tensor& mu_t, const Tensor& valid,
+                                               const std::optional<Tensor>& live, bool need_s, bool need_t,
+                                               double eps) {
+  const bool has_live = live.has_value() && live->defined();
+  const InterDims d = check_inter(mu_s, mu_t, valid, eps, has_live ? &*live : nullptr, c10::DeviceType::CUDA);
+  check_grad_out(grad_out, mu_s, "mu_s", c10::DeviceType::CUDA);
+  check_gram(gram, mu_s, d, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(mu_s.device());
+  const auto opts = mu_s.options().dtype(d.acc);
+  if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
+  return gram_bwd_cuda(grad_out, gram, mu_s, mu_t, valid, has_live ? live->contiguous() : Tensor(), need_s, need_t,
+                       eps, opts);
+}
+
 std::tuple<Tensor, Tensor> inter_bwd_cuda(const Tensor& grad_out, const Tensor& mu_s, const Tensor& mu_t,
                                           const Tensor& valid, const std::optional<Tensor>& live, bool need_s,
                                           bool need_t, double eps) {
@@ -222,21 +257,14 @@ std::tuple<Tensor, Tensor> inter_bwd_cuda(const Tensor& grad_out, const Tensor& 
   const int64_t C = d.C, Ds = d.Ds, Dt = d.Dt, Dtot = Ds + Dt;
   const auto opts = mu_s.options().dtype(d.acc);
   if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
-  const bool gram = inter_use_gram(C, Dtot, slow_fp64(mu_s.device()));
-  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps, d, /*with_B=*/!gram);
   const Tensor live_c = has_live ? live->contiguous() : Tensor();
-  const Tensor scale = grad_out.reshape({}).to(d.acc) * 4 / (op.nvalid * op.nvalid).clamp_min(1);
   Tensor gs = at::empty({0}, opts), gt = at::empty({0}, opts);
-  if (gram) {
-    // every row (P is not known on the host); rows outside `live` are zeroed below
-    Tensor G = gram_rows_times(op.A, gram64(op.A), Ds, need_s, need_t).mul_(scale);
-    if (need_s) {
-      gs = normalize_backward(G.narrow(1, 0, Ds), op.A.narrow(1, 0, Ds), op.norm_s, eps);
-      if (has_live) gs.mul_(live_c.to(d.acc).unsqueeze(1));
-    }
-    if (need_t) gt = normalize_backward(G.narrow(1, G.size(1) - Dt, Dt), op.A.narrow(1, Ds, Dt), op.norm_t, eps);
-    return {gs, gt};
+  if (inter_use_gram(C, Dtot, slow_fp64(mu_s.device()))) {
+    return gram_bwd_cuda(grad_out, gram64(mu_s, mu_t, valid, eps), mu_s, mu_t, valid, live_c, need_s, need_t, eps,
+                         opts);
   }
+  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps, d);
+  const Tensor scale = grad_out.reshape({}).to(d.acc) * 4 / (op.nvalid * op.nvalid).clamp_min(1);
   if (has_live && !need_t) {
     Tensor dn = at::zeros({C, Ds}, opts);
     if (C > 0) {
@@ -282,6 +310,8 @@ TORCH_LIBRARY_IMPL(icakd_fast_C, CUDA, m) {
   m.impl("intra_bwd", &intra_bwd_cuda);
   m.impl("inter_fwd", &inter_fwd_cuda);
   m.impl("inter_bwd", &inter_bwd_cuda);
+  m.impl("inter_gram_fwd", &inter_gram_fwd_cuda);
+  m.impl("inter_gram_bwd", &inter_gram_bwd_cuda);
 }
 
 }  // namespace icakd

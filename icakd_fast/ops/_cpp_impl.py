@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
+from .._backend import inter_gram_pays
 
 if not _ext.load():
     raise ImportError(f"icakd_fast._C is unavailable: {_ext.reason()}")
@@ -119,6 +120,17 @@ def _inter_bwd_fake(grad_out, mu_s, mu_t, valid, live, need_s, need_t, eps):
     return gs, gt
 
 
+@_fake(f"{_NS}::inter_gram_fwd")
+def _inter_gram_fwd_fake(mu_s, mu_t, valid, eps):
+    d = mu_s.shape[1] + mu_t.shape[1]
+    return mu_s.new_empty((), dtype=_acc(mu_s.dtype, mu_t.dtype)), mu_s.new_empty((d, d), dtype=torch.float64)
+
+
+@_fake(f"{_NS}::inter_gram_bwd")
+def _inter_gram_bwd_fake(grad_out, gram, mu_s, mu_t, valid, live, need_s, need_t, eps):
+    return _inter_bwd_fake(grad_out, mu_s, mu_t, valid, live, need_s, need_t, eps)
+
+
 # ----------------------------------------------------------------------------------------------
 # the contract functions (thin: map "not asked for" outputs to None, fill optional arguments)
 # ----------------------------------------------------------------------------------------------
@@ -174,6 +186,23 @@ def intra_bwd(grad_out, f_s, f_t, mu_s, mu_t, labels, valid):
 
 def inter_fwd(mu_s, mu_t, valid, eps: float):
     return _C.inter_fwd(mu_s.detach(), mu_t.detach(), valid, float(eps))
+
+
+def inter_uses_gram(mu_s, mu_t) -> bool:
+    """Whether ``inter_gram_fwd`` / ``inter_gram_bwd`` are the forms to use (optional contract
+    function: a backend with a two-step form that keeps state for the backward)."""
+    return inter_gram_pays(mu_s, mu_t)
+
+
+def inter_gram_fwd(mu_s, mu_t, valid, eps: float):
+    """``(loss, K)``: the loss by the float64 Gram form and K = A^T A, kept for the backward."""
+    return _C.inter_gram_fwd(mu_s.detach(), mu_t.detach(), valid, float(eps))
+
+
+def inter_gram_bwd(grad_out, gram, mu_s, mu_t, valid, live, need_s: bool, need_t: bool, eps: float):
+    g_s, g_t = _C.inter_gram_bwd(grad_out, gram, mu_s.detach(), mu_t.detach(), valid, live, bool(need_s),
+                                 bool(need_t), float(eps))
+    return (g_s if need_s else None), (g_t if need_t else None)
 
 
 def inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s: bool, need_t: bool, eps: float):

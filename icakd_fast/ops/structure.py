@@ -74,24 +74,36 @@ def intra_loss(backend, f_s, f_t, mu_s, mu_t, labels, valid):
 class InterFunction(torch.autograd.Function):
     """Tiled cosine-relation loss; never materialises a C x C matrix.
 
-    With ``live`` the backward computes rows of ``mu_s`` in ``live`` only (O(P*C*D)).
+    With ``live`` the backward computes rows of ``mu_s`` in ``live`` only (O(P*C*D)). A backend
+    with a two-step form (``inter_uses_gram`` / ``inter_gram_fwd`` / ``inter_gram_bwd``: the C++
+    float64 Gram form) keeps its [D, D] state from the forward for the backward.
     """
 
     @staticmethod
     def forward(ctx, backend, mu_s, mu_t, valid, live, eps):
+        impl = implementation(backend)
+        gram = None
         with _exact(mu_s):
-            loss = implementation(backend).inter_fwd(mu_s, mu_t, valid, eps)
+            uses_gram = getattr(impl, "inter_uses_gram", None)
+            if uses_gram is not None and uses_gram(mu_s, mu_t):
+                loss, gram = impl.inter_gram_fwd(mu_s, mu_t, valid, eps)
+            else:
+                loss = impl.inter_fwd(mu_s, mu_t, valid, eps)
         ctx.backend = backend
         ctx.eps = eps
-        ctx.save_for_backward(mu_s, mu_t, valid, live)
+        ctx.save_for_backward(mu_s, mu_t, valid, live, gram)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        mu_s, mu_t, valid, live = ctx.saved_tensors
+        mu_s, mu_t, valid, live, gram = ctx.saved_tensors
         need_s, need_t = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        impl = implementation(ctx.backend)
         with _exact(mu_s):
-            g_s, g_t = implementation(ctx.backend).inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s, need_t, ctx.eps)
+            if gram is not None:
+                g_s, g_t = impl.inter_gram_bwd(grad_out, gram, mu_s, mu_t, valid, live, need_s, need_t, ctx.eps)
+            else:
+                g_s, g_t = impl.inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s, need_t, ctx.eps)
         return None, (g_s.to(mu_s.dtype) if need_s else None), (g_t.to(mu_t.dtype) if need_t else None), None, None, None
 
 
