@@ -107,3 +107,39 @@ def test_compile_bank_enqueue_no_recompiles():
             ref.enqueue(x, y)
     assert torch.equal(bank.bank, ref.bank) and torch.equal(bank.count, ref.count) and torch.equal(bank.ptr, ref.ptr)
     torch.testing.assert_close(bank.sums, ref.sums)
+
+
+
+def test_plain_eager_calls_skip_the_dispatcher_and_traced_calls_use_it(monkeypatch):
+    """In plain eager mode a Triton op runs its body directly (no dispatcher round trip); with
+    autograd to record, a dispatch mode (fake tensors), a functorch transform or a tensor
+    subclass it goes through the registered operator."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    f, w = torch.randn(2, 5, 3, 3, device=DEV), torch.randn(2, 5, device=DEV)
+    calls = []
+    real = impl._cam_fwd_op.op
+
+    def spy(*args):
+        calls.append(len(args))
+        return real(*args)
+
+    monkeypatch.setattr(impl._cam_fwd_op, "op", spy)
+    cam = impl.cam_fwd(f, w, True)[0]
+    assert not calls  # plain eager: the body, directly
+    torch.testing.assert_close(cam, R.class_activation_features(f, w)[0])
+    with torch.enable_grad():
+        impl.cam_fwd(f.clone().requires_grad_(), w, True)  # autograd would have to see it
+    assert len(calls) == 1
+    with FakeTensorMode() as mode:
+        fake_cam = impl.cam_fwd(mode.from_tensor(f), mode.from_tensor(w), True)[0]
+    assert len(calls) == 2 and fake_cam.shape == cam.shape
+    assert impl._plain_eager((f, w, 3, None))
+    assert not impl._plain_eager((f.as_subclass(_Sub), w))
+    seen = []
+    torch.func.vmap(lambda x: seen.append(impl._plain_eager((x,))) or x)(f)
+    assert seen == [False]
+
+
+class _Sub(torch.Tensor):
+    """A tensor subclass: it must go through the dispatcher."""
