@@ -34,6 +34,8 @@ def _parse():
     p.add_argument("--quick", action="store_true", help="smaller shapes, shorter timing")
     p.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter, tiny shapes, no timing")
     p.add_argument("--cases", default="inter,cam,bank,overhead,structure", help="comma-separated subset (run in this order)")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated providers to time (default: all; eager always runs: it is the reference)")
     p.add_argument("--compiled-cases", default="cam,bank,structure,inter",
                    help="cases that also time torch.compile(reference) (compiling costs tens of seconds each)")
     return p.parse_args()
@@ -166,10 +168,16 @@ CAM_VARIANTS = {
 INTER_PRECISION = {"eager": "highest", "eager_tf32": "high", "compiled": "highest", "triton": "highest",
                    "triton_tf32": "high", "triton_bf16": "medium", "cpp": "highest",
                    "triton_tf32_t64": "high", "triton_tf32_s4": "high", "triton_tf32_m32": "high",
-                   "triton_tf32_m32o512": "high", "cpp_direct": "highest", "cpp_direct_tf32": "high"}
-#: form of the cpp inter loss per provider (ICAKD_INTER_FORM; "cpp" = auto: float64 Gram matrix
-#: when C >= 2 (Ds + Dt) on sm_80/90/100, else tiles of E through cuBLAS)
-INTER_CPP_FORM = {"cpp": "auto", "cpp_direct": "direct", "cpp_direct_tf32": "direct"}
+                   "triton_tf32_m32o512": "high", "cpp_direct": "highest", "cpp_direct_tf32": "high",
+                   "cpp_chunk2e20": "highest", "cpp_chunk2e21": "highest", "cpp_chunk2e23": "highest",
+                   "cpp_chunk2e24": "highest"}
+#: environment of the cpp inter loss per provider: ICAKD_INTER_FORM ("cpp" = auto: float64 Gram
+#: matrix when C >= 2 (Ds + Dt) on sm_80/90/100, else tiles of E through cuBLAS) and the Gram
+#: form's row-chunk size in elements (ICAKD_GRAM_CHUNK_ELEMS; default 2^22)
+INTER_CPP_ENV = {"cpp": {"ICAKD_INTER_FORM": "auto"}, "cpp_direct": {"ICAKD_INTER_FORM": "direct"},
+                 "cpp_direct_tf32": {"ICAKD_INTER_FORM": "direct"}}
+INTER_CPP_ENV.update({f"cpp_chunk2e{k}": {"ICAKD_INTER_FORM": "gram", "ICAKD_GRAM_CHUNK_ELEMS": str(2**k)}
+                      for k in (20, 21, 23, 24)})
 INTER_VARIANTS = {"triton_tf32_t64": {"fwd_t": 64, "fwd_warps": 4}, "triton_tf32_s4": {"stages": 4},
                   "triton_tf32_m32": {"bwd_m": 32, "bwd_warps": 4}, "triton_tf32_m32o512": {"bwd_m": 32, "bwd_o": 512}}
 
@@ -230,6 +238,9 @@ def run_case(case: str, make_fn, check_outputs, provider_list, bytes_moved=None,
     ref_out = None
     times: dict[str, float] = {}
     gtimes: dict[str, float] = {}
+    if ARGS.providers:
+        keep = set(ARGS.providers.split(",")) | {"eager"}
+        provider_list = [p for p in provider_list if p in keep]
     for p in provider_list:
         try:
             fn = make_fn(p)
@@ -497,19 +508,20 @@ def case_inter():
         def run():
             with matmul_precision(INTER_PRECISION.get(p, "highest")), \
                     overrides(kst, {"GPU_CFG_OVERRIDES": INTER_VARIANTS.get(p, {})}), \
-                    mock.patch.dict(os.environ, {"ICAKD_INTER_FORM": INTER_CPP_FORM[p]} if p in INTER_CPP_FORM else {}):
+                    mock.patch.dict(os.environ, INTER_CPP_ENV.get(p, {})):
                 return fn(mu_s, mu_t)
 
         return run
 
     def fwd_only(p, row):
-        if ARGS.dry_run or not p.startswith("triton"):
+        if ARGS.dry_run or not p.startswith(("triton", "cpp")):
             return {}
         from icakd_fast.kernels import structure as kst
 
         def run():
             with torch.no_grad(), matmul_precision(INTER_PRECISION.get(p, "highest")), \
-                    overrides(kst, {"GPU_CFG_OVERRIDES": INTER_VARIANTS.get(p, {})}):
+                    overrides(kst, {"GPU_CFG_OVERRIDES": INTER_VARIANTS.get(p, {})}), \
+                    mock.patch.dict(os.environ, INTER_CPP_ENV.get(p, {})):
                 return F.inter_class_loss(mu_s, mu_t, valid, live=live, backend=backend_of(p))
 
         return {"ms_forward_only": bench(run)}
@@ -520,7 +532,7 @@ def case_inter():
     if "triton" in provs:
         provs += ["triton_tf32", "triton_bf16"] + ([] if ARGS.dry_run else list(INTER_VARIANTS))
     if "cpp" in provs:
-        provs += ["cpp_direct", "cpp_direct_tf32"]
+        provs += [p for p in INTER_CPP_ENV if p != "cpp"]
     run_case(case, make, lambda out: (out[0].float(), out[1].float()), provs, extra=fwd_only)
 
 
@@ -561,7 +573,8 @@ def case_overhead():
 
     layers = {
         "kernels.cam.cam_fwd (direct launches)": lambda: kcam.cam_fwd(fd, wd, True),
-        "registered op triton_cam_fwd": lambda: TI.cam_fwd(fd, wd, True),
+        "registered op triton_cam_fwd (dispatcher)": lambda: TI._cam_fwd_op.op(fd, wd, True),
+        "contract function TI.cam_fwd (eager: body called directly)": lambda: TI.cam_fwd(fd, wd, True),
         "ops.cam_features (autograd Function)": lambda: cam_features("triton", f, w),
         "functional.class_activation_features": lambda: F.class_activation_features(f, w, backend="triton"),
         "functional fwd + autograd.grad (triton)": fwd_bwd,

@@ -8,11 +8,11 @@
 #
 # Optional: peer packages as wheels in ./.whl (pytorch-metric-learning, grad-cam, ttach) are
 # installed into a private folder first (see benchmarks/README.md). Stage limits (seconds):
-# TRITON_TESTS_TIMEOUT, BENCH_TIMEOUT, E2E_BUDGET, MEMORY_TIMEOUT, CPP_TIMEOUT.
+# TRITON_TESTS_TIMEOUT, BENCH_TIMEOUT, HOST_TIMEOUT, E2E_BUDGET, MEMORY_TIMEOUT, CPP_TIMEOUT.
 set -u
 OUT=${1:-${OUT:-gpu-out}}
 mkdir -p "$OUT"
-# results come back as few files: summary.txt, gpu_bench.{json,csv}, e2e_bench.{json,csv} in $OUT;
+# results come back as few files: summary.txt, gpu_bench.{json,csv}, host_profile.txt, e2e_bench.{json,csv} in $OUT;
 # every log goes to $LOGS and is packed into $OUT/logs.tgz after each stage
 LOGS=${LOGS:-/tmp/icakd_gpu_logs}
 mkdir -p "$LOGS"
@@ -67,6 +67,9 @@ timeout -s INT ${BENCH_TIMEOUT:-160} $PY benchmarks/gpu_bench.py --out "$OUT" --
 stamp "kernel bench rc=$?"
 
 wait $build_pid
+# 3b. host time per call of the small ops, every backend (the C++ one needs the build above)
+timeout -s INT ${HOST_TIMEOUT:-45} $PY benchmarks/host_profile.py --out "$OUT" --calls 100 > "$LOGS/host_profile.log" 2>&1
+stamp "host profile rc=$?"
 tail -n 1 "$LOGS/build.log" | tee -a "$OUT/summary.txt"
 $PY -m icakd_fast.info --check-extension >> "$OUT/summary.txt" 2>&1
 

@@ -137,13 +137,17 @@ def panel_peers(ax, rows):
         colors.append("C1" if r["backend"].startswith("icakd_fast") else "C0")
     y = range(len(labels))
     ax.barh(list(y), vals, color=colors)
+    ax.set_xscale("log")
+    # rows without a time (skipped, failed) are labelled at the left edge of the axis
+    positive = [v for v in vals if v > 0]
+    lo, hi = (min(positive) / 2, max(positive) * 30) if positive else (0.1, 10.0)
+    ax.set_xlim(lo, hi)
     for i, (v, r) in enumerate(zip(vals, rows)):
         text = f"{v:.3g} ms" if ok(r) else r["status"][:30]
-        ax.text(v if v > 0 else 1e-3, i, " " + text, va="center", fontsize=5)
+        ax.text(v if v > 0 else lo, i, " " + text, va="center", fontsize=5)
     ax.set_yticks(list(y))
     ax.set_yticklabels(labels, fontsize=5)
     ax.invert_yaxis()
-    ax.set_xscale("log")
     ax.set_xlabel("ms (lower is better; orange = icakd_fast)")
     ax.set_title("peers", fontsize=8)
 

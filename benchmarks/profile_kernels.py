@@ -22,14 +22,18 @@ from icakd_fast.kernels import cam as kcam  # noqa: E402
 from icakd_fast.kernels import structure as kst  # noqa: E402
 
 
-def timed(name, fn, reps=2):
+def timed(name, fn, reps=2, nbytes=None):
+    """CUDA-event time of the last of ``reps`` calls; with ``nbytes`` (the bytes one pass must move)
+    also the rate against them."""
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         torch.cuda.synchronize()
-    print(f"{name}: {start.elapsed_time(end) * 1e3:.1f} us (last of {reps})", flush=True)
+    us = start.elapsed_time(end) * 1e3
+    rate = f", {nbytes / us / 1e3:.0f} GB/s of {nbytes / 1e6:.0f} MB" if nbytes else ""
+    print(f"{name}: {us:.1f} us (last of {reps}){rate}", flush=True)
 
 
 def main():
@@ -39,17 +43,27 @@ def main():
     B, K, H, W = 256, 2048, 7, 7
     f = torch.randn(B, K, H, W, device="cuda", dtype=torch.bfloat16)
     w = (torch.randn(B, K, device="cuda") / 49).to(torch.bfloat16)
+    fbytes = f.numel() * f.element_size()  # forward: read the map once; backward: read + write
     for mode in ("image", "split"):
         kcam.CAM_FWD_MODE = mode
-        timed(f"cam_fwd {mode}", lambda: kcam.cam_fwd(f, w, True))
+        timed(f"cam_fwd {mode}", lambda: kcam.cam_fwd(f, w, True), nbytes=fbytes)
     kcam.CAM_FWD_MODE = "auto"
     cam, pooled, pool_w, _ = kcam.cam_fwd(f, w, True)
     gc, gp = torch.randn_like(cam), torch.randn_like(pooled)
-    timed("cam_bwd", lambda: kcam.cam_bwd(gc, gp, f, w, cam, pool_w, True, True))
+    timed("cam_bwd", lambda: kcam.cam_bwd(gc, gp, f, w, cam, pool_w, True, True), nbytes=2 * fbytes)
     kcam.CAM_VEC = True  # the opt-in vec kernels on the same inputs
-    timed("cam_fwd vec", lambda: kcam.cam_fwd(f, w, True))
-    timed("cam_bwd vec", lambda: kcam.cam_bwd(gc, gp, f, w, cam, pool_w, True, True))
+    timed("cam_fwd vec", lambda: kcam.cam_fwd(f, w, True), nbytes=fbytes)
+    timed("cam_bwd vec", lambda: kcam.cam_bwd(gc, gp, f, w, cam, pool_w, True, True), nbytes=2 * fbytes)
     kcam.CAM_VEC = False
+    try:  # the C++ extension's CUDA kernels on the same inputs
+        from icakd_fast.ops import _cpp_impl as cpp
+
+        ccam, _, cpool_w = cpp.cam_fwd(f, w, True)
+        timed("cam_fwd cpp", lambda: cpp.cam_fwd(f, w, True), nbytes=fbytes)
+        timed("cam_bwd cpp", lambda: cpp.cam_bwd(gc, gp, f, w, ccam, cpool_w, True, True), nbytes=2 * fbytes)
+    except Exception as exc:  # extension not built with CUDA kernels
+        print(f"cam cpp: skipped ({type(exc).__name__}: {exc})", flush=True)
+    timed("copy of the map (reference rate)", lambda: f.clone(), nbytes=2 * fbytes)
     C, Ds, Dt, P = 4096, 512, 2048, 256
     mu_s, mu_t = torch.randn(C, Ds, device="cuda"), torch.randn(C, Dt, device="cuda")
     valid = torch.ones(C, dtype=torch.bool, device="cuda")

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from icakd_fast import _ext
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks", "e2e_bench.py")
 PLOT = os.path.join(ROOT, "benchmarks", "plot_results.py")
@@ -124,3 +126,17 @@ def test_live_at_peak_replays_an_allocator_trace():
     assert peak == 170 and sorted(a["addr"] for a in alive) == [1, 3]
     sites = e2e_bench.group_by_site(alive)
     assert sites == [("loss.py:7 (forward)", 170, 2)]
+
+
+def test_host_profile_dry_run_times_and_profiles_every_backend(tmp_path):
+    """The host-time profiler runs every op on every backend that can run it on CPU."""
+    script = os.path.join(ROOT, "benchmarks", "host_profile.py")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, script, "--out", str(tmp_path), "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "host_profile.txt").read_text()
+    assert text.count("====") == 3
+    for backend in ("reference", "cpp") if _ext.load() else ("reference",):
+        assert text.count(f"---- {backend}: cProfile") == 3, backend
+    assert "us/call" in text and "ncalls" in text
