@@ -128,6 +128,29 @@ def test_compile_fullgraph_traces_through_cpp_ops():
         assert f.grad is not None and mu_s.grad is not None
 
 
+@needs_ext
+@pytest.mark.parametrize("c", [7, 40])  # 40 >= 2 (Ds + Dt): the Gram form with its kept K
+def test_compiled_inter_loss_matches_eager_in_both_cpp_forms(c):
+    """Under the partitioner Inductor uses, the inter loss and its gradient match eager, whether
+    the Function takes the tiled form (c=7) or the two-step Gram form that saves K (c=40)."""
+    import icakd_fast.reference as R
+    from icakd_fast import _backend
+
+    F = _functional()
+    mu_t, valid, live = torch.randn(c, 3), torch.rand(c) < 0.9, torch.rand(c) < 0.4
+    mu_s0 = torch.randn(c, 6)
+    assert _backend.inter_gram_pays(mu_s0, mu_t) == (c == 40)
+    compiled = torch.compile(lambda s: F.inter_class_loss(s, mu_t, valid, live=live, backend="cpp"),
+                             fullgraph=True, backend="aot_eager_decomp_partition")
+    outs = []
+    for fn in (compiled, lambda s: R.inter_class_loss(s, mu_t, valid, live)):
+        s = mu_s0.clone().requires_grad_()
+        loss = fn(s)
+        outs.append((loss, torch.autograd.grad(loss, s)[0]))
+    close(outs[0][0], outs[1][0])
+    close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------------------------
 # the loader: missing / mismatched extension warns once and never breaks the package
 # ---------------------------------------------------------------------------------------------
