@@ -497,6 +497,17 @@ inline void check_gram(const at::Tensor& K, const at::Tensor& mu_s, const InterD
               "] (the K of inter_gram_fwd), got shape ", K.sizes());
 }
 
+// Every argument of inter_gram_bwd (the operands as for inter_bwd, then grad_out and K)
+inline InterDims check_inter_gram_bwd(const at::Tensor& grad_out, const at::Tensor& gram, const at::Tensor& mu_s,
+                                      const at::Tensor& mu_t, const at::Tensor& valid,
+                                      const std::optional<at::Tensor>& live, double eps, c10::DeviceType kernel) {
+  const bool has_live = live.has_value() && live->defined();
+  const InterDims d = check_inter(mu_s, mu_t, valid, eps, has_live ? &*live : nullptr, kernel);
+  check_grad_out(grad_out, mu_s, "mu_s", kernel);
+  check_gram(gram, mu_s, d, kernel);
+  return d;
+}
+
 // A = [v n_s, v n_t], B = [v n_s, -v n_t] ([C, Ds + Dt], acc dtype; B only if with_B: the Gram
 // form of inter_gram.h needs A alone), n = mu / max(|mu|, eps) row-wise (as F.normalize),
 // v = valid; row norms and |V| (a 0-dim tensor on the op's device).

@@ -276,10 +276,7 @@ std::tuple<Tensor, Tensor> inter_gram_bwd_cpu(const Tensor& grad_out, const Tens
                                               const Tensor& mu_t, const Tensor& valid,
                                               const std::optional<Tensor>& live, bool need_s, bool need_t,
                                               double eps) {
-  const bool has_live = live.has_value() && live->defined();
-  const InterDims d = check_inter(mu_s, mu_t, valid, eps, has_live ? &*live : nullptr, c10::DeviceType::CPU);
-  check_grad_out(grad_out, mu_s, "mu_s", c10::DeviceType::CPU);
-  check_gram(gram, mu_s, d, c10::DeviceType::CPU);
+  const InterDims d = check_inter_gram_bwd(grad_out, gram, mu_s, mu_t, valid, live, eps, c10::DeviceType::CPU);
   const auto opts = mu_s.options().dtype(d.acc);
   if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
   return gram_bwd_rows_cpu(grad_out, gram, mu_s, mu_t, valid, cpu_rows(valid, live, need_t), need_s, need_t, eps,

@@ -236,15 +236,12 @@ std::tuple<Tensor, Tensor> inter_gram_bwd_cuda(const Tensor& grad_out, const Ten
                                                const Tensor& mu_t, const Tensor& valid,
                                                const std::optional<Tensor>& live, bool need_s, bool need_t,
                                                double eps) {
-  const bool has_live = live.has_value() && live->defined();
-  const InterDims d = check_inter(mu_s, mu_t, valid, eps, has_live ? &*live : nullptr, c10::DeviceType::CUDA);
-  check_grad_out(grad_out, mu_s, "mu_s", c10::DeviceType::CUDA);
-  check_gram(gram, mu_s, d, c10::DeviceType::CUDA);
+  const InterDims d = check_inter_gram_bwd(grad_out, gram, mu_s, mu_t, valid, live, eps, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(mu_s.device());
   const auto opts = mu_s.options().dtype(d.acc);
   if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
-  return gram_bwd_cuda(grad_out, gram, mu_s, mu_t, valid, has_live ? live->contiguous() : Tensor(), need_s, need_t,
-                       eps, opts);
+  const Tensor live_c = live.has_value() && live->defined() ? live->contiguous() : Tensor();
+  return gram_bwd_cuda(grad_out, gram, mu_s, mu_t, valid, live_c, need_s, need_t, eps, opts);
 }
 
 std::tuple<Tensor, Tensor> inter_bwd_cuda(const Tensor& grad_out, const Tensor& mu_s, const Tensor& mu_t,
