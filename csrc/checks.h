@@ -508,9 +508,9 @@ inline InterDims check_inter_gram_bwd(const at::Tensor& grad_out, const at::Tens
   return d;
 }
 
-// A = [v n_s, v n_t], B = [v n_s, -v n_t] ([C, Ds + Dt], acc dtype; B only if with_B: the Gram
-// form of inter_gram.h needs A alone), n = mu / max(|mu|, eps) row-wise (as F.normalize),
-// v = valid; row norms and |V| (a 0-dim tensor on the op's device).
+// A = [v n_s, v n_t], B = [v n_s, -v n_t] ([C, Ds + Dt], acc dtype), n = mu / max(|mu|, eps)
+// row-wise (as F.normalize), v = valid; row norms and |V| (a 0-dim tensor on the op's device).
+// (The Gram form of inter_gram.h builds its own float64 rows of A instead.)
 struct InterOperands {
   at::Tensor A, B;
   at::Tensor norm_s, norm_t;
@@ -518,7 +518,7 @@ struct InterOperands {
 };
 
 inline InterOperands inter_operands(const at::Tensor& mu_s, const at::Tensor& mu_t, const at::Tensor& valid,
-                                    double eps, const InterDims& d, bool with_B = true) {
+                                    double eps, const InterDims& d) {
   InterOperands op;
   const at::Tensor v = valid.to(d.acc).unsqueeze(1);
   const at::Tensor ms = mu_s.to(d.acc);
@@ -529,10 +529,8 @@ inline InterOperands inter_operands(const at::Tensor& mu_s, const at::Tensor& mu
   at::Tensor a_s = op.A.narrow(1, 0, d.Ds), a_t = op.A.narrow(1, d.Ds, d.Dt);
   at::div_out(a_s, ms, op.norm_s.clamp_min(eps).unsqueeze(1)).mul_(v);
   at::div_out(a_t, mt, op.norm_t.clamp_min(eps).unsqueeze(1)).mul_(v);
-  if (with_B) {
-    op.B = op.A.clone();
-    op.B.narrow(1, d.Ds, d.Dt).neg_();
-  }
+  op.B = op.A.clone();
+  op.B.narrow(1, d.Ds, d.Dt).neg_();
   op.nvalid = v.sum();
   return op;
 }
@@ -543,6 +541,14 @@ inline at::Tensor normalize_backward(const at::Tensor& dn, const at::Tensor& n, 
   const at::Tensor big = norm.gt(eps).unsqueeze(1);
   const at::Tensor nrm = norm.unsqueeze(1);
   return at::where(big, (dn - n * proj) / at::where(big, nrm, at::ones_like(nrm)), dn / eps);
+}
+
+// the same, in place on dn, with no [C, D] temporary besides n * dn
+inline void normalize_backward_(at::Tensor& dn, const at::Tensor& n, const at::Tensor& norm, double eps) {
+  const at::Tensor big = norm.gt(eps).unsqueeze(1);
+  const at::Tensor proj = at::where(big, (n * dn).sum(1, true), at::zeros({}, dn.options()));
+  dn.addcmul_(n, proj, -1);
+  dn.div_(norm.clamp_min(eps).unsqueeze(1));
 }
 
 }  // namespace icakd

@@ -24,6 +24,8 @@
 #include <cstring>
 #include <tuple>
 
+#include "checks.h"
+
 namespace icakd {
 
 // ICAKD_INTER_FORM=direct|gram forces a form (tests, benchmarks): 0 direct, 1 gram, -1 auto
@@ -108,22 +110,25 @@ inline at::Tensor gram_sum_sq(const at::Tensor& K, int64_t Ds) {
   return ss.square().sum() + tt.square().sum() - 2 * st.square().sum();
 }
 
-// dmu = (dn - n (n . dn)) / |mu| where |mu| > eps, dn / eps otherwise, in place on dn (float64)
-inline void gram_normalize_backward_(at::Tensor& dn, const at::Tensor& n, const at::Tensor& norm, double eps) {
-  const at::Tensor big = norm.gt(eps).unsqueeze(1);
-  const at::Tensor proj = at::where(big, (n * dn).sum(1, true), at::zeros({}, dn.options()));
-  dn.addcmul_(n, proj, -1);
-  dn.div_(norm.clamp_min(eps).unsqueeze(1));
-}
-
-// Backward of the Gram form: writes dL/dmu_s (if need_s) and dL/dmu_t (if need_t) of the given
-// rows into gs [C, Ds] / gt [C, Dt] (rows not given are left alone). `rows`: int64 indices, or an
-// undefined tensor for every row; `live`: bool [C] or undefined -- gs rows outside it are zero.
-// `scale` (0-dim tensor): dL/dE's factor, 4 grad_out / |V|^2. Per chunk of rows:
-//   dL/dn = scale * A_rows (S K S), then the normalisation's backward, all in float64.
-inline void gram_backward_rows(const at::Tensor& mu_s, const at::Tensor& mu_t, const at::Tensor& valid, double eps,
-                               const at::Tensor& K, const at::Tensor& scale, const at::Tensor& rows,
-                               const at::Tensor& live, bool need_s, bool need_t, at::Tensor& gs, at::Tensor& gt) {
+// Backward of the Gram form from K: (dL/dmu_s if need_s, dL/dmu_t if need_t; empty otherwise) in
+// the dtype of `opts`. `rows`: int64 indices of the rows to compute (the others are zero), or an
+// undefined tensor for every row; `live`: bool [C] or undefined -- rows of dL/dmu_s outside it are
+// zero. Per chunk of rows, all in float64: dL/dn = 4 grad_out / |V|^2 * A_rows (S K S), then the
+// normalisation's backward. No host synchronisation.
+inline std::tuple<at::Tensor, at::Tensor> gram_backward(const at::Tensor& grad_out, const at::Tensor& K,
+                                                        const at::Tensor& mu_s, const at::Tensor& mu_t,
+                                                        const at::Tensor& valid, double eps, const at::Tensor& rows,
+                                                        const at::Tensor& live, bool need_s, bool need_t,
+                                                        const at::TensorOptions& opts) {
+  const int64_t C = mu_s.size(0);
+  const bool all_rows = !rows.defined();
+  auto alloc = [&](bool need, int64_t width) {
+    if (!need) return at::empty({0}, opts);
+    return all_rows ? at::empty({C, width}, opts) : at::zeros({C, width}, opts);
+  };
+  at::Tensor gs = alloc(need_s, mu_s.size(1)), gt = alloc(need_t, mu_t.size(1));
+  const at::Tensor nv = valid.sum().to(at::kDouble);
+  const at::Tensor s64 = grad_out.reshape({}).to(at::kDouble) * 4 / (nv * nv).clamp_min(1);
   const int64_t Ds = mu_s.size(1), Dt = mu_t.size(1), D = Ds + Dt;
   const int64_t col0 = need_s ? 0 : Ds;
   const int64_t ncol = (need_s ? Ds : 0) + (need_t ? Dt : 0);
@@ -131,9 +136,7 @@ inline void gram_backward_rows(const at::Tensor& mu_s, const at::Tensor& mu_t, c
   at::Tensor M = K.narrow(1, col0, ncol).clone();
   if (need_s) M.narrow(0, Ds, Dt).narrow(1, 0, Ds).neg_();
   if (need_t) M.narrow(0, 0, Ds).narrow(1, ncol - Dt, Dt).neg_();
-  const at::Tensor s64 = scale.to(at::kDouble);
-  const bool all_rows = !rows.defined();
-  const int64_t R = all_rows ? mu_s.size(0) : rows.size(0);
+  const int64_t R = all_rows ? C : rows.size(0);
   const int64_t T = gram_chunk_rows(std::max(D, ncol));
   for (int64_t r0 = 0; r0 < R; r0 += T) {
     const int64_t n = std::min(T, R - r0);
@@ -144,8 +147,8 @@ inline void gram_backward_rows(const at::Tensor& mu_s, const at::Tensor& mu_t, c
     for (int part = 0; part < 2; ++part) {
       if ((part == 0 && !need_s) || (part == 1 && !need_t)) continue;
       at::Tensor dn = part == 0 ? G.narrow(1, 0, Ds) : G.narrow(1, ncol - Dt, Dt);
-      gram_normalize_backward_(dn, part == 0 ? g.A.narrow(1, 0, Ds) : g.A.narrow(1, Ds, Dt),
-                               part == 0 ? g.norm_s : g.norm_t, eps);
+      normalize_backward_(dn, part == 0 ? g.A.narrow(1, 0, Ds) : g.A.narrow(1, Ds, Dt),
+                          part == 0 ? g.norm_s : g.norm_t, eps);
       if (part == 0 && live.defined()) dn.mul_(pick(live).to(at::kDouble).unsqueeze(1));
       at::Tensor& out = part == 0 ? gs : gt;
       if (all_rows) {
@@ -155,6 +158,7 @@ inline void gram_backward_rows(const at::Tensor& mu_s, const at::Tensor& mu_t, c
       }
     }
   }
+  return {gs, gt};
 }
 
 // Loss of the Gram form and K itself (saved by the autograd Function for the backward, which then

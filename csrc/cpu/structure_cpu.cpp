@@ -155,39 +155,16 @@ Tensor intra_bwd_cpu(const Tensor& grad_out, const Tensor& f_s, const Tensor& f_
 // inter
 // ---------------------------------------------------------------------------------------------
 
-// normalize_backward (checks.h) in place on dn: (dn - n (n . dn)) / |mu| where |mu| > eps,
-// dn / eps otherwise -- the same arithmetic without [C, D] temporaries besides n * dn.
-void normalize_backward_(Tensor& dn, const Tensor& n, const Tensor& norm, double eps) {
-  const Tensor big = norm.gt(eps).unsqueeze(1);
-  const Tensor proj = at::where(big, (n * dn).sum(1, true), at::zeros({}, dn.options()));
-  dn.addcmul_(n, proj, -1);
-  dn.div_(norm.clamp_min(eps).unsqueeze(1));
-}
-
-// CPU view of the shared operands: |V| as a host integer, and the form (inter_gram.h)
-struct CpuInter {
-  InterDims d;
-  InterOperands op;
-  int64_t nvalid;
-  bool gram;
-};
-
-// (the Gram form needs no operands: it builds A itself, chunk by chunk)
-CpuInter cpu_inter(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, double eps, const Tensor* live) {
-  CpuInter r;
-  r.d = check_inter(mu_s, mu_t, valid, eps, live, c10::DeviceType::CPU);
-  r.gram = inter_use_gram(r.d.C, r.d.Ds + r.d.Dt, /*slow_fp64=*/false);
-  if (!r.gram) r.op = inter_operands(mu_s, mu_t, valid, eps, r.d);
-  r.nvalid = valid.sum().item<int64_t>();
-  return r;
-}
-
 Tensor inter_fwd_cpu(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, double eps) {
-  const CpuInter in = cpu_inter(mu_s, mu_t, valid, eps, nullptr);
-  const InterOperands& op = in.op;
-  const int64_t C = in.d.C;
-  const double den = std::max(static_cast<double>(in.nvalid) * static_cast<double>(in.nvalid), 1.0);
-  if (in.gram) return (gram_sum_sq(gram64(mu_s, mu_t, valid, eps), in.d.Ds) / den).to(in.d.acc);
+  const InterDims d = check_inter(mu_s, mu_t, valid, eps, nullptr, c10::DeviceType::CPU);
+  // the Gram form needs no operands: it builds A itself, chunk by chunk
+  if (inter_use_gram(d.C, d.Ds + d.Dt, /*slow_fp64=*/false)) {
+    return std::get<0>(gram_forward(mu_s, mu_t, valid, eps, d.acc));
+  }
+  const InterOperands op = inter_operands(mu_s, mu_t, valid, eps, d);
+  const int64_t C = d.C;
+  const double nvalid = static_cast<double>(valid.sum().item<int64_t>());
+  const double den = std::max(nvalid * nvalid, 1.0);
   const int64_t ntiles = (C + kTile - 1) / kTile;
   // E is symmetric: tile i covers its diagonal block once and the blocks to its right twice.
   // Work item w pairs tile w with tile ntiles-1-w so that the tasks have equal cost.
@@ -197,7 +174,7 @@ Tensor inter_fwd_cpu(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid
   auto run_tile = [&](int64_t tile) {
     const int64_t r0 = tile * kTile, r1 = std::min(C, r0 + kTile);
     const Tensor E = at::mm(op.A.narrow(0, r0, r1 - r0), Bt.narrow(1, r0, C - r0));  // [T, C - r0]
-    AT_DISPATCH_FLOATING_TYPES(in.d.acc, "icakd_inter_fwd_tile", [&] {
+    AT_DISPATCH_FLOATING_TYPES(d.acc, "icakd_inter_fwd_tile", [&] {
       const scalar_t* e = E.const_data_ptr<scalar_t>();
       const int64_t T = r1 - r0, W = C - r0;
       double diag = 0.0, off = 0.0;
@@ -217,7 +194,7 @@ Tensor inter_fwd_cpu(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid
   });
   double total = 0.0;
   for (double p : partial) total += p;
-  return at::full({}, total / den, mu_s.options().dtype(in.d.acc));
+  return at::full({}, total / den, mu_s.options().dtype(d.acc));
 }
 
 // Rows whose dL/dn is computed: every valid row, or only valid & live rows when grad_mu_t is not
@@ -253,18 +230,13 @@ double inter_scale(const Tensor& grad_out, const Tensor& valid) {
   return 4.0 * grad_out.to(at::kDouble).item<double>() / std::max(nv * nv, 1.0);
 }
 
-// The Gram form's backward from K: the selected rows, chunk by chunk, normalisation backward
-// included (float64); zero elsewhere.
-std::tuple<Tensor, Tensor> gram_bwd_rows_cpu(const Tensor& grad_out, const Tensor& K, const Tensor& mu_s,
+// The Gram form's backward from K for the rows of `r` (all rows: slices instead of an index list)
+std::tuple<Tensor, Tensor> gram_backward_cpu(const Tensor& grad_out, const Tensor& K, const Tensor& mu_s,
                                              const Tensor& mu_t, const Tensor& valid, const CpuRows& r, bool need_s,
                                              bool need_t, double eps, const at::TensorOptions& opts) {
-  const int64_t C = mu_s.size(0);
-  Tensor gs = need_s ? at::zeros({C, mu_s.size(1)}, opts) : at::empty({0}, opts);
-  Tensor gt = need_t ? at::zeros({C, mu_t.size(1)}, opts) : at::empty({0}, opts);
-  const Tensor scale = at::scalar_tensor(inter_scale(grad_out, valid), at::TensorOptions().dtype(at::kDouble));
-  const bool all_rows = static_cast<int64_t>(r.rows.size()) == C;
-  gram_backward_rows(mu_s, mu_t, valid, eps, K, scale, all_rows ? Tensor() : r.index, r.live, need_s, need_t, gs, gt);
-  return {gs, gt};
+  const bool all_rows = static_cast<int64_t>(r.rows.size()) == mu_s.size(0);
+  return gram_backward(grad_out, K, mu_s, mu_t, valid, eps, all_rows ? Tensor() : r.index, r.live, need_s, need_t,
+                       opts);
 }
 
 std::tuple<Tensor, Tensor> inter_gram_fwd_cpu(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, double eps) {
@@ -279,7 +251,7 @@ std::tuple<Tensor, Tensor> inter_gram_bwd_cpu(const Tensor& grad_out, const Tens
   const InterDims d = check_inter_gram_bwd(grad_out, gram, mu_s, mu_t, valid, live, eps, c10::DeviceType::CPU);
   const auto opts = mu_s.options().dtype(d.acc);
   if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
-  return gram_bwd_rows_cpu(grad_out, gram, mu_s, mu_t, valid, cpu_rows(valid, live, need_t), need_s, need_t, eps,
+  return gram_backward_cpu(grad_out, gram, mu_s, mu_t, valid, cpu_rows(valid, live, need_t), need_s, need_t, eps,
                            opts);
 }
 
@@ -299,7 +271,7 @@ std::tuple<Tensor, Tensor> inter_bwd_cpu(const Tensor& grad_out, const Tensor& m
   const int64_t R = static_cast<int64_t>(rows.size());
   const int64_t ncol = (need_s ? Ds : 0) + (need_t ? Dt : 0);
   if (inter_bwd_use_gram(C, Ds + Dt, R, ncol)) {
-    return gram_bwd_rows_cpu(grad_out, gram64(mu_s, mu_t, valid, eps), mu_s, mu_t, valid, r, need_s, need_t, eps,
+    return gram_backward_cpu(grad_out, gram64(mu_s, mu_t, valid, eps), mu_s, mu_t, valid, r, need_s, need_t, eps,
                              opts);
   }
   const double scale = inter_scale(grad_out, valid);

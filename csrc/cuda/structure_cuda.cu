@@ -191,8 +191,7 @@ Tensor inter_fwd_cuda(const Tensor& mu_s, const Tensor& mu_t, const Tensor& vali
   const InterDims d = check_inter(mu_s, mu_t, valid, eps, nullptr, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(mu_s.device());
   if (inter_use_gram(d.C, d.Ds + d.Dt, slow_fp64(mu_s.device()))) {
-    const Tensor nv = valid.sum().to(at::kDouble);
-    return (gram_sum_sq(gram64(mu_s, mu_t, valid, eps), d.Ds) / (nv * nv).clamp_min(1)).to(d.acc);
+    return std::get<0>(gram_forward(mu_s, mu_t, valid, eps, d.acc));
   }
   const InterOperands op = inter_operands(mu_s, mu_t, valid, eps, d);
   const int64_t C = d.C, T = inter_tile_rows(C);
@@ -211,20 +210,6 @@ Tensor inter_fwd_cuda(const Tensor& mu_s, const Tensor& mu_t, const Tensor& vali
   return (diag + 2 * off) / (op.nvalid * op.nvalid).clamp_min(1);
 }
 
-// The Gram form's backward from K: every row, chunk by chunk (P is not known on the host); gs
-// rows outside `live` are zero.
-std::tuple<Tensor, Tensor> gram_bwd_cuda(const Tensor& grad_out, const Tensor& K, const Tensor& mu_s,
-                                         const Tensor& mu_t, const Tensor& valid, const Tensor& live_c, bool need_s,
-                                         bool need_t, double eps, const at::TensorOptions& opts) {
-  const int64_t C = mu_s.size(0);
-  const Tensor nv = valid.sum().to(at::kDouble);
-  const Tensor scale = grad_out.reshape({}).to(at::kDouble) * 4 / (nv * nv).clamp_min(1);
-  Tensor gs = need_s ? at::empty({C, mu_s.size(1)}, opts) : at::empty({0}, opts);
-  Tensor gt = need_t ? at::empty({C, mu_t.size(1)}, opts) : at::empty({0}, opts);
-  gram_backward_rows(mu_s, mu_t, valid, eps, K, scale, Tensor(), live_c, need_s, need_t, gs, gt);
-  return {gs, gt};
-}
-
 std::tuple<Tensor, Tensor> inter_gram_fwd_cuda(const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid,
                                                double eps) {
   const InterDims d = check_inter(mu_s, mu_t, valid, eps, nullptr, c10::DeviceType::CUDA);
@@ -240,8 +225,9 @@ std::tuple<Tensor, Tensor> inter_gram_bwd_cuda(const Tensor& grad_out, const Ten
   const c10::cuda::CUDAGuard guard(mu_s.device());
   const auto opts = mu_s.options().dtype(d.acc);
   if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
+  // every row (P is not known on the host); rows of grad_mu_s outside `live` are zero
   const Tensor live_c = live.has_value() && live->defined() ? live->contiguous() : Tensor();
-  return gram_bwd_cuda(grad_out, gram, mu_s, mu_t, valid, live_c, need_s, need_t, eps, opts);
+  return gram_backward(grad_out, gram, mu_s, mu_t, valid, eps, Tensor(), live_c, need_s, need_t, opts);
 }
 
 std::tuple<Tensor, Tensor> inter_bwd_cuda(const Tensor& grad_out, const Tensor& mu_s, const Tensor& mu_t,
@@ -257,8 +243,8 @@ std::tuple<Tensor, Tensor> inter_bwd_cuda(const Tensor& grad_out, const Tensor& 
   const Tensor live_c = has_live ? live->contiguous() : Tensor();
   Tensor gs = at::empty({0}, opts), gt = at::empty({0}, opts);
   if (inter_use_gram(C, Dtot, slow_fp64(mu_s.device()))) {
-    return gram_bwd_cuda(grad_out, gram64(mu_s, mu_t, valid, eps), mu_s, mu_t, valid, live_c, need_s, need_t, eps,
-                         opts);
+    return gram_backward(grad_out, gram64(mu_s, mu_t, valid, eps), mu_s, mu_t, valid, eps, Tensor(), live_c, need_s,
+                         need_t, opts);
   }
   const InterOperands op = inter_operands(mu_s, mu_t, valid, eps, d);
   const Tensor scale = grad_out.reshape({}).to(d.acc) * 4 / (op.nvalid * op.nvalid).clamp_min(1);
