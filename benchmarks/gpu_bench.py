@@ -168,9 +168,7 @@ CAM_VARIANTS = {
 INTER_PRECISION = {"eager": "highest", "eager_tf32": "high", "compiled": "highest", "triton": "highest",
                    "triton_tf32": "high", "triton_bf16": "medium", "cpp": "highest",
                    "triton_tf32_t64": "high", "triton_tf32_s4": "high", "triton_tf32_m32": "high",
-                   "triton_tf32_m32o512": "high", "cpp_direct": "highest", "cpp_direct_tf32": "high",
-                   "cpp_chunk2e20": "highest", "cpp_chunk2e21": "highest", "cpp_chunk2e23": "highest",
-                   "cpp_chunk2e24": "highest"}
+                   "triton_tf32_m32o512": "high", "cpp_direct": "highest", "cpp_direct_tf32": "high"}
 #: environment of the cpp inter loss per provider: ICAKD_INTER_FORM ("cpp" = auto: float64 Gram
 #: matrix when C >= 2 (Ds + Dt) on sm_80/90/100, else tiles of E through cuBLAS) and the Gram
 #: form's row-chunk size in elements (ICAKD_GRAM_CHUNK_ELEMS; default 2^22)
@@ -178,6 +176,7 @@ INTER_CPP_ENV = {"cpp": {"ICAKD_INTER_FORM": "auto"}, "cpp_direct": {"ICAKD_INTE
                  "cpp_direct_tf32": {"ICAKD_INTER_FORM": "direct"}}
 INTER_CPP_ENV.update({f"cpp_chunk2e{k}": {"ICAKD_INTER_FORM": "gram", "ICAKD_GRAM_CHUNK_ELEMS": str(2**k)}
                       for k in (20, 21, 23, 24)})
+INTER_PRECISION.update({p: "highest" for p in INTER_CPP_ENV if p.startswith("cpp_chunk")})
 INTER_VARIANTS = {"triton_tf32_t64": {"fwd_t": 64, "fwd_warps": 4}, "triton_tf32_s4": {"stages": 4},
                   "triton_tf32_m32": {"bwd_m": 32, "bwd_warps": 4}, "triton_tf32_m32o512": {"bwd_m": 32, "bwd_o": 512}}
 

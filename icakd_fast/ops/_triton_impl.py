@@ -18,6 +18,7 @@ import torch
 from icakd_fast.kernels import bank as _bank
 from icakd_fast.kernels import cam as _cam
 from icakd_fast.kernels import structure as _st
+from icakd_fast.kernels._common import _get_current_dispatch_mode
 
 OPS = ("cam", "grad_cam_weights", "class_bank", "fifo_bank", "centroids", "intra", "inter")
 UNAVAILABLE_REASONS: tuple = ()
@@ -55,13 +56,6 @@ if _interpret():
     # Interpreted kernels are plain Python, not traceable JIT functions: keep the ops opaque so
     # that torch.compile calls them instead of decomposing them (triton_op would drop the launches).
     _triton_op = _opaque_op  # noqa: F811
-
-
-try:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-except ImportError:  # pragma: no cover
-    def _get_current_dispatch_mode():
-        return True
 
 
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
