@@ -40,13 +40,23 @@ MAX_FUSED_HW = 4096
 
 
 @triton.jit
-def _split_p(p, WIDTH, FLAT: tl.constexpr):
-    """(row, column) of flat pixel ``p`` as int64; ``FLAT``: every map has ``stride_h == W stride_w``,
-    so ``(0, p)`` addresses the same element without a division."""
-    if FLAT:
-        return tl.zeros_like(p).to(tl.int64), p.to(tl.int64)
+def _ix(x, OFF64: tl.constexpr):
+    """Offsets inside one image: int32 (half the registers and address arithmetic of int64) unless
+    the launcher found an image spanning 2^31 elements or more (``OFF64``)."""
+    if OFF64:
+        return x.to(tl.int64)
     else:
-        return (p // WIDTH).to(tl.int64), (p % WIDTH).to(tl.int64)
+        return x
+
+
+@triton.jit
+def _split_p(p, WIDTH, FLAT: tl.constexpr, OFF64: tl.constexpr):
+    """(row, column) of flat pixel ``p``; ``FLAT``: every map has ``stride_h == W stride_w``, so
+    ``(0, p)`` addresses the same element without a division."""
+    if FLAT:
+        return _ix(tl.zeros_like(p), OFF64), _ix(p, OFF64)
+    else:
+        return _ix(p // WIDTH, OFF64), _ix(p % WIDTH, OFF64)
 
 
 @triton.jit
@@ -56,30 +66,30 @@ def _cam_partial_kernel(
     sab, sak, sah, saw,
     swb, swk,
     sgb, sgk, sgh, sgw,
-    FROM_GRADS: tl.constexpr, FLAT: tl.constexpr,
+    FROM_GRADS: tl.constexpr, FLAT: tl.constexpr, OFF64: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Pass 1, one program per (image, channel block): ``part[b, kb, p] = sum_{k in kb} w_k A[k, p]``."""
     acc_ty = part_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
     b = pid // NKB
-    kb = pid % NKB
+    kb = (pid % NKB).to(tl.int32)
     p = tl.arange(0, BLOCK_P)
     pmask = p < HW
-    hh, ww = _split_p(p, WIDTH, FLAT)
+    hh, ww = _split_p(p, WIDTH, FLAT, OFF64)
     k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = k < K
-    k64 = k.to(tl.int64)
+    ki = _ix(k, OFF64)
     m2 = kmask[:, None] & pmask[None, :]
     if FROM_GRADS:
-        g = tl.load(g_ptr + b * sgb + k64[:, None] * sgk + (hh * sgh + ww * sgw)[None, :], mask=m2, other=0.0)
+        g = tl.load(g_ptr + b * sgb + ki[:, None] * sgk + (hh * sgh + ww * sgw)[None, :], mask=m2, other=0.0)
         wk = tl.sum(g.to(acc_ty), axis=1) / HW
         wk_out = wk.to(wout_ptr.dtype.element_ty)
-        tl.store(wout_ptr + b * K + k64, wk_out, mask=kmask)
+        tl.store(wout_ptr + b * K + ki, wk_out, mask=kmask)
         wk = wk_out.to(acc_ty)
     else:
-        wk = tl.load(w_ptr + b * swb + k64 * swk, mask=kmask, other=0.0).to(acc_ty)
-    a = tl.load(a_ptr + b * sab + k64[:, None] * sak + (hh * sah + ww * saw)[None, :], mask=m2, other=0.0)
+        wk = tl.load(w_ptr + b * swb + ki * swk, mask=kmask, other=0.0).to(acc_ty)
+    a = tl.load(a_ptr + b * sab + ki[:, None] * sak + (hh * sah + ww * saw)[None, :], mask=m2, other=0.0)
     s = tl.sum(a.to(acc_ty) * wk[:, None], axis=0)
     tl.store(part_ptr + pid * BLOCK_P + p, s)
 
@@ -132,7 +142,7 @@ def _cam_pool_kernel(
     a_ptr, part_ptr, cam_ptr, pw_ptr, pooled_ptr,
     K, HW, WIDTH, NKB,
     sab, sak, sah, saw,
-    FUSED: tl.constexpr, FLAT: tl.constexpr,
+    FUSED: tl.constexpr, FLAT: tl.constexpr, OFF64: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Pass 3, one program per (image, channel block): ``pooled[b, k] = sum_p pool_w[b, p] A[b, k, p]``.
@@ -143,7 +153,7 @@ def _cam_pool_kernel(
     acc_ty = part_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
     b = pid // NKB
-    kb = pid % NKB
+    kb = (pid % NKB).to(tl.int32)
     p = tl.arange(0, BLOCK_P)
     pmask = p < HW
     if FUSED:
@@ -153,20 +163,20 @@ def _cam_pool_kernel(
         tl.store(pw_ptr + b * HW + p, pw.to(pw_ptr.dtype.element_ty), mask=first)
     else:
         pw = tl.load(pw_ptr + b * HW + p, mask=pmask, other=0.0).to(acc_ty)
-    hh, ww = _split_p(p, WIDTH, FLAT)
-    _pool_block(a_ptr + b * sab, pooled_ptr + b * K, kb * BLOCK_K, K, pw, hh * sah + ww * saw, pmask, sak, BLOCK_K)
+    hh, ww = _split_p(p, WIDTH, FLAT, OFF64)
+    _pool_block(a_ptr + b * sab, pooled_ptr + b * K, kb * BLOCK_K, K, pw, hh * sah + ww * saw, pmask, sak, OFF64, BLOCK_K)
 
 
 @triton.jit
-def _pool_block(img_ptr, out_ptr, k0, K, pw, sp, pmask, sak, BLOCK_K: tl.constexpr):
+def _pool_block(img_ptr, out_ptr, k0, K, pw, sp, pmask, sak, OFF64: tl.constexpr, BLOCK_K: tl.constexpr):
     """``out[k] = sum_p pw[p] A[k, p]`` for channels ``k0 .. k0 + BLOCK_K`` of one image
     (``sp``: the pixels' offsets)."""
     k = k0 + tl.arange(0, BLOCK_K)
     kmask = k < K
-    k64 = k.to(tl.int64)
-    a = tl.load(img_ptr + k64[:, None] * sak + sp[None, :], mask=kmask[:, None] & pmask[None, :], other=0.0)
+    ki = _ix(k, OFF64)
+    a = tl.load(img_ptr + ki[:, None] * sak + sp[None, :], mask=kmask[:, None] & pmask[None, :], other=0.0)
     pooled = tl.sum(a.to(pw.dtype) * pw[None, :], axis=1)
-    tl.store(out_ptr + k64, pooled.to(out_ptr.dtype.element_ty), mask=kmask)
+    tl.store(out_ptr + ki, pooled.to(out_ptr.dtype.element_ty), mask=kmask)
 
 
 @triton.jit
@@ -176,7 +186,7 @@ def _cam_image_kernel(
     sab, sak, sah, saw,
     swb, swk,
     sgb, sgk, sgh, sgw,
-    FROM_GRADS: tl.constexpr, WITH_POOLED: tl.constexpr, FLAT: tl.constexpr, ACC_F64: tl.constexpr,
+    FROM_GRADS: tl.constexpr, WITH_POOLED: tl.constexpr, FLAT: tl.constexpr, ACC_F64: tl.constexpr, OFF64: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """One program per image, the whole forward: the weighted channel sum over channel chunks,
@@ -185,7 +195,7 @@ def _cam_image_kernel(
     b = tl.program_id(0).to(tl.int64)
     p = tl.arange(0, BLOCK_P)
     pmask = p < HW
-    hh, ww = _split_p(p, WIDTH, FLAT)
+    hh, ww = _split_p(p, WIDTH, FLAT, OFF64)
     if ACC_F64:
         s = tl.zeros([BLOCK_P], dtype=tl.float64)
     else:
@@ -194,16 +204,16 @@ def _cam_image_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < K
-        k64 = k.to(tl.int64)
+        ki = _ix(k, OFF64)
         m2 = kmask[:, None] & pmask[None, :]
         if FROM_GRADS:
-            g = tl.load(g_ptr + b * sgb + k64[:, None] * sgk + (hh * sgh + ww * sgw)[None, :], mask=m2, other=0.0)
+            g = tl.load(g_ptr + b * sgb + ki[:, None] * sgk + (hh * sgh + ww * sgw)[None, :], mask=m2, other=0.0)
             wk_out = (tl.sum(g.to(acc_ty), axis=1) / HW).to(wout_ptr.dtype.element_ty)
-            tl.store(wout_ptr + b * K + k64, wk_out, mask=kmask)
+            tl.store(wout_ptr + b * K + ki, wk_out, mask=kmask)
             wk = wk_out.to(acc_ty)
         else:
-            wk = tl.load(w_ptr + b * swb + k64 * swk, mask=kmask, other=0.0).to(acc_ty)
-        a = tl.load(a_ptr + b * sab + k64[:, None] * sak + (hh * sah + ww * saw)[None, :], mask=m2, other=0.0)
+            wk = tl.load(w_ptr + b * swb + ki * swk, mask=kmask, other=0.0).to(acc_ty)
+        a = tl.load(a_ptr + b * sab + ki[:, None] * sak + (hh * sah + ww * saw)[None, :], mask=m2, other=0.0)
         s += tl.sum(a.to(acc_ty) * wk[:, None], axis=0)
     cam = tl.maximum(s, 0.0)
     tl.store(cam_ptr + b * HW + p, cam.to(cam_ptr.dtype.element_ty), mask=pmask)
@@ -211,7 +221,7 @@ def _cam_image_kernel(
         pw = _pool_weights(cam, pmask, HW)
         tl.store(pw_ptr + b * HW + p, pw.to(pw_ptr.dtype.element_ty), mask=pmask)
         for k0 in range(0, K, BLOCK_K):
-            _pool_block(a_ptr + b * sab, pooled_ptr + b * K, k0, K, pw, hh * sah + ww * saw, pmask, sak, BLOCK_K)
+            _pool_block(a_ptr + b * sab, pooled_ptr + b * K, k0, K, pw, hh * sah + ww * saw, pmask, sak, OFF64, BLOCK_K)
 
 
 @triton.jit
@@ -275,6 +285,38 @@ def _pool_kernel(
 
 
 @triton.jit
+def _cam_bwd_tile(
+    a_img, ga_img, cam_img, pw_img, gc_img, wk, gp, ki, kmask, p0, HW, WIDTH,
+    sak, sah, saw, sgch, sgcw, sgak, sgah, sgaw,
+    HAS_GCAM: tl.constexpr, HAS_GPOOL: tl.constexpr, NEED_F: tl.constexpr, NEED_W: tl.constexpr,
+    FLAT: tl.constexpr, OFF64: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """One [BLOCK_K, BLOCK_P] tile of the backward: writes dA, returns its share of dw."""
+    acc_ty = wk.dtype
+    p = p0 + tl.arange(0, BLOCK_P)
+    pmask = p < HW
+    hh, ww = _split_p(p, WIDTH, FLAT, OFF64)
+    m2 = kmask[:, None] & pmask[None, :]
+    if HAS_GCAM:
+        gc = tl.load(gc_img + hh * sgch + ww * sgcw, mask=pmask, other=0.0).to(acc_ty)
+        cv = tl.load(cam_img + p, mask=pmask, other=0.0).to(acc_ty)
+        gs = tl.where(cv > 0, gc, 0.0)
+    else:
+        gs = tl.zeros([BLOCK_P], dtype=acc_ty)
+    if NEED_F:
+        ga = wk[:, None] * gs[None, :]
+        if HAS_GPOOL:
+            pw = tl.load(pw_img + p, mask=pmask, other=0.0).to(acc_ty)
+            ga += gp[:, None] * pw[None, :]
+        tl.store(ga_img + ki[:, None] * sgak + (hh * sgah + ww * sgaw)[None, :], ga.to(ga_img.dtype.element_ty), mask=m2)
+    if NEED_W and HAS_GCAM:
+        a = tl.load(a_img + ki[:, None] * sak + (hh * sah + ww * saw)[None, :], mask=m2, other=0.0)
+        return tl.sum(a.to(acc_ty) * gs[None, :], axis=1)
+    else:
+        return tl.zeros_like(wk)
+
+
+@triton.jit
 def _cam_bwd_kernel(
     a_ptr, w_ptr, cam_ptr, pw_ptr, gc_ptr, gp_ptr, ga_ptr, gw_ptr,
     K, HW, WIDTH, NKB,
@@ -284,108 +326,133 @@ def _cam_bwd_kernel(
     sgpb, sgpk,
     sgab, sgak, sgah, sgaw,
     HAS_GCAM: tl.constexpr, HAS_GPOOL: tl.constexpr,
-    NEED_F: tl.constexpr, NEED_W: tl.constexpr, ACC_F64: tl.constexpr, FLAT: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    NEED_F: tl.constexpr, NEED_W: tl.constexpr, ACC_F64: tl.constexpr, FLAT: tl.constexpr, OFF64: tl.constexpr,
+    ONE_TILE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """One program per (image, channel block); ``ONE_TILE``: the whole map is one pixel tile (no
+    loop, so the tile's values need not stay live across iterations)."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // NKB
-    k = (pid % NKB) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k = (pid % NKB).to(tl.int32) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = k < K
-    k64 = k.to(tl.int64)
+    ki = _ix(k, OFF64)
+    wk = tl.load(w_ptr + b * swb + ki * swk, mask=kmask, other=0.0)
     if ACC_F64:
-        gw = tl.zeros([BLOCK_K], dtype=tl.float64)
+        wk = wk.to(tl.float64)
     else:
-        gw = tl.zeros([BLOCK_K], dtype=tl.float32)
-    acc_ty = gw.dtype
-    wk = tl.load(w_ptr + b * swb + k64 * swk, mask=kmask, other=0.0).to(acc_ty)
+        wk = wk.to(tl.float32)
     if HAS_GPOOL:
-        gp = tl.load(gp_ptr + b * sgpb + k64 * sgpk, mask=kmask, other=0.0).to(acc_ty)
-    for p0 in range(0, HW, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        pmask = p < HW
-        hh, ww = _split_p(p, WIDTH, FLAT)
-        m2 = kmask[:, None] & pmask[None, :]
-        if HAS_GCAM:
-            gc = tl.load(gc_ptr + b * sgcb + hh * sgch + ww * sgcw, mask=pmask, other=0.0).to(acc_ty)
-            cv = tl.load(cam_ptr + b * HW + p, mask=pmask, other=0.0).to(acc_ty)
-            gs = tl.where(cv > 0, gc, 0.0)
-        else:
-            gs = tl.zeros([BLOCK_P], dtype=acc_ty)
-        if NEED_F:
-            ga = wk[:, None] * gs[None, :]
-            if HAS_GPOOL:
-                pw = tl.load(pw_ptr + b * HW + p, mask=pmask, other=0.0).to(acc_ty)
-                ga += gp[:, None] * pw[None, :]
-            tl.store(
-                ga_ptr + b * sgab + k64[:, None] * sgak + (hh * sgah + ww * sgaw)[None, :],
-                ga.to(ga_ptr.dtype.element_ty),
-                mask=m2,
-            )
-        if NEED_W:
-            if HAS_GCAM:
-                a = tl.load(a_ptr + b * sab + k64[:, None] * sak + (hh * sah + ww * saw)[None, :], mask=m2, other=0.0)
-                gw += tl.sum(a.to(acc_ty) * gs[None, :], axis=1)
+        gp = tl.load(gp_ptr + b * sgpb + ki * sgpk, mask=kmask, other=0.0).to(wk.dtype)
+    else:
+        gp = wk
+    imgs = (a_ptr + b * sab, ga_ptr + b * sgab, cam_ptr + b * HW, pw_ptr + b * HW, gc_ptr + b * sgcb)
+    if ONE_TILE:
+        gw = _cam_bwd_tile(*imgs, wk, gp, ki, kmask, 0, HW, WIDTH, sak, sah, saw, sgch, sgcw, sgak, sgah, sgaw,
+                           HAS_GCAM, HAS_GPOOL, NEED_F, NEED_W, FLAT, OFF64, BLOCK_P)
+    else:
+        gw = tl.zeros([BLOCK_K], dtype=wk.dtype)
+        for p0 in range(0, HW, BLOCK_P):
+            gw += _cam_bwd_tile(*imgs, wk, gp, ki, kmask, p0, HW, WIDTH, sak, sah, saw, sgch, sgcw, sgak, sgah, sgaw,
+                                HAS_GCAM, HAS_GPOOL, NEED_F, NEED_W, FLAT, OFF64, BLOCK_P)
     if NEED_W:
-        tl.store(gw_ptr + b * K + k64, gw.to(gw_ptr.dtype.element_ty), mask=kmask)
+        tl.store(gw_ptr + b * K + ki, gw.to(gw_ptr.dtype.element_ty), mask=kmask)
 
 
 # ----------------------------------------------------------------------------------------------
 # "vec" layout (opt-in, ``CAM_VEC``): NCHW-contiguous maps read in memory order
 # ----------------------------------------------------------------------------------------------
 # The channel-block kernels above load [BLOCK_K, BLOCK_P] tiles whose rows are H*W elements
-# long: for a 7x7 map a row is 98 bytes, unaligned, so every element is a scalar load. Here a
-# program walks its channel block 8 channels (8*HW contiguous elements) at a time as a
-# [BLOCK_R, 8] tile, row r = elements r*8 .. r*8+7 of the step (rows >= HW unused): each row is
-# 8 contiguous, aligned elements (one 16-byte load in bf16 when K is a multiple of 16). The
-# pixel of slot (r, i) is (r*8 + i) % HW and its channel (r*8 + i) // HW, the same at every step,
-# so per-pixel quantities (pool_w, grad_cam) are gathered once per program, and a row touches at
-# most two channels (HW >= 8): their weights are two loads per row, not one per element.
-# Partial sums are kept per slot; pixel p is the sum of slots p + m*HW, m < 8 (fixed order).
+# long: for a 7x7 map a row is 98 bytes, unaligned, so every element is a scalar 2-byte access
+# with its own address arithmetic. Here 8 channels (8*HW contiguous elements, a multiple of 8)
+# form one "step", seen as BLOCK_R rows of 8 contiguous elements (rows >= HW unused): with
+# 16-byte-aligned images every row is one 16-byte access. The pixel of slot (r, i) is
+# (8r + i) % HW and its channel within the step (8r + i) // HW, the same at every step, so
+# per-pixel quantities (grad_cam, pool_w) are gathered once per program; a row touches at most
+# two channels (HW >= 8), the first one kf(r) and the last one kl(r), so per-channel values cost
+# two loads per row, not one per element. A program handles U steps at once ([U, BLOCK_R, 8]
+# tiles), ITERS times.
+# Per-channel sums over a step (pooled, dw) are segmented sums over rows: each thread sums its
+# row's slots of the first and of the last channel (``first``, ``rest``, [U, BLOCK_R]) and one
+# small product with 0/1 matrices ([BLOCK_R, 16], exact, float32 FMA) adds the rows of each
+# channel -- instead of a cross-thread reduction per channel and step.
+# Partial CAM sums are kept per slot; pixel p is the sum of slots p + m*HW, m < 8 (fixed order).
 
 
 @triton.jit
-def _vec_program(NKB, HW: tl.constexpr, BLOCK_R: tl.constexpr):
-    """This program's image and channel block, and the slot pattern of a step: (b, kb, slot
-    [R, 8], row mask [R, 1], channel of the slot [R, 8], first and last channel of the row [R, 1])."""
-    pid = tl.program_id(0).to(tl.int64)
-    r = tl.arange(0, BLOCK_R)[:, None]
-    slot = r * 8 + tl.arange(0, 8)[None, :]
-    return pid // NKB, pid % NKB, slot, r < HW, slot // HW, (r * 8) // HW, (r * 8 + 7) // HW
+def _vec_pattern(HW: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The slot pattern of a step: (slot [R, 8], row valid [R], first-channel slot [R, 8],
+    first and last channel of each row [R])."""
+    r = tl.arange(0, BLOCK_R)
+    slot = r[:, None] * 8 + tl.arange(0, 8)[None, :]
+    kf = (r * 8) // HW
+    kl = (r * 8 + 7) // HW
+    return slot, r < HW, (slot // HW) == kf[:, None], kf, kl
 
 
 @triton.jit
-def _vec_row_pair(ptr, stride, k0, kf, kl, K, rmask, acc_ty):
-    """Per-row values of the row's first and last channel (``ptr[k * stride]``; 0 past K)."""
-    f = tl.load(ptr + (k0 + kf) * stride, mask=rmask & (k0 + kf < K), other=0.0).to(acc_ty)
-    last = tl.load(ptr + (k0 + kl) * stride, mask=rmask & (k0 + kl < K), other=0.0).to(acc_ty)
-    return f, last
+def _vec_tile(k0, HW: tl.constexpr, U: tl.constexpr, slot, rvalid, K, OFF64: tl.constexpr, EVEN_K: tl.constexpr):
+    """Offsets [U, R, 8] of the U steps from channel ``k0`` in an image, and their mask
+    (``EVEN_K``: K is a multiple of 8, so a step is in or out as a whole)."""
+    ks = _ix(k0 + 8 * tl.arange(0, U), OFF64)
+    e = (ks * HW)[:, None, None] + slot[None, :, :]
+    if EVEN_K:
+        return e, rvalid[None, :, None] & (ks < K)[:, None, None]
+    else:
+        return e, rvalid[None, :, None] & (e < _ix(K, OFF64) * HW)
 
 
 @triton.jit
-def _vec_channel_sums(v, kk, kf, kl):
-    """``out[c] = sum of v over the slots of channel c`` (c < 8) for a [R, 8] tile."""
-    first = tl.sum(tl.where(kk == kf, v, 0.0), axis=1)[:, None]  # [R, 1]
-    rest = tl.sum(tl.where(kk == kf, 0.0, v), axis=1)[:, None]
-    c = tl.arange(0, 8)[None, :]
-    return tl.sum(tl.where(kf == c, first, 0.0) + tl.where((kl == c) & (kl != kf), rest, 0.0), axis=0)
+def _vec_rows(ptr, stride, k0, U: tl.constexpr, kf, kl, rvalid, K, acc_ty):
+    """``ptr[k * stride]`` for the first and the last channel of every row of the U steps
+    ([U, R, 1] each, 0 past K)."""
+    ks = k0 + 8 * tl.arange(0, U)[:, None]
+    f = ks + kf[None, :]
+    l = ks + kl[None, :]
+    vf = tl.load(ptr + f * stride, mask=rvalid[None, :] & (f < K), other=0.0).to(acc_ty)
+    vl = tl.load(ptr + l * stride, mask=rvalid[None, :] & (l < K), other=0.0).to(acc_ty)
+    return vf[:, :, None], vl[:, :, None]
+
+
+@triton.jit
+def _vec_channel_sums(v, isf, kf, kl, rvalid):
+    """``out[u, c] = sum of v[u] over the slots of channel c`` of each step ([U, 16], c < 8 used)."""
+    first = tl.sum(tl.where(isf[None, :, :], v, 0.0), axis=2)
+    rest = tl.sum(tl.where(isf[None, :, :], 0.0, v), axis=2)
+    c = tl.arange(0, 16)[None, :]
+    ef = tl.where((kf[:, None] == c) & rvalid[:, None], 1.0, 0.0).to(v.dtype)
+    el = tl.where((kl[:, None] == c) & (kl != kf)[:, None] & rvalid[:, None], 1.0, 0.0).to(v.dtype)
+    out = tl.dot(first, ef, input_precision="ieee")
+    return tl.dot(rest, el, out, input_precision="ieee")
+
+
+@triton.jit
+def _vec_store_channels(ptr, out, k0, U: tl.constexpr, K):
+    c = tl.arange(0, 16)[None, :]
+    kc = k0 + 8 * tl.arange(0, U)[:, None] + c
+    tl.store(ptr + kc, out.to(ptr.dtype.element_ty), mask=(c < 8) & (kc < K))
 
 
 @triton.jit
 def _cam_partial_vec_kernel(
-    a_ptr, w_ptr, part_ptr, K, NKB, swb, swk,
-    HW: tl.constexpr, STEPS: tl.constexpr, BLOCK_R: tl.constexpr,
+    a_ptr, w_ptr, part_ptr, K, NKB, sab, swb, swk,
+    HW: tl.constexpr, U: tl.constexpr, ITERS: tl.constexpr, BLOCK_R: tl.constexpr, OFF64: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
-    """Pass 1, one program per (image, block of 8*STEPS channels): per-slot partial sums."""
+    """Pass 1, one program per (image, block of 8*U*ITERS channels): per-slot partial sums."""
     acc_ty = part_ptr.dtype.element_ty
-    b, kb, slot, rmask, kk, kf, kl = _vec_program(NKB, HW, BLOCK_R)
-    img = a_ptr + b * K * HW
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // NKB
+    kb = (pid % NKB).to(tl.int32)
+    slot, rvalid, isf, kf, kl = _vec_pattern(HW, BLOCK_R)
+    img = a_ptr + b * sab
     acc = tl.zeros([BLOCK_R, 8], dtype=acc_ty)
-    for st in range(STEPS):
-        k0 = (kb * STEPS + st) * 8
-        a = tl.load(img + k0 * HW + slot, mask=rmask & (k0 + kk < K), other=0.0)
-        wf, wl = _vec_row_pair(w_ptr + b * swb, swk, k0, kf, kl, K, rmask, acc_ty)
-        acc += a.to(acc_ty) * tl.where(kk == kf, wf, wl)
-    tl.store(part_ptr + (b * NKB + kb) * (BLOCK_R * 8) + slot, acc)
+    for it in range(ITERS):
+        k0 = (kb * ITERS + it) * (8 * U)
+        e, m = _vec_tile(k0, HW, U, slot, rvalid, K, OFF64, EVEN_K)
+        a = tl.load(img + e, mask=m, other=0.0)
+        wf, wl = _vec_rows(w_ptr + b * swb, swk, k0, U, kf, kl, rvalid, K, acc_ty)
+        acc += tl.sum(a.to(acc_ty) * tl.where(isf[None, :, :], wf, wl), axis=0)
+    tl.store(part_ptr + pid * (BLOCK_R * 8) + slot, acc)
 
 
 @triton.jit
@@ -416,69 +483,68 @@ def _cam_norm_vec_kernel(
 
 @triton.jit
 def _cam_pool_vec_kernel(
-    a_ptr, pw_ptr, pooled_ptr, K, NKB,
-    HW: tl.constexpr, STEPS: tl.constexpr, BLOCK_R: tl.constexpr,
+    a_ptr, pw_ptr, pooled_ptr, K, NKB, sab,
+    HW: tl.constexpr, U: tl.constexpr, ITERS: tl.constexpr, BLOCK_R: tl.constexpr, OFF64: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """Pass 3, one program per (image, channel block): ``pooled[k] = sum_p pool_w[p] A[k, p]``."""
     acc_ty = pw_ptr.dtype.element_ty
-    b, kb, slot, rmask, kk, kf, kl = _vec_program(NKB, HW, BLOCK_R)
-    pw = tl.load(pw_ptr + b * HW + slot % HW, mask=rmask, other=0.0).to(acc_ty)
-    img = a_ptr + b * K * HW
-    c = tl.arange(0, 8)
-    for st in range(STEPS):
-        k0 = (kb * STEPS + st) * 8
-        a = tl.load(img + k0 * HW + slot, mask=rmask & (k0 + kk < K), other=0.0)
-        out = _vec_channel_sums(a.to(acc_ty) * pw, kk, kf, kl)
-        tl.store(pooled_ptr + b * K + k0 + c, out.to(pooled_ptr.dtype.element_ty), mask=k0 + c < K)
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // NKB
+    kb = (pid % NKB).to(tl.int32)
+    slot, rvalid, isf, kf, kl = _vec_pattern(HW, BLOCK_R)
+    pw = tl.load(pw_ptr + b * HW + slot % HW, mask=rvalid[:, None], other=0.0).to(acc_ty)
+    img = a_ptr + b * sab
+    for it in range(ITERS):
+        k0 = (kb * ITERS + it) * (8 * U)
+        e, m = _vec_tile(k0, HW, U, slot, rvalid, K, OFF64, EVEN_K)
+        a = tl.load(img + e, mask=m, other=0.0)
+        out = _vec_channel_sums(a.to(acc_ty) * pw[None, :, :], isf, kf, kl, rvalid)
+        _vec_store_channels(pooled_ptr + b * K, out, k0, U, K)
 
 
 @triton.jit
 def _cam_bwd_vec_kernel(
     a_ptr, w_ptr, cam_ptr, pw_ptr, gc_ptr, gp_ptr, ga_ptr, gw_ptr,
-    K, NKB, WIDTH, swb, swk, sgcb, sgch, sgcw, sgpb, sgpk,
-    HW: tl.constexpr, STEPS: tl.constexpr, BLOCK_R: tl.constexpr,
+    K, NKB, WIDTH, sab, swb, swk, sgcb, sgch, sgcw, sgpb, sgpk,
+    HW: tl.constexpr, U: tl.constexpr, ITERS: tl.constexpr, BLOCK_R: tl.constexpr, OFF64: tl.constexpr,
+    EVEN_K: tl.constexpr,
     HAS_GCAM: tl.constexpr, HAS_GPOOL: tl.constexpr, NEED_F: tl.constexpr, NEED_W: tl.constexpr,
-    ACC_F64: tl.constexpr,
 ):
-    """Backward, one program per (image, channel block): ``dA = w g_s + g_pooled pool_w`` written
-    tile by tile, ``dw[k] = sum_p g_s[p] A[k, p]`` (g_s = grad_cam where cam > 0; ``cam`` and
-    ``pool_w`` are contiguous [B, HW], ``grad_cam`` any [B, H, W] strides)."""
-    b, kb, slot, rmask, kk, kf, kl = _vec_program(NKB, HW, BLOCK_R)
+    """Backward, one program per (image, channel block): ``dA = w g_s + g_pooled pool_w``,
+    ``dw[k] = sum_p g_s[p] A[k, p]`` (g_s = grad_cam where cam > 0; ``cam``, ``pool_w`` and dA
+    contiguous, ``grad_cam`` any [B, H, W] strides)."""
+    acc_ty = tl.float32
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // NKB
+    kb = (pid % NKB).to(tl.int32)
+    slot, rvalid, isf, kf, kl = _vec_pattern(HW, BLOCK_R)
     p = slot % HW
-    pix = b * HW + p
-    if ACC_F64:
-        zero = tl.zeros([BLOCK_R, 8], dtype=tl.float64)
-    else:
-        zero = tl.zeros([BLOCK_R, 8], dtype=tl.float32)
-    acc_ty = zero.dtype
     if HAS_GCAM:
-        gc = tl.load(gc_ptr + b * sgcb + (p // WIDTH) * sgch + (p % WIDTH) * sgcw, mask=rmask, other=0.0).to(acc_ty)
-        cv = tl.load(cam_ptr + pix, mask=rmask, other=0.0).to(acc_ty)
-        gs = tl.where(cv > 0, gc, 0.0)
+        gc = tl.load(gc_ptr + b * sgcb + (p // WIDTH) * sgch + (p % WIDTH) * sgcw, mask=rvalid[:, None], other=0.0)
+        cv = tl.load(cam_ptr + b * HW + p, mask=rvalid[:, None], other=0.0)
+        gs = tl.where(cv > 0, gc.to(acc_ty), 0.0)
     else:
-        gs = zero
+        gs = tl.zeros([BLOCK_R, 8], dtype=acc_ty)
     if HAS_GPOOL:
-        pw = tl.load(pw_ptr + pix, mask=rmask, other=0.0).to(acc_ty)
-    img = b * K * HW
-    c = tl.arange(0, 8)
-    for st in range(STEPS):
-        k0 = (kb * STEPS + st) * 8
-        m2 = rmask & (k0 + kk < K)
-        off = img + k0 * HW + slot
+        pw = tl.load(pw_ptr + b * HW + p, mask=rvalid[:, None], other=0.0).to(acc_ty)
+    for it in range(ITERS):
+        k0 = (kb * ITERS + it) * (8 * U)
+        e, m = _vec_tile(k0, HW, U, slot, rvalid, K, OFF64, EVEN_K)
         if NEED_F:
-            wf, wl = _vec_row_pair(w_ptr + b * swb, swk, k0, kf, kl, K, rmask, acc_ty)
-            ga = tl.where(kk == kf, wf, wl) * gs
+            wf, wl = _vec_rows(w_ptr + b * swb, swk, k0, U, kf, kl, rvalid, K, acc_ty)
+            ga = tl.where(isf[None, :, :], wf, wl) * gs[None, :, :]
             if HAS_GPOOL:
-                gf, gl = _vec_row_pair(gp_ptr + b * sgpb, sgpk, k0, kf, kl, K, rmask, acc_ty)
-                ga += tl.where(kk == kf, gf, gl) * pw
-            tl.store(ga_ptr + off, ga.to(ga_ptr.dtype.element_ty), mask=m2)
+                gf, gl = _vec_rows(gp_ptr + b * sgpb, sgpk, k0, U, kf, kl, rvalid, K, acc_ty)
+                ga += tl.where(isf[None, :, :], gf, gl) * pw[None, :, :]
+            tl.store(ga_ptr + b * sab + e, ga.to(ga_ptr.dtype.element_ty), mask=m)
         if NEED_W:
             if HAS_GCAM:
-                a = tl.load(a_ptr + off, mask=m2, other=0.0)
-                out = _vec_channel_sums(a.to(acc_ty) * gs, kk, kf, kl)
+                a = tl.load(a_ptr + b * sab + e, mask=m, other=0.0)
+                out = _vec_channel_sums(a.to(acc_ty) * gs[None, :, :], isf, kf, kl, rvalid)
             else:
-                out = tl.zeros([8], dtype=acc_ty)
-            tl.store(gw_ptr + b * K + k0 + c, out.to(gw_ptr.dtype.element_ty), mask=k0 + c < K)
+                out = tl.zeros([U, 16], dtype=acc_ty)
+            _vec_store_channels(gw_ptr + b * K, out, k0, U, K)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -502,28 +568,35 @@ _BWD_WARPS = 4
 CAM_FWD_MODE = "auto"
 #: tunables of the GPU launches, read at each call (the benchmark may override entries)
 CAM_CFG: dict = {"image_tile": 4096, "image_warps": 8,
-                 "fwd_tile": _FWD_TILE, "bwd_tile": _BWD_TILE, "bwd_warps": _BWD_WARPS}
+                 "fwd_tile": _FWD_TILE, "bwd_tile": _BWD_TILE, "bwd_warps": _BWD_WARPS,
+                 "vec_u": 16, "vec_iters": 4, "vec_warps": 4, "vec_stages": 3}
 
 def _use_image_mode(B: int, dev: torch.device) -> bool:
     return CAM_FWD_MODE == "image"
 
 
-#: opt-in "vec" kernels (see above) for NCHW-contiguous maps with 8 <= H*W <= CAM_VEC_MAX_HW;
-#: off until timed on a GPU (``benchmarks/gpu_bench.py`` times them as ``triton_vec``)
+#: opt-in "vec" kernels (see above) for NCHW-contiguous 16- and 32-bit maps with
+#: 8 <= H*W <= CAM_VEC_MAX_HW; off until timed on a GPU (``benchmarks/gpu_bench.py`` times them
+#: as ``triton_vec``; ``benchmarks/kernel_static.py`` shows what they compile to)
 CAM_VEC = False
 CAM_VEC_MAX_HW = 1024
-#: 8-channel steps per program of the vec kernels
-_VEC_STEPS = 8
 
 
-def _use_vec(features: torch.Tensor, hw: int) -> bool:
-    return bool(CAM_VEC) and 8 <= hw <= CAM_VEC_MAX_HW and features.is_contiguous()
+def _use_vec(features: torch.Tensor, weights: torch.Tensor, hw: int) -> bool:
+    return (bool(CAM_VEC) and 8 <= hw <= CAM_VEC_MAX_HW and features.is_contiguous()
+            and features.dtype in (torch.float16, torch.bfloat16, torch.float32) and weights.dtype != torch.float64)
 
 
-def _vec_grid(hw: int, k: int) -> tuple[int, int, int]:
-    """``(BLOCK_R, STEPS, number of channel blocks)`` of the vec kernels."""
-    steps = max(1, min(_VEC_STEPS, triton.cdiv(k, 8)))
-    return next_pow2(hw), steps, triton.cdiv(k, 8 * steps)
+def _vec_grid(hw: int, k: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_R, U, ITERS, number of channel blocks)`` of the vec kernels: U steps of 8 channels
+    per tile (at least 16, the smallest ``tl.dot``), ITERS tiles per program."""
+    u = max(16, int(CAM_CFG["vec_u"]))
+    iters = max(1, min(int(CAM_CFG["vec_iters"]), triton.cdiv(k, 8 * u)))
+    return max(16, next_pow2(hw)), u, iters, triton.cdiv(k, 8 * u * iters)
+
+
+def _vec_opts(dev: torch.device) -> dict:
+    return {"num_warps": int(CAM_CFG["vec_warps"]), "num_stages": int(CAM_CFG["vec_stages"])}
 
 
 def _flat(width: int, *maps) -> bool:
@@ -532,6 +605,16 @@ def _flat(width: int, *maps) -> bool:
         if t is not None and t.dim() >= 2 and t.shape[-2] > 1 and t.stride(-2) != width * t.stride(-1):
             return False
     return True
+
+
+def _off64(*tensors) -> bool:
+    """Whether the offsets inside one image of some tensor (every dim but the batch one) reach
+    2^31: the kernels then compute them in int64 (the image's base offset always is)."""
+    for t in tensors:
+        if t is not None and t.numel() > 0:
+            if sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2**31 - 1:
+                return True
+    return False
 
 
 def _fused_blocks(hw: int, k: int, tile: int = _FWD_TILE) -> tuple[int, int]:
@@ -581,12 +664,13 @@ def cam_fwd(features: torch.Tensor, weights: torch.Tensor | None, with_pooled: b
     if HW > max_fused_hw and grads is not None:
         w_out = spatial_mean(grads)
         weights, grads = w_out, None
-    if grads is None and _use_vec(features, HW):
-        block_r, steps, nkb = _vec_grid(HW, K)
+    if grads is None and _use_vec(features, weights, HW):
+        block_r, u, iters, nkb = _vec_grid(HW, K)
+        off64 = _off64(features, weights)
         part = torch.empty((B * nkb, block_r * 8), dtype=acc, device=dev)
         _launch(_cam_partial_vec_kernel)[(B * nkb,)](
-            features, weights, part, K, nkb, *weights.stride(),
-            HW=HW, STEPS=steps, BLOCK_R=block_r, num_warps=4,
+            features, weights, part, K, nkb, features.stride(0), *weights.stride(),
+            HW=HW, U=u, ITERS=iters, BLOCK_R=block_r, EVEN_K=K % 8 == 0, OFF64=off64, **_vec_opts(dev),
         )
         block_p = next_pow2(HW)
         _launch(_cam_norm_vec_kernel)[(B,)](
@@ -596,7 +680,8 @@ def cam_fwd(features: torch.Tensor, weights: torch.Tensor | None, with_pooled: b
         )
         if with_pooled:
             _launch(_cam_pool_vec_kernel)[(B * nkb,)](
-                features, pool_w, pooled, K, nkb, HW=HW, STEPS=steps, BLOCK_R=block_r, num_warps=4,
+                features, pool_w, pooled, K, nkb, features.stride(0),
+                HW=HW, U=u, ITERS=iters, BLOCK_R=block_r, EVEN_K=K % 8 == 0, OFF64=off64, **_vec_opts(dev),
             )
         return cam, pooled, pool_w, w_out
     if HW <= max_fused_hw and _use_image_mode(B, dev):
@@ -611,8 +696,8 @@ def cam_fwd(features: torch.Tensor, weights: torch.Tensor | None, with_pooled: b
             w_out if grads is not None else cam,
             K, HW, W, *features.stride(), *ws, *gs,
             FROM_GRADS=grads is not None, WITH_POOLED=with_pooled, FLAT=_flat(W, features, grads),
-            ACC_F64=acc == torch.float64, BLOCK_K=block_k, BLOCK_P=block_p,
-            num_warps=CAM_CFG["image_warps"] if dev.type == "cuda" else 4,
+            ACC_F64=acc == torch.float64, OFF64=_off64(features, weights, grads), BLOCK_K=block_k, BLOCK_P=block_p,
+            num_warps=CAM_CFG["image_warps"],
         )
         return cam, pooled, pool_w, w_out
     if HW <= max_fused_hw:
@@ -628,7 +713,8 @@ def cam_fwd(features: torch.Tensor, weights: torch.Tensor | None, with_pooled: b
             features, w_arg, g, part, w_out if grads is not None else part,
             K, HW, W, nkb,
             *features.stride(), *ws, *gs,
-            FROM_GRADS=grads is not None, FLAT=_flat(W, features, grads), BLOCK_K=block_k, BLOCK_P=block_p, num_warps=4,
+            FROM_GRADS=grads is not None, FLAT=_flat(W, features, grads), OFF64=_off64(features, weights, grads),
+            BLOCK_K=block_k, BLOCK_P=block_p, num_warps=4,
         )
         fused = with_pooled and nkb * block_p <= _FUSE_PARTIALS
         if not fused:
@@ -641,7 +727,8 @@ def cam_fwd(features: torch.Tensor, weights: torch.Tensor | None, with_pooled: b
                 features, part, cam, pool_w, pooled,
                 K, HW, W, nkb,
                 *features.stride(),
-                FUSED=fused, FLAT=_flat(W, features), BLOCK_K=block_k, BLOCK_P=block_p, BLOCK_R=block_r, num_warps=4,
+                FUSED=fused, FLAT=_flat(W, features), OFF64=_off64(features), BLOCK_K=block_k, BLOCK_P=block_p,
+                BLOCK_R=block_r, num_warps=4,
             )
         return cam, pooled, pool_w, w_out
     # tiled path for large maps
@@ -708,17 +795,16 @@ def cam_bwd(grad_cam, grad_pooled, features, weights, cam, pool_w, need_features
     gp = grad_pooled if has_gp else weights
     ga_arg = ga if need_features else features
     gw_arg = gw if need_weights else weights
-    if _use_vec(features, HW) and cam.is_contiguous() and (not has_gp or pool_w.is_contiguous()) \
+    if _use_vec(features, weights, HW) and cam.is_contiguous() and (not has_gp or pool_w.is_contiguous()) \
             and (not need_features or ga.is_contiguous()):
-        block_r, steps, nkb = _vec_grid(HW, K)
+        block_r, u, iters, nkb = _vec_grid(HW, K)
         _launch(_cam_bwd_vec_kernel)[(B * nkb,)](
             features, weights, cam, pool_w if has_gp else cam, gc, gp, ga_arg, gw_arg,
-            K, nkb, W, *weights.stride(),
+            K, nkb, W, features.stride(0), *weights.stride(),
             *(gc.stride() if has_gc else (0, 0, 0)),
             *(gp.stride() if has_gp else (0, 0)),
-            HW=HW, STEPS=steps, BLOCK_R=block_r,
-            HAS_GCAM=has_gc, HAS_GPOOL=has_gp, NEED_F=need_features, NEED_W=need_weights,
-            ACC_F64=acc == torch.float64, num_warps=4,
+            HW=HW, U=u, ITERS=iters, BLOCK_R=block_r, EVEN_K=K % 8 == 0, OFF64=_off64(features, weights, grad_cam, grad_pooled),
+            HAS_GCAM=has_gc, HAS_GPOOL=has_gp, NEED_F=need_features, NEED_W=need_weights, **_vec_opts(dev),
         )
         return ga, gw
     if HW <= MAX_FUSED_HW:
@@ -735,6 +821,7 @@ def cam_bwd(grad_cam, grad_pooled, features, weights, cam, pool_w, need_features
         *(ga.stride() if need_features else (0, 0, 0, 0)),
         HAS_GCAM=has_gc, HAS_GPOOL=has_gp, NEED_F=need_features, NEED_W=need_weights,
         ACC_F64=acc == torch.float64, FLAT=_flat(W, features, grad_cam, ga if need_features else None),
+        OFF64=_off64(features, weights, grad_cam, grad_pooled, ga if need_features else None), ONE_TILE=HW <= block_p,
         BLOCK_K=block_k, BLOCK_P=block_p, num_warps=CAM_CFG["bwd_warps"],
     )
     return ga, gw

@@ -40,7 +40,7 @@ def test_vec_kernels_every_channel_and_pixel_phase(hw, k, monkeypatch):
     from icakd_fast.kernels import cam as kcam
 
     monkeypatch.setattr(kcam, "CAM_VEC", True)
-    assert kcam._use_vec(torch.empty(1, k, *hw), hw[0] * hw[1])
+    assert kcam._use_vec(torch.empty(1, k, *hw), torch.empty(1, k), hw[0] * hw[1])
     B = 3
     f = torch.randn(B, k, *hw, device=DEV, requires_grad=True)
     w = torch.randn(B, k, device=DEV, requires_grad=True)

@@ -1,0 +1,260 @@
+"""What the CAM kernels compile to on a GPU, read on any machine (no GPU needed).
+
+    python benchmarks/kernel_static.py                       # B=256 K=2048 7x7 bf16, sm_90
+    python benchmarks/kernel_static.py --shape 8 64 7 7 --dtype float16 --json out.json
+
+The CAM launchers (``kernels/cam.py``) run on empty CPU tensors of the given shape with their
+launches recorded instead of executed; every recorded launch is then compiled ahead of time for
+the target architecture with Triton's own ptxas, specialised as Triton's launcher would
+specialise it (16-byte-aligned pointers, integers divisible by 16, integers equal to 1), and its
+machine code (SASS, through the cuobjdump shipped with Triton) is summarised per kernel:
+registers per thread, local-memory spills, shared memory, the theoretical occupancy on an
+H100/H200-class SM, the width of every global load and store, and the number of SASS
+instructions -- in total and per element of the feature map. These are static figures, not
+timings: they show whether accesses are vectorised and how much work each element costs, which
+is what bounds these memory-bound kernels, before a GPU is at hand to time them.
+
+Variants: the default strategy ("split"), the one-launch image forward ("image") and the opt-in
+"vec" kernels. Needs Triton's NVIDIA backend (it ships ptxas and cuobjdump); the interpreter
+must be off (the script re-executes itself without ``TRITON_INTERPRET``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # interpreted kernels cannot be compiled
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET")
+    sys.exit(subprocess.call([sys.executable, *sys.argv], env=env))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from icakd_fast.kernels import cam as kcam  # noqa: E402
+
+#: per-SM limits of compute capability 9.0 (H100/H200) for the occupancy estimate
+SM90 = {"regs": 65536, "warps": 64, "blocks": 32, "smem": 228 * 1024, "smem_reserved": 1024}
+_TT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+       torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def tool(name: str) -> str:
+    """Path of a binary shipped with Triton's NVIDIA backend."""
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: this Triton has no NVIDIA backend binaries")
+    return path
+
+
+class Recorder:
+    """Stands in for ``kernels.cam._launch``: records (kernel, grid, args, kwargs), runs nothing."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, kernel):
+        return _Grid(lambda grid, args, kwargs: self.launches.append((kernel, tuple(grid), args, kwargs)))
+
+
+class _Grid:
+    """``launch(kernel)[grid](*args, **kwargs)``, recorded."""
+
+    def __init__(self, sink):
+        self.sink = sink
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.sink(grid, args, kwargs)
+
+
+def record(variant: str, B: int, K: int, H: int, W: int, dtype: torch.dtype):
+    """The launches of one forward (with pooling) and one full backward of ``variant``."""
+    saved = (kcam._launch, kcam.CAM_VEC, kcam.CAM_FWD_MODE)
+    rec = Recorder()
+    try:
+        kcam._launch = rec
+        kcam.CAM_VEC = variant == "vec"
+        kcam.CAM_FWD_MODE = "image" if variant == "image" else "auto"
+        f = torch.empty(B, K, H, W, dtype=dtype)
+        w = torch.empty(B, K, dtype=dtype)
+        cam, pooled, pool_w, _ = kcam.cam_fwd(f, w, True)
+        fwd = len(rec.launches)
+        kcam.cam_bwd(torch.empty_like(cam), torch.empty_like(pooled), f, w, cam, pool_w, True, True)
+    finally:
+        kcam._launch, kcam.CAM_VEC, kcam.CAM_FWD_MODE = saved
+    return [(("fwd" if i < fwd else "bwd"),) + L for i, L in enumerate(rec.launches)]
+
+
+def compile_launch(kernel, args, kwargs, arch: int):
+    """Triton's specialisation of one launch, compiled for ``sm_<arch>``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    params = {p.name: p for p in kernel.params}
+    values = dict(zip(names, args))
+    values.update({k: v for k, v in kwargs.items() if k in names})
+    sig, consts, attrs = {}, {}, {}
+    for i, n in enumerate(names):
+        v = values[n]
+        if params[n].is_constexpr:
+            sig[n] = "constexpr"
+            consts[(i,)] = v
+        elif isinstance(v, torch.Tensor):
+            sig[n] = "*" + _TT[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif isinstance(v, bool):
+            sig[n] = "i1"
+        elif isinstance(v, int):
+            if v == 1:
+                sig[n] = "constexpr"
+                consts[(i,)] = 1
+            else:
+                sig[n] = "i32" if -(2**31) <= v < 2**31 else "i64"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[n] = "fp32"
+        else:
+            raise TypeError(f"argument {n!r}: cannot specialise {type(v).__name__}")
+    opts = {"num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
+    return triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=opts)
+
+
+def sass_stats(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
+        fh.write(cubin)
+        path = fh.name
+    try:
+        res = subprocess.run([tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+    lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/\s+\S", ln)]
+    addrs = [int(re.search(r"/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
+    body = 0  # the largest loop: instructions between a backward branch and its target
+    for a, ln in zip(addrs, lines):
+        b = re.search(r"\bBRA\b[^;]*?(0x[0-9a-f]+)", ln)
+        if b and int(b.group(1), 16) < a:
+            body = max(body, sum(1 for x in addrs if int(b.group(1), 16) <= x <= a))
+    ops = Counter(re.findall(r"\b((?:LDG|STG|LDGSTS)\.E[\w.]*)", sass))
+    opcodes = Counter(re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", ln).group(1) for ln in lines)
+    return {"regs": int(m.group(1)), "local": int(m.group(4)), "instructions": len(lines), "loop_body": body,
+            "global": dict(sorted(ops.items())), "shuffles": len(re.findall(r"\bSHFL\.", sass)),
+            "barriers": len(re.findall(r"\bBAR\.", sass)), "opcodes": dict(opcodes.most_common())}
+
+
+def occupancy(regs: int, warps: int, smem: int) -> float:
+    """Theoretical resident warps / 64 on an SM of compute capability 9.0."""
+    warp_regs = -(-regs * 32 // 256) * 256
+    by_regs = SM90["regs"] // max(warp_regs * warps, 1)
+    by_smem = SM90["smem"] // (smem + SM90["smem_reserved"])
+    blocks = min(by_regs, by_smem, SM90["warps"] // warps, SM90["blocks"])
+    return blocks * warps / SM90["warps"]
+
+
+def trips(name: str, values: dict) -> int | None:
+    """Iterations of a kernel's (largest) loop where the launch fixes them, else None."""
+    if "ITERS" in values:
+        return values["ITERS"]
+    if name == "_cam_pool_kernel" and values.get("FUSED"):
+        return triton.cdiv(values["NKB"], values["BLOCK_R"])
+    return None
+
+
+def analyse(variant: str, B: int, K: int, H: int, W: int, dtype: torch.dtype, arch: int) -> list[dict]:
+    rows = []
+    for phase, kernel, grid, args, kwargs in record(variant, B, K, H, W, dtype):
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
+        ck = compile_launch(kernel, args, kwargs, arch)
+        st = sass_stats(ck.asm["cubin"])
+        warps = kwargs.get("num_warps", 4)
+        smem = ck.metadata.shared
+        programs = 1
+        for g in grid:
+            programs *= g
+        n = trips(name, {**dict(zip(kernel.arg_names, args)), **kwargs})
+        if st["loop_body"] == 0:
+            executed = st["instructions"]
+        elif n is not None:
+            executed = st["instructions"] - st["loop_body"] + st["loop_body"] * n
+        else:
+            executed = None
+        per_elem = None if executed is None else executed * warps * 32 * programs / (B * K * H * W)
+        rows.append({"variant": variant, "phase": phase, "kernel": name, "grid": programs, "warps": warps,
+                     "smem": smem, "occupancy": occupancy(st["regs"], warps, smem),
+                     "instr_per_element": per_elem, **st})
+    return rows
+
+
+def table(rows: list[dict], header: str) -> str:
+    out = [header, "",
+           "| variant | pass | kernel | programs x warps | regs | spill B | smem KB | occupancy | global accesses "
+           "(per thread, static) | SASS instr | thread-instr / element |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        acc = ", ".join(f"{k} x{v}" for k, v in r["global"].items())
+        pe = "-" if r["instr_per_element"] is None else f"{r['instr_per_element']:.1f}"
+        loop = f" (loop {r['loop_body']})" if r["loop_body"] else ""
+        out.append(f"| {r['variant']} | {r['phase']} | `{r['kernel']}` | {r['grid']} x {r['warps']} | {r['regs']} | "
+                   f"{r['local']} | {r['smem'] / 1024:.1f} | {r['occupancy']:.0%} | {acc} | {r['instructions']}{loop} | {pe} |")
+    return "\n".join(out)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", type=int, nargs=4, default=[256, 2048, 7, 7], metavar=("B", "K", "H", "W"))
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
+    p.add_argument("--variants", default="split,image,vec")
+    p.add_argument("--json", help="also write the rows as JSON here")
+    p.add_argument("--cfg", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an entry of kernels.cam.CAM_CFG (repeatable), e.g. vec_warps=8")
+    p.add_argument("--opcodes", type=int, default=0, metavar="N", help="also list each kernel's N most frequent SASS opcodes")
+    p.add_argument("--out", help="write the markdown table here")
+    a = p.parse_args()
+    B, K, H, W = a.shape
+    for name, v in (("B", B), ("K", K), ("H", H), ("W", W)):
+        if v < 1:
+            p.error(f"--shape: {name} must be >= 1, got {v}")
+    for item in a.cfg:
+        key, _, value = item.partition("=")
+        if key not in kcam.CAM_CFG or not value.lstrip("-").isdigit():
+            p.error(f"--cfg: expected KEY=INT with KEY one of {sorted(kcam.CAM_CFG)}, got {item!r}")
+        kcam.CAM_CFG[key] = int(value)
+    rows = []
+    for variant in a.variants.split(","):
+        if variant not in ("split", "image", "vec"):
+            p.error(f"--variants: unknown variant {variant!r} (split, image, vec)")
+        rows += analyse(variant, B, K, H, W, _DTYPES[a.dtype], a.arch)
+    header = (f"CAM kernels compiled for sm_{a.arch} (Triton {triton.__version__}), B={B} K={K} {H}x{W} {a.dtype}, "
+              "forward with pooling + full backward; static figures, not timings")
+    text = table(rows, header)
+    if a.opcodes:
+        text += "\n\nMost frequent SASS opcodes (static counts):\n" + "\n".join(
+            f"- {r['variant']} `{r['kernel']}`: " + ", ".join(f"{k} {v}" for k, v in list(r["opcodes"].items())[:a.opcodes])
+            for r in rows)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as fh:
+            fh.write(text + "\n")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"header": header, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
