@@ -7,7 +7,7 @@ PIP ?= $(PYTHON) -m pip
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench cuda-check clean
+.PHONY: install demo test test-fast bench static cuda-check clean
 
 install:
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_PKGS)
@@ -28,6 +28,10 @@ bench: install
 	$(PYTHON) -m pytest benchmarks -p no:cacheprovider --benchmark-enable --benchmark-only \
 		--benchmark-columns=median,iqr,rounds --benchmark-sort=name \
 		--benchmark-json=benchmarks/results/cpu-ops.json
+
+# what the Triton CAM kernels compile to on an H100/H200 (sm_90), read without a GPU
+static: install
+	$(PYTHON) benchmarks/kernel_static.py
 
 # compile-check the CUDA sources (no GPU needed; nvcc and CUDA_HOME must be set up)
 cuda-check:

@@ -162,7 +162,11 @@ CAM_VARIANTS = {
     "triton_image_t8k": {"CAM_FWD_MODE": "image", "CAM_CFG": {"image_tile": 8192}},
     "triton_bwd_w8": {"CAM_CFG": {"bwd_warps": 8}},
     "triton_bwd_t8k": {"CAM_CFG": {"bwd_tile": 8192, "bwd_warps": 8}},
+    "triton_bwd_t1k": {"CAM_CFG": {"bwd_tile": 1024}},
     "triton_vec": {"CAM_VEC": True},
+    "triton_vec_t8k": {"CAM_VEC": True, "CAM_CFG": {"vec_tile": 8192}},
+    "triton_vec_w4": {"CAM_VEC": True, "CAM_CFG": {"vec_warps": 4}},
+    "triton_vec_i8": {"CAM_VEC": True, "CAM_CFG": {"vec_iters": 8}},
 }
 #: float32 matmul precision per inter provider (PyTorch's switch; the kernels follow it)
 INTER_PRECISION = {"eager": "highest", "eager_tf32": "high", "compiled": "highest", "triton": "highest",

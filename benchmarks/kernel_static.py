@@ -8,7 +8,7 @@ launches recorded instead of executed; every recorded launch is then compiled ah
 the target architecture with Triton's own ptxas, specialised as Triton's launcher would
 specialise it (16-byte-aligned pointers, integers divisible by 16, integers equal to 1), and its
 machine code (SASS, through the cuobjdump shipped with Triton) is summarised per kernel:
-registers per thread, local-memory spills, shared memory, the theoretical occupancy on an
+registers per thread, stack / local memory (register spills), shared memory, the theoretical occupancy on an
 H100/H200-class SM, the width of every global load and store, and the number of SASS
 instructions -- in total and per element of the feature map. These are static figures, not
 timings: they show whether accesses are vectorised and how much work each element costs, which
@@ -118,12 +118,12 @@ def compile_launch(kernel, args, kwargs, arch: int):
         elif isinstance(v, bool):
             sig[n] = "i1"
         elif isinstance(v, int):
-            if v == 1:
+            if v == 1 and not params[n].do_not_specialize:
                 sig[n] = "constexpr"
                 consts[(i,)] = 1
             else:
                 sig[n] = "i32" if -(2**31) <= v < 2**31 else "i64"
-                if v % 16 == 0:
+                if v % 16 == 0 and not params[n].do_not_specialize:
                     attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
             sig[n] = "fp32"
@@ -145,14 +145,18 @@ def sass_stats(cubin: bytes) -> dict:
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
     lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/\s+\S", ln)]
     addrs = [int(re.search(r"/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
-    body = 0  # the largest loop: instructions between a backward branch and its target
+    loops = []  # (first, last) address of every loop: a backward branch and its target
     for a, ln in zip(addrs, lines):
         b = re.search(r"\bBRA\b[^;]*?(0x[0-9a-f]+)", ln)
         if b and int(b.group(1), 16) < a:
-            body = max(body, sum(1 for x in addrs if int(b.group(1), 16) <= x <= a))
+            loops.append((int(b.group(1), 16), a))
+    outer = [lp for lp in loops if not any(o != lp and o[0] <= lp[0] and lp[1] <= o[1] for o in loops)]
+    body = sum(sum(1 for x in addrs if lo <= x <= hi) for lo, hi in outer)  # top-level loop bodies
     ops = Counter(re.findall(r"\b((?:LDG|STG|LDGSTS)\.E[\w.]*)", sass))
     opcodes = Counter(re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", ln).group(1) for ln in lines)
-    return {"regs": int(m.group(1)), "local": int(m.group(4)), "instructions": len(lines), "loop_body": body,
+    # spilled registers live on the thread's stack (STACK), LOCAL is for local arrays
+    return {"regs": int(m.group(1)), "local": int(m.group(2)) + int(m.group(4)), "instructions": len(lines), "loop_body": body,
+            "loops": len(outer),
             "global": dict(sorted(ops.items())), "shuffles": len(re.findall(r"\bSHFL\.", sass)),
             "barriers": len(re.findall(r"\bBAR\.", sass)), "opcodes": dict(opcodes.most_common())}
 
@@ -167,9 +171,11 @@ def occupancy(regs: int, warps: int, smem: int) -> float:
 
 
 def trips(name: str, values: dict) -> int | None:
-    """Iterations of a kernel's (largest) loop where the launch fixes them, else None."""
+    """Iterations of every top-level loop of a kernel where the launch fixes them, else None."""
     if "ITERS" in values:
         return values["ITERS"]
+    if name == "_cam_image_kernel":  # two sweeps over the channels
+        return triton.cdiv(values["K"], values["BLOCK_K"])
     if name == "_cam_pool_kernel" and values.get("FUSED"):
         return triton.cdiv(values["NKB"], values["BLOCK_R"])
     return None
@@ -202,13 +208,13 @@ def analyse(variant: str, B: int, K: int, H: int, W: int, dtype: torch.dtype, ar
 
 def table(rows: list[dict], header: str) -> str:
     out = [header, "",
-           "| variant | pass | kernel | programs x warps | regs | spill B | smem KB | occupancy | global accesses "
+           "| variant | pass | kernel | programs x warps | regs | stack B | smem KB | occupancy | global accesses "
            "(per thread, static) | SASS instr | thread-instr / element |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         acc = ", ".join(f"{k} x{v}" for k, v in r["global"].items())
         pe = "-" if r["instr_per_element"] is None else f"{r['instr_per_element']:.1f}"
-        loop = f" (loop {r['loop_body']})" if r["loop_body"] else ""
+        loop = f" (loops {r['loop_body']})" if r["loop_body"] else ""
         out.append(f"| {r['variant']} | {r['phase']} | `{r['kernel']}` | {r['grid']} x {r['warps']} | {r['regs']} | "
                    f"{r['local']} | {r['smem'] / 1024:.1f} | {r['occupancy']:.0%} | {acc} | {r['instructions']}{loop} | {pe} |")
     return "\n".join(out)

@@ -359,106 +359,108 @@ def _cam_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# "vec" layout (opt-in, ``CAM_VEC``): NCHW-contiguous maps read in memory order
+# "vec" kernels (opt-in, ``CAM_VEC``): NCHW-contiguous 16-bit maps, read in memory order, reduced
+# on the tensor cores
 # ----------------------------------------------------------------------------------------------
-# The channel-block kernels above load [BLOCK_K, BLOCK_P] tiles whose rows are H*W elements
-# long: for a 7x7 map a row is 98 bytes, unaligned, so every element is a scalar 2-byte access
-# with its own address arithmetic. Here 8 channels (8*HW contiguous elements, a multiple of 8)
-# form one "step", seen as BLOCK_R rows of 8 contiguous elements (rows >= HW unused): with
-# 16-byte-aligned images every row is one 16-byte access. The pixel of slot (r, i) is
-# (8r + i) % HW and its channel within the step (8r + i) // HW, the same at every step, so
-# per-pixel quantities (grad_cam, pool_w) are gathered once per program; a row touches at most
-# two channels (HW >= 8), the first one kf(r) and the last one kl(r), so per-channel values cost
-# two loads per row, not one per element. A program handles U steps at once ([U, BLOCK_R, 8]
-# tiles), ITERS times.
-# Per-channel sums over a step (pooled, dw) are segmented sums over rows: each thread sums its
-# row's slots of the first and of the last channel (``first``, ``rest``, [U, BLOCK_R]) and one
-# small product with 0/1 matrices ([BLOCK_R, 16], exact, float32 FMA) adds the rows of each
-# channel -- instead of a cross-thread reduction per channel and step.
-# Partial CAM sums are kept per slot; pixel p is the sum of slots p + m*HW, m < 8 (fixed order).
+# The channel-block kernels above load [BLOCK_K, BLOCK_P] tiles whose rows are H*W elements long:
+# for a 7x7 map a row is 98 bytes, unaligned, so every element is a scalar 2-byte access with its
+# own address arithmetic, and every channel or pixel sum is a cross-thread reduction -- tens of
+# instructions per element (``benchmarks/kernel_static.py``). Here 8 channels (8*HW contiguous
+# elements, a multiple of 8) form one "step" and a tile is U steps: [U, BLOCK_J] with
+# BLOCK_J = next_pow2(8*HW), row u = channels k0 + 8u .. k0 + 8u + 7, column j = flat slot; the
+# channel of slot j within its step is j // HW and its pixel j % HW, the same in every row. Rows
+# are 16-byte aligned when the image is, so loads are 16-byte vectors the compiler streams into
+# shared memory, and every sum is a product with a small constant matrix on the tensor cores:
+#   per-slot CAM partials  acc[j, n] += A^T[j, u] W[u, n]        (W[u, c] = w[k0 + 8u + c])
+#   per-channel sums       out[u, n]  = A[u, j] M[j, n]          (M[j, c] = v[j % HW] if j // HW == c)
+# Products of 16-bit values with 0/1 or 16-bit entries are exact and accumulate in float32; a
+# float32 factor (pool_w, float32 weights or gradients) is split into PIECES 16-bit parts placed
+# in separate column blocks (n = piece * 16 + c) that are summed afterwards, which keeps float32
+# accuracy. dA (= w g_s + g_pooled pool_w, no read of A) is written elementwise as [U, R, 8]
+# rows of 8 slots, where a row holds at most two channels (HW >= 8), so per-channel factors cost
+# two loads per row. Partial CAM sums are kept per slot; pixel p is the sum of slots p + m*HW,
+# m < 8 (fixed order), reduced by ``_cam_norm_vec_kernel``.
 
 
 @triton.jit
-def _vec_pattern(HW: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The slot pattern of a step: (slot [R, 8], row valid [R], first-channel slot [R, 8],
-    first and last channel of each row [R])."""
-    r = tl.arange(0, BLOCK_R)
-    slot = r[:, None] * 8 + tl.arange(0, 8)[None, :]
-    kf = (r * 8) // HW
-    kl = (r * 8 + 7) // HW
-    return slot, r < HW, (slot // HW) == kf[:, None], kf, kl
-
-
-@triton.jit
-def _vec_tile(k0, HW: tl.constexpr, U: tl.constexpr, slot, rvalid, K, OFF64: tl.constexpr, EVEN_K: tl.constexpr):
-    """Offsets [U, R, 8] of the U steps from channel ``k0`` in an image, and their mask
-    (``EVEN_K``: K is a multiple of 8, so a step is in or out as a whole)."""
-    ks = _ix(k0 + 8 * tl.arange(0, U), OFF64)
-    e = (ks * HW)[:, None, None] + slot[None, :, :]
-    if EVEN_K:
-        return e, rvalid[None, :, None] & (ks < K)[:, None, None]
+def _vec_rows_mask(ks, j, HW: tl.constexpr, K, EVEN_K: tl.constexpr):
+    """Mask of a [U, BLOCK_J] tile whose rows start at channels ``ks`` ([U])."""
+    if EVEN_K:  # K % 8 == 0: a step is in or out as a whole
+        return (j < 8 * HW)[None, :] & (ks < K)[:, None]
     else:
-        return e, rvalid[None, :, None] & (e < _ix(K, OFF64) * HW)
+        return (j < 8 * HW)[None, :] & (ks[:, None] + (j // HW)[None, :] < K)
 
 
 @triton.jit
-def _vec_rows(ptr, stride, k0, U: tl.constexpr, kf, kl, rvalid, K, acc_ty):
-    """``ptr[k * stride]`` for the first and the last channel of every row of the U steps
-    ([U, R, 1] each, 0 past K)."""
-    ks = k0 + 8 * tl.arange(0, U)[:, None]
-    f = ks + kf[None, :]
-    l = ks + kl[None, :]
-    vf = tl.load(ptr + f * stride, mask=rvalid[None, :] & (f < K), other=0.0).to(acc_ty)
-    vl = tl.load(ptr + l * stride, mask=rvalid[None, :] & (l < K), other=0.0).to(acc_ty)
-    return vf[:, :, None], vl[:, :, None]
+def _vec_pieces(v, q, PIECES: tl.constexpr, dt: tl.constexpr):
+    """``v`` (float32, the same value in every piece's columns) -> in column block q, the q-th
+    ``dt`` part of v; the parts sum to v (exactly when PIECES 16-bit parts cover its mantissa)."""
+    rem = v
+    out = tl.zeros_like(v)
+    for i in tl.static_range(PIECES):
+        h = rem.to(dt).to(tl.float32)
+        out = tl.where(q == i, h, out)
+        rem = rem - h
+    return out.to(dt)
 
 
 @triton.jit
-def _vec_channel_sums(v, isf, kf, kl, rvalid):
-    """``out[u, c] = sum of v[u] over the slots of channel c`` of each step ([U, 16], c < 8 used)."""
-    first = tl.sum(tl.where(isf[None, :, :], v, 0.0), axis=2)
-    rest = tl.sum(tl.where(isf[None, :, :], 0.0, v), axis=2)
+def _vec_channel_matrix(v, kk, jvalid, PIECES: tl.constexpr, dt: tl.constexpr):
+    """M [BLOCK_J, 16 * PIECES]: column (piece, c) holds that piece of ``v[j]`` where slot j is
+    in channel c of the step, else 0."""
+    n = tl.arange(0, 16 * PIECES)
+    hit = (kk[:, None] == (n % 16)[None, :]) & jvalid[:, None]
+    return _vec_pieces(tl.where(hit, v[:, None], 0.0), (n // 16)[None, :], PIECES, dt)
+
+
+@triton.jit
+def _vec_sum_pieces(o, ROWS: tl.constexpr, PIECES: tl.constexpr):
+    """[ROWS, 16 * PIECES] -> [ROWS, 16]: the column blocks added."""
+    return tl.sum(tl.reshape(o, [ROWS, PIECES, 16]), axis=1)
+
+
+@triton.jit
+def _vec_store_channels(ptr, out, ks, K):
+    """``ptr[ks[u] + c] = out[u, c]`` for c < 8 (and < K)."""
     c = tl.arange(0, 16)[None, :]
-    ef = tl.where((kf[:, None] == c) & rvalid[:, None], 1.0, 0.0).to(v.dtype)
-    el = tl.where((kl[:, None] == c) & (kl != kf)[:, None] & rvalid[:, None], 1.0, 0.0).to(v.dtype)
-    out = tl.dot(first, ef, input_precision="ieee")
-    return tl.dot(rest, el, out, input_precision="ieee")
-
-
-@triton.jit
-def _vec_store_channels(ptr, out, k0, U: tl.constexpr, K):
-    c = tl.arange(0, 16)[None, :]
-    kc = k0 + 8 * tl.arange(0, U)[:, None] + c
+    kc = ks[:, None] + c
     tl.store(ptr + kc, out.to(ptr.dtype.element_ty), mask=(c < 8) & (kc < K))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ITERS"])
 def _cam_partial_vec_kernel(
     a_ptr, w_ptr, part_ptr, K, NKB, sab, swb, swk,
-    HW: tl.constexpr, U: tl.constexpr, ITERS: tl.constexpr, BLOCK_R: tl.constexpr, OFF64: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    ITERS, HW: tl.constexpr, U: tl.constexpr, BLOCK_J: tl.constexpr, PIECES: tl.constexpr,
+    OFF64: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """Pass 1, one program per (image, block of 8*U*ITERS channels): per-slot partial sums."""
-    acc_ty = part_ptr.dtype.element_ty
+    """Pass 1, one program per (image, block of 8*U*ITERS channels): per-slot partial sums
+    ``part[pid, j] = sum_u w[k(u, j)] A[u, j]``."""
+    dt = a_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
     b = pid // NKB
     kb = (pid % NKB).to(tl.int32)
-    slot, rvalid, isf, kf, kl = _vec_pattern(HW, BLOCK_R)
+    j = tl.arange(0, BLOCK_J)
+    u = tl.arange(0, U)
+    n = tl.arange(0, 16 * PIECES)
+    c = n % 16
     img = a_ptr + b * sab
-    acc = tl.zeros([BLOCK_R, 8], dtype=acc_ty)
+    wrow = w_ptr + b * swb
+    acc = tl.zeros([BLOCK_J, 16 * PIECES], dtype=tl.float32)
     for it in range(ITERS):
-        k0 = (kb * ITERS + it) * (8 * U)
-        e, m = _vec_tile(k0, HW, U, slot, rvalid, K, OFF64, EVEN_K)
-        a = tl.load(img + e, mask=m, other=0.0)
-        wf, wl = _vec_rows(w_ptr + b * swb, swk, k0, U, kf, kl, rvalid, K, acc_ty)
-        acc += tl.sum(a.to(acc_ty) * tl.where(isf[None, :, :], wf, wl), axis=0)
-    tl.store(part_ptr + pid * (BLOCK_R * 8) + slot, acc)
+        ks = (kb * ITERS + it) * (8 * U) + 8 * u
+        a = tl.load(img + (_ix(ks, OFF64) * HW)[:, None] + j[None, :], mask=_vec_rows_mask(ks, j, HW, K, EVEN_K), other=0.0)
+        kc = ks[:, None] + c[None, :]
+        wv = tl.load(wrow + kc * swk, mask=(c < 8)[None, :] & (kc < K), other=0.0).to(tl.float32)
+        acc = tl.dot(tl.trans(a), _vec_pieces(wv, (n // 16)[None, :], PIECES, dt), acc)
+    s = _vec_sum_pieces(acc, BLOCK_J, PIECES)
+    s = tl.sum(tl.where((j // HW)[:, None] == tl.arange(0, 16)[None, :], s, 0.0), axis=1)
+    tl.store(part_ptr + pid * BLOCK_J + j, s)
 
 
 @triton.jit
 def _cam_norm_vec_kernel(
     part_ptr, cam_ptr, pw_ptr, NKB,
-    HW: tl.constexpr, WITH_POOLED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+    HW: tl.constexpr, WITH_POOLED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_J: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """Pass 2, one program per image: pixel p = sum over blocks and m < 8 of slot p + m*HW."""
@@ -466,12 +468,12 @@ def _cam_norm_vec_kernel(
     b = tl.program_id(0).to(tl.int64)
     p = tl.arange(0, BLOCK_P)
     pmask = p < HW
-    base = part_ptr + b * NKB * (BLOCK_R * 8)
+    base = part_ptr + b * NKB * BLOCK_J
     acc = tl.zeros([BLOCK_N, BLOCK_P], dtype=acc_ty)
     for n0 in range(0, NKB, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = (n < NKB)[:, None] & pmask[None, :]
-        rows = base + n.to(tl.int64)[:, None] * (BLOCK_R * 8)
+        rows = base + n.to(tl.int64)[:, None] * BLOCK_J
         for m in tl.static_range(8):
             acc += tl.load(rows + (p + m * HW)[None, :], mask=nmask, other=0.0)
     cam = tl.maximum(tl.sum(acc, axis=0), 0.0)
@@ -481,70 +483,96 @@ def _cam_norm_vec_kernel(
         tl.store(pw_ptr + b * HW + p, pw.to(pw_ptr.dtype.element_ty), mask=pmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ITERS"])
 def _cam_pool_vec_kernel(
     a_ptr, pw_ptr, pooled_ptr, K, NKB, sab,
-    HW: tl.constexpr, U: tl.constexpr, ITERS: tl.constexpr, BLOCK_R: tl.constexpr, OFF64: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    ITERS, HW: tl.constexpr, U: tl.constexpr, BLOCK_J: tl.constexpr, PIECES: tl.constexpr,
+    OFF64: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """Pass 3, one program per (image, channel block): ``pooled[k] = sum_p pool_w[p] A[k, p]``."""
-    acc_ty = pw_ptr.dtype.element_ty
+    dt = a_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
     b = pid // NKB
     kb = (pid % NKB).to(tl.int32)
-    slot, rvalid, isf, kf, kl = _vec_pattern(HW, BLOCK_R)
-    pw = tl.load(pw_ptr + b * HW + slot % HW, mask=rvalid[:, None], other=0.0).to(acc_ty)
+    j = tl.arange(0, BLOCK_J)
+    jvalid = j < 8 * HW
+    pw = tl.load(pw_ptr + b * HW + j % HW, mask=jvalid, other=0.0).to(tl.float32)
+    m = _vec_channel_matrix(pw, j // HW, jvalid, PIECES, dt)
+    u = tl.arange(0, U)
     img = a_ptr + b * sab
     for it in range(ITERS):
-        k0 = (kb * ITERS + it) * (8 * U)
-        e, m = _vec_tile(k0, HW, U, slot, rvalid, K, OFF64, EVEN_K)
-        a = tl.load(img + e, mask=m, other=0.0)
-        out = _vec_channel_sums(a.to(acc_ty) * pw[None, :, :], isf, kf, kl, rvalid)
-        _vec_store_channels(pooled_ptr + b * K, out, k0, U, K)
+        ks = (kb * ITERS + it) * (8 * U) + 8 * u
+        a = tl.load(img + (_ix(ks, OFF64) * HW)[:, None] + j[None, :], mask=_vec_rows_mask(ks, j, HW, K, EVEN_K), other=0.0)
+        _vec_store_channels(pooled_ptr + b * K, _vec_sum_pieces(tl.dot(a, m), U, PIECES), ks, K)
 
 
 @triton.jit
+def _vec_channel_values(ptr, stride, ks, K, PIECES: tl.constexpr, dt: tl.constexpr):
+    """[U, 16 * PIECES]: column (piece, c) holds that ``dt`` piece of ``ptr[(ks[u] + c) * stride]``
+    (c < 8; 0 past K)."""
+    n = tl.arange(0, 16 * PIECES)
+    kc = ks[:, None] + (n % 16)[None, :]
+    v = tl.load(ptr + kc * stride, mask=((n % 16) < 8)[None, :] & (kc < K), other=0.0).to(tl.float32)
+    return _vec_pieces(v, (n // 16)[None, :], PIECES, dt)
+
+
+@triton.jit(do_not_specialize=["ITERS"])
 def _cam_bwd_vec_kernel(
     a_ptr, w_ptr, cam_ptr, pw_ptr, gc_ptr, gp_ptr, ga_ptr, gw_ptr,
     K, NKB, WIDTH, sab, swb, swk, sgcb, sgch, sgcw, sgpb, sgpk,
-    HW: tl.constexpr, U: tl.constexpr, ITERS: tl.constexpr, BLOCK_R: tl.constexpr, OFF64: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    ITERS, HW: tl.constexpr, U: tl.constexpr, BLOCK_J: tl.constexpr,
+    PIECES_W: tl.constexpr, PIECES_P: tl.constexpr, PIECES_G: tl.constexpr,
+    OFF64: tl.constexpr, EVEN_K: tl.constexpr,
     HAS_GCAM: tl.constexpr, HAS_GPOOL: tl.constexpr, NEED_F: tl.constexpr, NEED_W: tl.constexpr,
 ):
-    """Backward, one program per (image, channel block): ``dA = w g_s + g_pooled pool_w``,
-    ``dw[k] = sum_p g_s[p] A[k, p]`` (g_s = grad_cam where cam > 0; ``cam``, ``pool_w`` and dA
-    contiguous, ``grad_cam`` any [B, H, W] strides)."""
-    acc_ty = tl.float32
+    """Backward, one program per (image, channel block), two sweeps over its tiles:
+    ``dA = w g_s + g_pooled pool_w`` (no read of A: the per-channel factors are spread over the
+    slots by a product with the 0/1 matrix E[c, j] = [j // HW == c]), then
+    ``dw[k] = sum_p g_s[p] A[k, p]`` (A times a constant matrix); g_s = grad_cam where cam > 0.
+    ``cam``, ``pool_w`` and dA are contiguous, ``grad_cam`` has any [B, H, W] strides.
+    PIECES_*: 16-bit parts of the weights, grad_pooled and g_s (1 when of the map's dtype)."""
+    dt = a_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
     b = pid // NKB
     kb = (pid % NKB).to(tl.int32)
-    slot, rvalid, isf, kf, kl = _vec_pattern(HW, BLOCK_R)
-    p = slot % HW
+    j = tl.arange(0, BLOCK_J)
+    jvalid = j < 8 * HW
+    kk = j // HW
+    p = j % HW
+    u = tl.arange(0, U)
     if HAS_GCAM:
-        gc = tl.load(gc_ptr + b * sgcb + (p // WIDTH) * sgch + (p % WIDTH) * sgcw, mask=rvalid[:, None], other=0.0)
-        cv = tl.load(cam_ptr + b * HW + p, mask=rvalid[:, None], other=0.0)
-        gs = tl.where(cv > 0, gc.to(acc_ty), 0.0)
+        gs = tl.where(tl.load(cam_ptr + b * HW + p, mask=jvalid, other=0.0) > 0,
+                      tl.load(gc_ptr + b * sgcb + (p // WIDTH) * sgch + (p % WIDTH) * sgcw, mask=jvalid, other=0.0),
+                      0.0).to(tl.float32)
     else:
-        gs = tl.zeros([BLOCK_R, 8], dtype=acc_ty)
-    if HAS_GPOOL:
-        pw = tl.load(pw_ptr + b * HW + p, mask=rvalid[:, None], other=0.0).to(acc_ty)
-    for it in range(ITERS):
-        k0 = (kb * ITERS + it) * (8 * U)
-        e, m = _vec_tile(k0, HW, U, slot, rvalid, K, OFF64, EVEN_K)
-        if NEED_F:
-            wf, wl = _vec_rows(w_ptr + b * swb, swk, k0, U, kf, kl, rvalid, K, acc_ty)
-            ga = tl.where(isf[None, :, :], wf, wl) * gs[None, :, :]
+        gs = tl.zeros([BLOCK_J], dtype=tl.float32)
+    img = b * sab
+    if NEED_F:
+        if HAS_GPOOL:
+            pw = tl.load(pw_ptr + b * HW + p, mask=jvalid, other=0.0).to(tl.float32)
+        nw = tl.arange(0, 16 * PIECES_W)
+        ew = tl.where(((nw % 16)[:, None] == kk[None, :]) & jvalid[None, :], 1.0, 0.0).to(dt)
+        np_ = tl.arange(0, 16 * PIECES_P)
+        ep = tl.where(((np_ % 16)[:, None] == kk[None, :]) & jvalid[None, :], 1.0, 0.0).to(dt)
+        for it in range(ITERS):
+            ks = (kb * ITERS + it) * (8 * U) + 8 * u
+            ga = tl.dot(_vec_channel_values(w_ptr + b * swb, swk, ks, K, PIECES_W, dt), ew) * gs[None, :]
             if HAS_GPOOL:
-                gf, gl = _vec_rows(gp_ptr + b * sgpb, sgpk, k0, U, kf, kl, rvalid, K, acc_ty)
-                ga += tl.where(isf[None, :, :], gf, gl) * pw[None, :, :]
-            tl.store(ga_ptr + b * sab + e, ga.to(ga_ptr.dtype.element_ty), mask=m)
-        if NEED_W:
+                ga += tl.dot(_vec_channel_values(gp_ptr + b * sgpb, sgpk, ks, K, PIECES_P, dt), ep) * pw[None, :]
+            tl.store(ga_ptr + img + (_ix(ks, OFF64) * HW)[:, None] + j[None, :], ga.to(ga_ptr.dtype.element_ty),
+                     mask=_vec_rows_mask(ks, j, HW, K, EVEN_K))
+    if NEED_W:
+        if HAS_GCAM:
+            mg = _vec_channel_matrix(gs, kk, jvalid, PIECES_G, dt)
+        for it in range(ITERS):
+            ks = (kb * ITERS + it) * (8 * U) + 8 * u
             if HAS_GCAM:
-                a = tl.load(a_ptr + b * sab + e, mask=m, other=0.0)
-                out = _vec_channel_sums(a.to(acc_ty) * gs[None, :, :], isf, kf, kl, rvalid)
+                a = tl.load(a_ptr + img + (_ix(ks, OFF64) * HW)[:, None] + j[None, :],
+                            mask=_vec_rows_mask(ks, j, HW, K, EVEN_K), other=0.0)
+                out = _vec_sum_pieces(tl.dot(a, mg), U, PIECES_G)
             else:
-                out = tl.zeros([U, 16], dtype=acc_ty)
-            _vec_store_channels(gw_ptr + b * K, out, k0, U, K)
+                out = tl.zeros([U, 16], dtype=tl.float32)
+            _vec_store_channels(gw_ptr + b * K, out, ks, K)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -569,33 +597,45 @@ CAM_FWD_MODE = "auto"
 #: tunables of the GPU launches, read at each call (the benchmark may override entries)
 CAM_CFG: dict = {"image_tile": 4096, "image_warps": 8,
                  "fwd_tile": _FWD_TILE, "bwd_tile": _BWD_TILE, "bwd_warps": _BWD_WARPS,
-                 "vec_u": 16, "vec_iters": 4, "vec_warps": 4, "vec_stages": 3}
+                 "vec_tile": 16384, "vec_iters": 4, "vec_warps": 8, "vec_stages": 2}
 
 def _use_image_mode(B: int, dev: torch.device) -> bool:
     return CAM_FWD_MODE == "image"
 
 
-#: opt-in "vec" kernels (see above) for NCHW-contiguous 16- and 32-bit maps with
-#: 8 <= H*W <= CAM_VEC_MAX_HW; off until timed on a GPU (``benchmarks/gpu_bench.py`` times them
-#: as ``triton_vec``; ``benchmarks/kernel_static.py`` shows what they compile to)
+#: opt-in "vec" kernels (see above) for NCHW-contiguous float16/bfloat16 maps with
+#: 8 <= H*W <= CAM_VEC_MAX_HW, weights of any float type but float64; off until timed on a GPU
+#: (``benchmarks/gpu_bench.py`` times them as ``triton_vec``; ``benchmarks/kernel_static.py``
+#: shows what they compile to)
 CAM_VEC = False
-CAM_VEC_MAX_HW = 1024
+CAM_VEC_MAX_HW = 128
+_VEC_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _use_vec(features: torch.Tensor, weights: torch.Tensor, hw: int) -> bool:
     return (bool(CAM_VEC) and 8 <= hw <= CAM_VEC_MAX_HW and features.is_contiguous()
-            and features.dtype in (torch.float16, torch.bfloat16, torch.float32) and weights.dtype != torch.float64)
+            and features.dtype in _VEC_DTYPES and weights.dtype != torch.float64)
 
 
 def _vec_grid(hw: int, k: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_R, U, ITERS, number of channel blocks)`` of the vec kernels: U steps of 8 channels
-    per tile (at least 16, the smallest ``tl.dot``), ITERS tiles per program."""
-    u = max(16, int(CAM_CFG["vec_u"]))
+    """``(BLOCK_J, U, ITERS, number of channel blocks)`` of the vec kernels: tiles of U steps of 8
+    channels (U >= 16, the smallest ``tl.dot``; U * BLOCK_J ~ ``CAM_CFG["vec_tile"]``), ITERS
+    tiles per program."""
+    block_j = next_pow2(8 * hw)
+    u = max(16, min(next_pow2(triton.cdiv(k, 8)), int(CAM_CFG["vec_tile"]) // block_j))
     iters = max(1, min(int(CAM_CFG["vec_iters"]), triton.cdiv(k, 8 * u)))
-    return max(16, next_pow2(hw)), u, iters, triton.cdiv(k, 8 * u * iters)
+    return block_j, u, iters, triton.cdiv(k, 8 * u * iters)
 
 
-def _vec_opts(dev: torch.device) -> dict:
+def _pieces(value_dtype: torch.dtype, map_dtype: torch.dtype, out_dtype: torch.dtype) -> int:
+    """16-bit parts of a ``value_dtype`` factor in products with the map: 1 when it has the map's
+    dtype (exact), 2 (16 significant bits, below a 16-bit output's rounding) or 4 (float32)."""
+    if value_dtype == map_dtype:
+        return 1
+    return 2 if out_dtype in _VEC_DTYPES else 4
+
+
+def _vec_opts() -> dict:
     return {"num_warps": int(CAM_CFG["vec_warps"]), "num_stages": int(CAM_CFG["vec_stages"])}
 
 
@@ -665,23 +705,23 @@ def cam_fwd(features: torch.Tensor, weights: torch.Tensor | None, with_pooled: b
         w_out = spatial_mean(grads)
         weights, grads = w_out, None
     if grads is None and _use_vec(features, weights, HW):
-        block_r, u, iters, nkb = _vec_grid(HW, K)
-        off64 = _off64(features, weights)
-        part = torch.empty((B * nkb, block_r * 8), dtype=acc, device=dev)
+        block_j, u, iters, nkb = _vec_grid(HW, K)
+        tile = dict(HW=HW, U=u, ITERS=iters, BLOCK_J=block_j, OFF64=_off64(features, weights), EVEN_K=K % 8 == 0)
+        part = torch.empty((B * nkb, block_j), dtype=acc, device=dev)
         _launch(_cam_partial_vec_kernel)[(B * nkb,)](
             features, weights, part, K, nkb, features.stride(0), *weights.stride(),
-            HW=HW, U=u, ITERS=iters, BLOCK_R=block_r, EVEN_K=K % 8 == 0, OFF64=off64, **_vec_opts(dev),
+            PIECES=_pieces(weights.dtype, features.dtype, out_dt), **tile, **_vec_opts(),
         )
         block_p = next_pow2(HW)
         _launch(_cam_norm_vec_kernel)[(B,)](
             part, cam, pool_w if with_pooled else part, nkb,
-            HW=HW, WITH_POOLED=with_pooled, BLOCK_P=block_p, BLOCK_R=block_r,
+            HW=HW, WITH_POOLED=with_pooled, BLOCK_P=block_p, BLOCK_J=block_j,
             BLOCK_N=max(1, min(next_pow2(nkb), _FWD_TILE // block_p)), num_warps=4,
         )
         if with_pooled:
             _launch(_cam_pool_vec_kernel)[(B * nkb,)](
                 features, pool_w, pooled, K, nkb, features.stride(0),
-                HW=HW, U=u, ITERS=iters, BLOCK_R=block_r, EVEN_K=K % 8 == 0, OFF64=off64, **_vec_opts(dev),
+                PIECES=_pieces(pool_w.dtype, features.dtype, pooled.dtype), **tile, **_vec_opts(),
             )
         return cam, pooled, pool_w, w_out
     if HW <= max_fused_hw and _use_image_mode(B, dev):
@@ -797,14 +837,16 @@ def cam_bwd(grad_cam, grad_pooled, features, weights, cam, pool_w, need_features
     gw_arg = gw if need_weights else weights
     if _use_vec(features, weights, HW) and cam.is_contiguous() and (not has_gp or pool_w.is_contiguous()) \
             and (not need_features or ga.is_contiguous()):
-        block_r, u, iters, nkb = _vec_grid(HW, K)
+        block_j, u, iters, nkb = _vec_grid(HW, K)
         _launch(_cam_bwd_vec_kernel)[(B * nkb,)](
             features, weights, cam, pool_w if has_gp else cam, gc, gp, ga_arg, gw_arg,
             K, nkb, W, features.stride(0), *weights.stride(),
             *(gc.stride() if has_gc else (0, 0, 0)),
             *(gp.stride() if has_gp else (0, 0)),
-            HW=HW, U=u, ITERS=iters, BLOCK_R=block_r, EVEN_K=K % 8 == 0, OFF64=_off64(features, weights, grad_cam, grad_pooled),
-            HAS_GCAM=has_gc, HAS_GPOOL=has_gp, NEED_F=need_features, NEED_W=need_weights, **_vec_opts(dev),
+            HW=HW, U=u, ITERS=iters, BLOCK_J=block_j, PIECES_W=_pieces(weights.dtype, features.dtype, features.dtype),
+            PIECES_P=_pieces(gp.dtype, features.dtype, features.dtype), PIECES_G=_pieces(gc.dtype, features.dtype, weights.dtype),
+            OFF64=_off64(features, weights, grad_cam, grad_pooled), EVEN_K=K % 8 == 0,
+            HAS_GCAM=has_gc, HAS_GPOOL=has_gp, NEED_F=need_features, NEED_W=need_weights, **_vec_opts(),
         )
         return ga, gw
     if HW <= MAX_FUSED_HW:

@@ -32,29 +32,54 @@ def fwd_mode(request, monkeypatch):
 
 
 @pytest.mark.parametrize("hw", [(2, 4), (3, 3), (3, 5), (4, 4), (1, 17), (7, 7), (8, 8)])
-@pytest.mark.parametrize("k", [1, 7, 8, 9, 65, 130])
-def test_vec_kernels_every_channel_and_pixel_phase(hw, k, monkeypatch):
-    """The vec kernels' slot pattern (8 contiguous elements per row, two channels per row at most)
-    at channel counts around the 8-channel step and the 64-channel block, maps from 8 pixels up;
-    the backward with an expanded (stride 0) grad_cam as ``cam.sum()`` gives it."""
+@pytest.mark.parametrize("k", [1, 7, 8, 9, 65, 130, 264])
+@pytest.mark.parametrize("wdtype", [torch.float16, torch.float32])
+def test_vec_kernels_every_channel_and_pixel_phase(hw, k, wdtype, monkeypatch):
+    """The vec kernels' slot pattern (8 channels per tile row, at most two channels per 8-slot
+    group) at channel counts around the 8-channel step and the tile and program blocks, maps from
+    8 pixels up; weights of the map's dtype (exact 16-bit products) and float32 weights (split
+    into 16-bit pieces); the backward with an expanded (stride 0) grad_cam as ``cam.sum()`` gives
+    it. Small tiles so that several programs and iterations run."""
     from icakd_fast.kernels import cam as kcam
 
     monkeypatch.setattr(kcam, "CAM_VEC", True)
-    assert kcam._use_vec(torch.empty(1, k, *hw), torch.empty(1, k), hw[0] * hw[1])
+    monkeypatch.setitem(kcam.CAM_CFG, "vec_tile", 16 * 128)
+    monkeypatch.setitem(kcam.CAM_CFG, "vec_iters", 2)
+    assert kcam._use_vec(torch.empty(1, k, *hw, dtype=torch.float16), torch.empty(1, k, dtype=wdtype), hw[0] * hw[1])
     B = 3
-    f = torch.randn(B, k, *hw, device=DEV, requires_grad=True)
-    w = torch.randn(B, k, device=DEV, requires_grad=True)
+    f = torch.randn(B, k, *hw, device=DEV).half().requires_grad_(True)
+    w = torch.randn(B, k, device=DEV).to(wdtype).requires_grad_(True)
+    out_dt = torch.promote_types(f.dtype, w.dtype)
     cam, pooled = F.class_activation_features(f, w, backend="triton")
-    gp = torch.randn(B, k, device=DEV)
+    gp = torch.randn(B, k, device=DEV).to(out_dt)
     gf, gw = torch.autograd.grad(cam.sum() + (pooled * gp).sum(), (f, w))
     rc, rp, rgf, rgw = _ref_all(f, w, torch.ones(B, *hw, device=DEV), gp)
-    assert_close_rel(cam, rc, torch.float32, "cam")
-    assert_close_rel(pooled, rp, torch.float32, "pooled")
-    assert_close_rel(gf, rgf, torch.float32, "grad_features")
-    assert_close_rel(gw, rgw, torch.float32, "grad_weights")
+    assert_close_rel(cam, rc, out_dt, "cam")
+    assert_close_rel(pooled, rp, out_dt, "pooled")
+    assert_close_rel(gf, rgf, torch.float16, "grad_features")
+    assert_close_rel(gw, rgw, out_dt, "grad_weights")
     # weights only (no grad_features, no grad_pooled)
     (gw_only,) = torch.autograd.grad(F.class_activation_features(f.detach(), w, backend="triton")[0].sum(), (w,))
-    assert_close_rel(gw_only, _ref_all(f, w, torch.ones(B, *hw, device=DEV), torch.zeros(B, k, device=DEV))[3], torch.float32, "grad_weights alone")
+    assert_close_rel(gw_only, _ref_all(f, w, torch.ones(B, *hw, device=DEV), torch.zeros(B, k, device=DEV))[3], out_dt,
+                     "grad_weights alone")
+
+
+def test_vec_kernels_need_16bit_nchw_maps(monkeypatch):
+    """What the vec kernels take; everything else goes to the channel-block kernels."""
+    from icakd_fast.kernels import cam as kcam
+
+    monkeypatch.setattr(kcam, "CAM_VEC", True)
+    h = torch.empty(2, 16, 7, 7, dtype=torch.float16)
+    w = torch.empty(2, 16, dtype=torch.float16)
+    assert kcam._use_vec(h, w, 49)
+    assert kcam._use_vec(h, w.float(), 49)
+    assert not kcam._use_vec(h.float(), w, 49)  # 32-bit maps: no exact 16-bit tensor-core products
+    assert not kcam._use_vec(h, w.double(), 49)
+    assert not kcam._use_vec(h.contiguous(memory_format=torch.channels_last), w, 49)
+    assert not kcam._use_vec(torch.empty(2, 16, 2, 3, dtype=torch.float16), w, 6)  # fewer than 8 pixels
+    assert not kcam._use_vec(torch.empty(2, 16, 16, 16, dtype=torch.float16), w, 256)  # above CAM_VEC_MAX_HW
+    monkeypatch.setattr(kcam, "CAM_VEC", False)
+    assert not kcam._use_vec(h, w, 49)
 
 
 def _layout(x, layout):
