@@ -485,18 +485,39 @@ def _cam_norm_vec_kernel(
 
 @triton.jit(do_not_specialize=["ITERS"])
 def _cam_pool_vec_kernel(
-    a_ptr, pw_ptr, pooled_ptr, K, NKB, sab,
+    a_ptr, part_ptr, cam_ptr, pw_ptr, pooled_ptr, K, NKB, sab,
     ITERS, HW: tl.constexpr, U: tl.constexpr, BLOCK_J: tl.constexpr, PIECES: tl.constexpr,
-    OFF64: tl.constexpr, EVEN_K: tl.constexpr,
+    OFF64: tl.constexpr, EVEN_K: tl.constexpr, FUSED: tl.constexpr,
 ):
-    """Pass 3, one program per (image, channel block): ``pooled[k] = sum_p pool_w[p] A[k, p]``."""
+    """Pass 3, one program per (image, channel block): ``pooled[k] = sum_p pool_w[p] A[k, p]``.
+
+    ``FUSED`` (few partials per image): every program reduces its image's partial sums itself,
+    per slot and in one fixed order (so all programs of an image get bit-identical pool_w), and
+    the program of channel block 0 stores cam and pool_w -- pass 2 is not launched."""
     dt = a_ptr.dtype.element_ty
     pid = tl.program_id(0).to(tl.int64)
     b = pid // NKB
     kb = (pid % NKB).to(tl.int32)
     j = tl.arange(0, BLOCK_J)
     jvalid = j < 8 * HW
-    pw = tl.load(pw_ptr + b * HW + j % HW, mask=jvalid, other=0.0).to(tl.float32)
+    if FUSED:
+        s = tl.zeros([BLOCK_J], dtype=tl.float32)
+        for n in range(NKB):
+            row = part_ptr + (b * NKB + n) * BLOCK_J + j % HW
+            for m in tl.static_range(8):
+                s += tl.load(row + m * HW, mask=jvalid, other=0.0)
+        cam = tl.maximum(s, 0.0)
+        pmask = j < HW  # slot j < HW is pixel j (channel 0 of the step)
+        lo = tl.min(tl.where(pmask, cam, float("inf")), axis=0)
+        hi = tl.max(tl.where(pmask, cam, float("-inf")), axis=0)
+        mm = tl.where(jvalid, (cam - lo) / (hi - lo + 1e-7), 0.0)
+        den = tl.sum(tl.where(pmask, mm, 0.0), axis=0)
+        pw = tl.where(jvalid, tl.where(den > 0, mm / tl.where(den > 0, den, 1.0), 1.0 / HW), 0.0)
+        first = pmask & (kb == 0)
+        tl.store(cam_ptr + b * HW + j, cam.to(cam_ptr.dtype.element_ty), mask=first)
+        tl.store(pw_ptr + b * HW + j, pw.to(pw_ptr.dtype.element_ty), mask=first)
+    else:
+        pw = tl.load(pw_ptr + b * HW + j % HW, mask=jvalid, other=0.0).to(tl.float32)
     m = _vec_channel_matrix(pw, j // HW, jvalid, PIECES, dt)
     u = tl.arange(0, U)
     img = a_ptr + b * sab
@@ -610,6 +631,9 @@ def _use_image_mode(B: int, dev: torch.device) -> bool:
 CAM_VEC = False
 CAM_VEC_MAX_HW = 128
 _VEC_DTYPES = (torch.float16, torch.bfloat16)
+#: the pooling pass reduces its image's partial sums itself (no pass 2) up to this many channel
+#: blocks per image (each program then reads 8 * blocks * BLOCK_J partials, from L2)
+_VEC_FUSE_BLOCKS = 8
 
 
 def _use_vec(features: torch.Tensor, weights: torch.Tensor, hw: int) -> bool:
@@ -712,16 +736,18 @@ def cam_fwd(features: torch.Tensor, weights: torch.Tensor | None, with_pooled: b
             features, weights, part, K, nkb, features.stride(0), *weights.stride(),
             PIECES=_pieces(weights.dtype, features.dtype, out_dt), **tile, **_vec_opts(),
         )
-        block_p = next_pow2(HW)
-        _launch(_cam_norm_vec_kernel)[(B,)](
-            part, cam, pool_w if with_pooled else part, nkb,
-            HW=HW, WITH_POOLED=with_pooled, BLOCK_P=block_p, BLOCK_J=block_j,
-            BLOCK_N=max(1, min(next_pow2(nkb), _FWD_TILE // block_p)), num_warps=4,
-        )
+        fused = with_pooled and nkb <= _VEC_FUSE_BLOCKS
+        if not fused:
+            block_p = next_pow2(HW)
+            _launch(_cam_norm_vec_kernel)[(B,)](
+                part, cam, pool_w if with_pooled else part, nkb,
+                HW=HW, WITH_POOLED=with_pooled, BLOCK_P=block_p, BLOCK_J=block_j,
+                BLOCK_N=max(1, min(next_pow2(nkb), _FWD_TILE // block_p)), num_warps=4,
+            )
         if with_pooled:
             _launch(_cam_pool_vec_kernel)[(B * nkb,)](
-                features, pool_w, pooled, K, nkb, features.stride(0),
-                PIECES=_pieces(pool_w.dtype, features.dtype, pooled.dtype), **tile, **_vec_opts(),
+                features, part, cam, pool_w, pooled, K, nkb, features.stride(0),
+                PIECES=_pieces(pool_w.dtype, features.dtype, pooled.dtype), FUSED=fused, **tile, **_vec_opts(),
             )
         return cam, pooled, pool_w, w_out
     if HW <= max_fused_hw and _use_image_mode(B, dev):

@@ -46,8 +46,9 @@ def test_every_launch_is_reported(rows):
     assert ("split", "fwd", "_cam_pool_kernel") in kernels
     assert ("split", "bwd", "_cam_bwd_kernel") in kernels
     assert ("image", "fwd", "_cam_image_kernel") in kernels
-    assert {("vec", "fwd", "_cam_partial_vec_kernel"), ("vec", "fwd", "_cam_norm_vec_kernel"),
-            ("vec", "fwd", "_cam_pool_vec_kernel"), ("vec", "bwd", "_cam_bwd_vec_kernel")} <= kernels
+    # vec forward: two launches, the pooling pass reduces the partial sums itself at this size
+    vec = {(p, k) for v, p, k in kernels if v == "vec"}
+    assert vec == {("fwd", "_cam_partial_vec_kernel"), ("fwd", "_cam_pool_vec_kernel"), ("bwd", "_cam_bwd_vec_kernel")}
 
 
 def test_no_kernel_spills(rows):

@@ -5,6 +5,7 @@ import torch
 
 import icakd_fast.functional as F
 import icakd_fast.reference as R
+from icakd_fast.reference.cam import cam_pool_weights
 from icakd_fast._backend import is_available
 from icakd_fast.ops import cam_features
 
@@ -62,6 +63,31 @@ def test_vec_kernels_every_channel_and_pixel_phase(hw, k, wdtype, monkeypatch):
     (gw_only,) = torch.autograd.grad(F.class_activation_features(f.detach(), w, backend="triton")[0].sum(), (w,))
     assert_close_rel(gw_only, _ref_all(f, w, torch.ones(B, *hw, device=DEV), torch.zeros(B, k, device=DEV))[3], out_dt,
                      "grad_weights alone")
+
+
+@pytest.mark.parametrize("fuse_blocks", [0, 8])
+@pytest.mark.parametrize("shape", [(2, 40, 3, 3), (3, 300, 7, 7)])
+def test_vec_forward_with_and_without_its_own_partial_reduction(shape, fuse_blocks, monkeypatch):
+    """The pooling pass reduces the partial sums itself (few channel blocks per image) or reads
+    pool_w from the separate pass-2 kernel: same results, cam and pool_w written once."""
+    from icakd_fast.kernels import cam as kcam
+
+    monkeypatch.setattr(kcam, "CAM_VEC", True)
+    monkeypatch.setattr(kcam, "_VEC_FUSE_BLOCKS", fuse_blocks)
+    monkeypatch.setitem(kcam.CAM_CFG, "vec_tile", 16 * 128)
+    monkeypatch.setitem(kcam.CAM_CFG, "vec_iters", 1)
+    B, K, H, W = shape
+    f = torch.randn(shape, device=DEV).half()
+    w = torch.randn(B, K, device=DEV).half()
+    cam, pooled, pool_w, _ = kcam.cam_fwd(f, w, True)
+    rc, rp = R.class_activation_features(f.double(), w.double())
+    assert_close_rel(cam, rc, torch.float16, "cam")
+    assert_close_rel(pooled, rp, torch.float16, "pooled")
+    assert_close_rel(pool_w, cam_pool_weights(rc), torch.float16, "pool_w")
+    cam_only, _, _, _ = kcam.cam_fwd(f, w, False)  # no pooling: partial sums + pass 2 only
+    assert_close_rel(cam_only, rc, torch.float16, "cam without pooling")
+    if not fuse_blocks:  # the same pass-2 kernel wrote both
+        assert torch.equal(cam_only, cam)
 
 
 def test_vec_kernels_need_16bit_nchw_maps(monkeypatch):
