@@ -79,7 +79,7 @@ class _Grid:
         return lambda *args, **kwargs: self.sink(grid, args, kwargs)
 
 
-def record(variant: str, B: int, K: int, H: int, W: int, dtype: torch.dtype):
+def record(variant: str, B: int, K: int, H: int, W: int, dtype: torch.dtype, channels_last: bool = False):
     """The launches of one forward (with pooling) and one full backward of ``variant``."""
     saved = (kcam._launch, kcam.CAM_VEC, kcam.CAM_FWD_MODE)
     rec = Recorder()
@@ -88,10 +88,12 @@ def record(variant: str, B: int, K: int, H: int, W: int, dtype: torch.dtype):
         kcam.CAM_VEC = variant == "vec"
         kcam.CAM_FWD_MODE = "image" if variant == "image" else "auto"
         f = torch.empty(B, K, H, W, dtype=dtype)
+        if channels_last:
+            f = f.contiguous(memory_format=torch.channels_last)
         w = torch.empty(B, K, dtype=dtype)
         cam, pooled, pool_w, _ = kcam.cam_fwd(f, w, True)
         fwd = len(rec.launches)
-        kcam.cam_bwd(torch.empty_like(cam), torch.empty_like(pooled), f, w, cam, pool_w, True, True)
+        kcam.cam_bwd(torch.empty_like(cam), torch.empty_like(pooled), f, w, cam, pool_w, True, True)  # dA like f
     finally:
         kcam._launch, kcam.CAM_VEC, kcam.CAM_FWD_MODE = saved
     return [(("fwd" if i < fwd else "bwd"),) + L for i, L in enumerate(rec.launches)]
@@ -181,9 +183,10 @@ def trips(name: str, values: dict) -> int | None:
     return None
 
 
-def analyse(variant: str, B: int, K: int, H: int, W: int, dtype: torch.dtype, arch: int) -> list[dict]:
+def analyse(variant: str, B: int, K: int, H: int, W: int, dtype: torch.dtype, arch: int,
+            channels_last: bool = False) -> list[dict]:
     rows = []
-    for phase, kernel, grid, args, kwargs in record(variant, B, K, H, W, dtype):
+    for phase, kernel, grid, args, kwargs in record(variant, B, K, H, W, dtype, channels_last):
         name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
         ck = compile_launch(kernel, args, kwargs, arch)
         st = sass_stats(ck.asm["cubin"])
@@ -224,6 +227,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", type=int, nargs=4, default=[256, 2048, 7, 7], metavar=("B", "K", "H", "W"))
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="bfloat16")
+    p.add_argument("--channels-last", action="store_true", help="an NHWC-contiguous feature map")
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
     p.add_argument("--variants", default="split,image,vec")
     p.add_argument("--json", help="also write the rows as JSON here")
@@ -245,8 +249,9 @@ def main():
     for variant in a.variants.split(","):
         if variant not in ("split", "image", "vec"):
             p.error(f"--variants: unknown variant {variant!r} (split, image, vec)")
-        rows += analyse(variant, B, K, H, W, _DTYPES[a.dtype], a.arch)
-    header = (f"CAM kernels compiled for sm_{a.arch} (Triton {triton.__version__}), B={B} K={K} {H}x{W} {a.dtype}, "
+        rows += analyse(variant, B, K, H, W, _DTYPES[a.dtype], a.arch, a.channels_last)
+    layout = "channels_last" if a.channels_last else "NCHW"
+    header = (f"CAM kernels compiled for sm_{a.arch} (Triton {triton.__version__}), B={B} K={K} {H}x{W} {a.dtype} {layout}, "
               "forward with pooling + full backward; static figures, not timings")
     text = table(rows, header)
     if a.opcodes:

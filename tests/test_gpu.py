@@ -16,11 +16,15 @@ DEV = "cuda"
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("mode", ["split", "image"])
+@pytest.mark.parametrize("mode", ["split", "image", "vec"])
 def test_cam_low_precision_and_layouts(dtype, layout, mode, monkeypatch):
+    """``vec`` takes the contiguous 16-bit maps; the other inputs fall back to the split kernels."""
     from icakd_fast.kernels import cam as kcam
 
-    monkeypatch.setattr(kcam, "CAM_FWD_MODE", mode)
+    if mode == "vec":
+        monkeypatch.setattr(kcam, "CAM_VEC", True)
+    else:
+        monkeypatch.setattr(kcam, "CAM_FWD_MODE", mode)
     f = torch.randn(8, 256, 7, 7, device=DEV).to(dtype)
     if layout == "channels_last":
         f = f.contiguous(memory_format=torch.channels_last)
@@ -38,6 +42,35 @@ def test_cam_low_precision_and_layouts(dtype, layout, mode, monkeypatch):
     assert_close_rel(pooled, rp, dtype, "pooled", factor=2)
     assert_close_rel(gf, rgf, dtype, "grad_features", factor=2)
     assert_close_rel(gw, rgw, dtype, "grad_weights", factor=2)
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(16, 2048, 7, 7), (4, 1000, 8, 8), (3, 72, 11, 11)])
+def test_vec_cam_kernels_bf16_on_the_tensor_cores(shape, wdtype, monkeypatch):
+    """The vec kernels at training shapes: several tiles and channel blocks per image, K not a
+    multiple of the tile, bfloat16 and float32 (split into pieces) weights, against float64."""
+    from icakd_fast.kernels import cam as kcam
+
+    monkeypatch.setattr(kcam, "CAM_VEC", True)
+    B, K, H, W = shape
+    f = torch.randn(shape, device=DEV).to(torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(B, K, device=DEV) / (H * W)).to(wdtype).requires_grad_(True)
+    assert kcam._use_vec(f, w, H * W)
+    out_dt = torch.promote_types(f.dtype, w.dtype)
+    cam, pooled = F.class_activation_features(f, w, backend="triton")
+    gc, gp = torch.randn_like(cam, dtype=torch.float32), torch.randn_like(pooled, dtype=torch.float32)
+    gf, gw = torch.autograd.grad((cam.float() * gc).sum() + (pooled.float() * gp).sum(), (f, w))
+    f64 = f.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    rc, rp = R.class_activation_features(f64, w64)
+    rgf, rgw = torch.autograd.grad((rc * gc.to(out_dt).double()).sum() + (rp * gp.to(out_dt).double()).sum(), (f64, w64))
+    assert_close_rel(cam, rc, out_dt, "cam")
+    assert_close_rel(pooled, rp, out_dt, "pooled", factor=2)
+    assert_close_rel(gf, rgf, torch.bfloat16, "grad_features", factor=2)
+    assert_close_rel(gw, rgw, out_dt, "grad_weights", factor=2)
+    # run to run: bit-identical
+    cam2, pooled2 = F.class_activation_features(f, w, backend="triton")
+    assert torch.equal(cam, cam2) and torch.equal(pooled, pooled2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
