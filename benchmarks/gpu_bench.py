@@ -180,7 +180,12 @@ INTER_CPP_ENV = {"cpp": {"ICAKD_INTER_FORM": "auto"}, "cpp_direct": {"ICAKD_INTE
                  "cpp_direct_tf32": {"ICAKD_INTER_FORM": "direct"}}
 INTER_CPP_ENV.update({f"cpp_chunk2e{k}": {"ICAKD_INTER_FORM": "gram", "ICAKD_GRAM_CHUNK_ELEMS": str(2**k)}
                       for k in (20, 21, 23, 24)})
-INTER_PRECISION.update({p: "highest" for p in INTER_CPP_ENV if p.startswith("cpp_chunk")})
+#: the bound on live rows that ICAKDLoss passes (its batch size): the Gram form's backward then
+#: takes that many rows instead of all C (``F.inter_class_loss(..., max_live=...)``)
+INTER_CPP_ENV.update({"cpp_bound": {"ICAKD_INTER_FORM": "auto"}, "cpp_bound_chunk2e23":
+                      {"ICAKD_INTER_FORM": "gram", "ICAKD_GRAM_CHUNK_ELEMS": str(2**23)}})
+INTER_BOUND = ("cpp_bound", "cpp_bound_chunk2e23")
+INTER_PRECISION.update({p: "highest" for p in INTER_CPP_ENV if p.startswith(("cpp_chunk", "cpp_bound"))})
 INTER_VARIANTS = {"triton_tf32_t64": {"fwd_t": 64, "fwd_warps": 4}, "triton_tf32_s4": {"stages": 4},
                   "triton_tf32_m32": {"bwd_m": 32, "bwd_warps": 4}, "triton_tf32_m32o512": {"bwd_m": 32, "bwd_o": 512}}
 
@@ -500,8 +505,10 @@ def case_inter():
     def make(p):
         be = backend_of(p)
 
+        max_live = P if p in INTER_BOUND else None
+
         def step(mu_s, mu_t):
-            loss = F.inter_class_loss(mu_s, mu_t, valid, live=live, backend=be)
+            loss = F.inter_class_loss(mu_s, mu_t, valid, live=live, max_live=max_live, backend=be)
             (g,) = torch.autograd.grad(loss, (mu_s,))
             return loss, g
 
@@ -517,7 +524,7 @@ def case_inter():
         return run
 
     def fwd_only(p, row):
-        if ARGS.dry_run or not p.startswith(("triton", "cpp")):
+        if ARGS.dry_run or not p.startswith(("triton", "cpp")) or p in INTER_BOUND:  # same forward as cpp
             return {}
         from icakd_fast.kernels import structure as kst
 

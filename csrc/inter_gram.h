@@ -161,6 +161,19 @@ inline std::tuple<at::Tensor, at::Tensor> gram_backward(const at::Tensor& grad_o
   return {gs, gt};
 }
 
+// Rows for a backward that needs dL/dmu_s of live rows only, when the caller bounds their number
+// (max_live >= 0, e.g. the batch size when `live` marks the classes of a batch): the first max_live
+// rows of a stable sort that puts the wanted rows (valid and live) first -- no host
+// synchronisation, O(max_live D^2) instead of O(C D^2). The bound is the caller's promise (the
+// Python API checks it on the device). Undefined (every row) when a bound does not help.
+inline at::Tensor bounded_live_rows(const at::Tensor& valid, const at::Tensor& live, int64_t max_live) {
+  const int64_t C = valid.size(0);
+  if (!live.defined() || max_live < 0 || max_live >= C) return at::Tensor();
+  const at::Tensor unwanted = at::logical_not(at::logical_and(valid, live)).to(at::kByte);
+  const at::Tensor order = std::get<1>(at::sort(unwanted, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  return order.narrow(0, 0, max_live);
+}
+
 // Loss of the Gram form and K itself (saved by the autograd Function for the backward, which then
 // skips the O(C D^2) product): (loss in `acc`, K [D, D] float64).
 inline std::tuple<at::Tensor, at::Tensor> gram_forward(const at::Tensor& mu_s, const at::Tensor& mu_t,

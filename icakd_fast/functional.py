@@ -181,6 +181,7 @@ def inter_class_loss(
     valid: torch.Tensor,
     *,
     live: torch.Tensor | None = None,
+    max_live: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Inter-class structure: ``mean_{k,l in V} (cos(mu_s[k], mu_s[l]) - cos(mu_t[k], mu_t[l]))^2``.
@@ -188,6 +189,11 @@ def inter_class_loss(
     ``mu_s`` [C,Ds] and ``mu_t`` [C,Dt] may differ in width. ``live`` [C] bool (optional): rows
     of ``mu_s`` outside it are constants, their gradient is zero and the backward costs O(P*C*D)
     for P live rows. The fast backends never build a C x C matrix.
+
+    ``max_live`` (optional, with ``live``): an upper bound on the number of rows both live and
+    valid -- the batch size when ``live`` marks the classes of a batch. The C++ backend's float64
+    Gram form then computes that many rows of the gradient instead of all C (it cannot count them
+    without a host synchronisation). A bound that is too small fails a device-side assertion.
     """
     V.floating("mu_s", mu_s, 2)
     V.floating("mu_t", mu_t, 2)
@@ -198,10 +204,18 @@ def inter_class_loss(
     if live is not None:
         V.boolean("live", live, 1)
         V.length("live", live, mu_s.shape[0], "mu_s")
+    if max_live is not None:
+        if isinstance(max_live, bool) or not isinstance(max_live, int) or max_live < 0:
+            raise ValueError(f"max_live must be an int >= 0, got {max_live!r}")
+        if live is None:
+            raise ValueError("max_live bounds the rows of live: give live too")
     name = resolve(backend, "inter", mu_s, mu_t)
     if name == "reference":
         return reference.inter_class_loss(mu_s, mu_t, valid, live)
-    return ops.inter_loss(name, mu_s, mu_t, valid, live, reference.NORM_EPS)
+    if max_live is not None and max_live < mu_s.shape[0]:
+        torch._assert_async((valid & live).sum() <= max_live,
+                            f"max_live={max_live} is below the number of rows both live and valid")
+    return ops.inter_loss(name, mu_s, mu_t, valid, live, reference.NORM_EPS, max_live)
 
 
 def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -337,6 +337,59 @@ def test_inter_gram_chunks(all_valid, use_live, need, monkeypatch):
             torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [None, "40"])
+@pytest.mark.parametrize("slack", [0, 3, 100])
+def test_inter_gram_backward_with_a_live_row_bound(chunk, slack, monkeypatch):
+    """``max_live``: the Gram form's backward takes the first max_live rows of a wanted-first order
+    (what it does on a GPU, where the live rows cannot be counted without a host sync): an exact
+    bound, a loose one and one at least C all give the reference gradient, zero outside live."""
+    import icakd_fast.functional as F
+
+    monkeypatch.setenv("ICAKD_INTER_FORM", "gram")
+    if chunk:
+        monkeypatch.setenv("ICAKD_GRAM_CHUNK_ELEMS", chunk)  # D = 19: chunks of two rows
+    mu_s0, mu_t0, valid = _inter_inputs(23, 8, 11, torch.float64, zero_row=True)
+    live = torch.rand(23) < 0.4
+    live[1] = True  # a live row with a zero centroid
+    bound = int((valid & live).sum()) + slack
+
+    def run(fn):
+        mu_s = mu_s0.clone().requires_grad_(True)
+        loss = fn(mu_s)
+        (loss * 1.3).backward()
+        return loss, mu_s.grad
+
+    out = run(lambda s: F.inter_class_loss(s, mu_t0, valid, live=live, max_live=bound, backend="cpp"))
+    ref = run(lambda s: reference.inter_class_loss(s, mu_t0, valid, live))
+    for a, r in zip(out, ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+    assert torch.all(out[1][~live] == 0)
+    # the C++ op directly: no row live -> a zero gradient
+    gram = cpp.inter_gram_fwd(mu_s0, mu_t0, valid, EPS)[1]
+    g_s, _ = cpp.inter_gram_bwd(torch.tensor(1.0, dtype=torch.float64), gram, mu_s0, mu_t0, valid,
+                                torch.zeros(23, dtype=torch.bool), True, False, EPS, 0)
+    assert g_s.shape == mu_s0.shape and torch.all(g_s == 0)
+
+
+def test_inter_max_live_checks():
+    import icakd_fast.functional as F
+
+    mu_s, mu_t, valid = _inter_inputs(12, 4, 6, torch.float32)
+    valid[:] = True
+    live = torch.zeros(12, dtype=torch.bool)
+    live[:5] = True
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="max_live"):
+            F.inter_class_loss(mu_s, mu_t, valid, live=live, max_live=bad, backend="cpp")
+    with pytest.raises(ValueError, match="give live too"):
+        F.inter_class_loss(mu_s, mu_t, valid, max_live=5, backend="cpp")
+    with pytest.raises(RuntimeError, match="max_live=4 is below"):  # 5 rows live and valid
+        F.inter_class_loss(mu_s, mu_t, valid, live=live, max_live=4, backend="cpp")
+    with pytest.raises(RuntimeError, match="max_live must be -1"):
+        cpp.inter_gram_bwd(torch.tensor(1.0), torch.zeros(10, 10, dtype=torch.float64), mu_s, mu_t, valid, live,
+                           True, False, EPS, -2)
+
+
 def test_inter_bf16_backward(inter_form):
     mu_s0, mu_t0, valid = _inter_inputs(70, 16, 24, torch.bfloat16)
     live = torch.rand(70) < 0.5

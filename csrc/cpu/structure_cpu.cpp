@@ -247,10 +247,18 @@ std::tuple<Tensor, Tensor> inter_gram_fwd_cpu(const Tensor& mu_s, const Tensor& 
 std::tuple<Tensor, Tensor> inter_gram_bwd_cpu(const Tensor& grad_out, const Tensor& gram, const Tensor& mu_s,
                                               const Tensor& mu_t, const Tensor& valid,
                                               const std::optional<Tensor>& live, bool need_s, bool need_t,
-                                              double eps) {
+                                              double eps, int64_t max_live) {
   const InterDims d = check_inter_gram_bwd(grad_out, gram, mu_s, mu_t, valid, live, eps, c10::DeviceType::CPU);
+  TORCH_CHECK(max_live >= -1, "inter_gram_bwd: max_live must be -1 (no bound) or >= 0, got ", max_live);
   const auto opts = mu_s.options().dtype(d.acc);
   if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
+  if (!need_t && max_live >= 0 && live.has_value() && live->defined()) {
+    // the caller's bound: the device path's sync-free row choice (the host could count the rows,
+    // but this keeps that path tested where CI runs)
+    const Tensor live_c = live->contiguous();
+    return gram_backward(grad_out, gram, mu_s, mu_t, valid, eps, bounded_live_rows(valid, live_c, max_live), live_c,
+                         need_s, need_t, opts);
+  }
   return gram_backward_cpu(grad_out, gram, mu_s, mu_t, valid, cpu_rows(valid, live, need_t), need_s, need_t, eps,
                            opts);
 }

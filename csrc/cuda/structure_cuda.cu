@@ -220,14 +220,17 @@ std::tuple<Tensor, Tensor> inter_gram_fwd_cuda(const Tensor& mu_s, const Tensor&
 std::tuple<Tensor, Tensor> inter_gram_bwd_cuda(const Tensor& grad_out, const Tensor& gram, const Tensor& mu_s,
                                                const Tensor& mu_t, const Tensor& valid,
                                                const std::optional<Tensor>& live, bool need_s, bool need_t,
-                                               double eps) {
+                                               double eps, int64_t max_live) {
   const InterDims d = check_inter_gram_bwd(grad_out, gram, mu_s, mu_t, valid, live, eps, c10::DeviceType::CUDA);
+  TORCH_CHECK(max_live >= -1, "inter_gram_bwd: max_live must be -1 (no bound) or >= 0, got ", max_live);
   const c10::cuda::CUDAGuard guard(mu_s.device());
   const auto opts = mu_s.options().dtype(d.acc);
   if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
-  // every row (P is not known on the host); rows of grad_mu_s outside `live` are zero
+  // P is not known on the host: every row, or the first max_live rows in wanted-first order when
+  // the caller bounds P; rows of grad_mu_s outside `live` are zero
   const Tensor live_c = live.has_value() && live->defined() ? live->contiguous() : Tensor();
-  return gram_backward(grad_out, gram, mu_s, mu_t, valid, eps, Tensor(), live_c, need_s, need_t, opts);
+  const Tensor rows = need_t ? Tensor() : bounded_live_rows(valid, live_c, max_live);
+  return gram_backward(grad_out, gram, mu_s, mu_t, valid, eps, rows, live_c, need_s, need_t, opts);
 }
 
 std::tuple<Tensor, Tensor> inter_bwd_cuda(const Tensor& grad_out, const Tensor& mu_s, const Tensor& mu_t,

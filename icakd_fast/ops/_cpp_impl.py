@@ -127,7 +127,7 @@ def _inter_gram_fwd_fake(mu_s, mu_t, valid, eps):
 
 
 @_fake(f"{_NS}::inter_gram_bwd")
-def _inter_gram_bwd_fake(grad_out, gram, mu_s, mu_t, valid, live, need_s, need_t, eps):
+def _inter_gram_bwd_fake(grad_out, gram, mu_s, mu_t, valid, live, need_s, need_t, eps, max_live=-1):
     return _inter_bwd_fake(grad_out, mu_s, mu_t, valid, live, need_s, need_t, eps)
 
 
@@ -199,9 +199,12 @@ def inter_gram_fwd(mu_s, mu_t, valid, eps: float):
     return _C.inter_gram_fwd(mu_s.detach(), mu_t.detach(), valid, float(eps))
 
 
-def inter_gram_bwd(grad_out, gram, mu_s, mu_t, valid, live, need_s: bool, need_t: bool, eps: float):
+def inter_gram_bwd(grad_out, gram, mu_s, mu_t, valid, live, need_s: bool, need_t: bool, eps: float,
+                   max_live: int | None = None):
+    """``max_live``: at most that many rows are valid and live (the caller's bound): only those
+    rows of dL/dmu_s are computed, in a sync-free wanted-first order."""
     g_s, g_t = _C.inter_gram_bwd(grad_out, gram, mu_s.detach(), mu_t.detach(), valid, live, bool(need_s),
-                                 bool(need_t), float(eps))
+                                 bool(need_t), float(eps), -1 if max_live is None else int(max_live))
     return (g_s if need_s else None), (g_t if need_t else None)
 
 

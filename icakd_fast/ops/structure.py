@@ -76,11 +76,13 @@ class InterFunction(torch.autograd.Function):
 
     With ``live`` the backward computes rows of ``mu_s`` in ``live`` only (O(P*C*D)). A backend
     with a two-step form (``inter_uses_gram`` / ``inter_gram_fwd`` / ``inter_gram_bwd``: the C++
-    float64 Gram form) keeps its [D, D] state from the forward for the backward.
+    float64 Gram form) keeps its [D, D] state from the forward for the backward; ``max_live``
+    (an upper bound on the live rows, or None) lets that form's backward take only that many rows
+    without a host synchronisation.
     """
 
     @staticmethod
-    def forward(ctx, backend, mu_s, mu_t, valid, live, eps):
+    def forward(ctx, backend, mu_s, mu_t, valid, live, eps, max_live=None):
         impl = implementation(backend)
         gram = None
         with _exact(mu_s):
@@ -91,6 +93,7 @@ class InterFunction(torch.autograd.Function):
                 loss = impl.inter_fwd(mu_s, mu_t, valid, eps)
         ctx.backend = backend
         ctx.eps = eps
+        ctx.max_live = max_live
         ctx.save_for_backward(mu_s, mu_t, valid, live, gram)
         return loss
 
@@ -101,11 +104,13 @@ class InterFunction(torch.autograd.Function):
         impl = implementation(ctx.backend)
         with _exact(mu_s):
             if gram is not None:
-                g_s, g_t = impl.inter_gram_bwd(grad_out, gram, mu_s, mu_t, valid, live, need_s, need_t, ctx.eps)
+                g_s, g_t = impl.inter_gram_bwd(grad_out, gram, mu_s, mu_t, valid, live, need_s, need_t, ctx.eps,
+                                               ctx.max_live)
             else:
                 g_s, g_t = impl.inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s, need_t, ctx.eps)
-        return None, (g_s.to(mu_s.dtype) if need_s else None), (g_t.to(mu_t.dtype) if need_t else None), None, None, None
+        return (None, (g_s.to(mu_s.dtype) if need_s else None), (g_t.to(mu_t.dtype) if need_t else None),
+                None, None, None, None)
 
 
-def inter_loss(backend, mu_s, mu_t, valid, live, eps):
-    return InterFunction.apply(backend, mu_s, mu_t, valid, live, eps)
+def inter_loss(backend, mu_s, mu_t, valid, live, eps, max_live=None):
+    return InterFunction.apply(backend, mu_s, mu_t, valid, live, eps, max_live)
