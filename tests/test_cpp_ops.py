@@ -312,11 +312,14 @@ def test_inter_backward(c, ds, dt, use_live, need, dtype, inter_form):
 @pytest.mark.parametrize("all_valid", [False, True])
 @pytest.mark.parametrize("use_live", [False, True])
 @pytest.mark.parametrize("need", [(True, True), (True, False), (False, True)])
-def test_inter_gram_chunks(all_valid, use_live, need, monkeypatch):
+@pytest.mark.parametrize("blocks", ["1", "3", "19"])
+def test_inter_gram_chunks(all_valid, use_live, need, blocks, monkeypatch):
     """The Gram form builds A and the gradients in row chunks: chunks of two rows (and a remainder
-    of one) give the same loss and gradients as the reference, on every row or only the live ones."""
+    of one) give the same loss and gradients as the reference, on every row or only the live ones;
+    K = A^T A from its blocks on and above the diagonal (1, 3 or 19 column blocks), mirrored."""
     monkeypatch.setenv("ICAKD_INTER_FORM", "gram")
     monkeypatch.setenv("ICAKD_GRAM_CHUNK_ELEMS", "40")  # D = 19: two rows per chunk
+    monkeypatch.setenv("ICAKD_GRAM_BLOCKS", blocks)
     mu_s0, mu_t0, valid = _inter_inputs(23, 8, 11, torch.float64, zero_row=True)
     if all_valid:  # every row computed: chunks are slices, not index lists
         valid[:] = True
@@ -335,6 +338,10 @@ def test_inter_gram_chunks(all_valid, use_live, need, monkeypatch):
         assert (a is None) == (r is None)
         if a is not None:
             torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+    K = cpp.inter_gram_fwd(mu_s0, mu_t0, valid, EPS)[1]  # the blocks below the diagonal mirrored
+    A = torch.cat([mu_s0 / mu_s0.norm(dim=1, keepdim=True).clamp_min(EPS),
+                   mu_t0 / mu_t0.norm(dim=1, keepdim=True).clamp_min(EPS)], 1) * valid[:, None]
+    torch.testing.assert_close(K, A.t() @ A, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("chunk", [None, "40"])
