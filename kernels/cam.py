@@ -376,10 +376,11 @@ def _cam_bwd_kernel(
 # Products of 16-bit values with 0/1 or 16-bit entries are exact and accumulate in float32; a
 # float32 factor (pool_w, float32 weights or gradients) is split into PIECES 16-bit parts placed
 # in separate column blocks (n = piece * 16 + c) that are summed afterwards, which keeps float32
-# accuracy. dA (= w g_s + g_pooled pool_w, no read of A) is written elementwise as [U, R, 8]
-# rows of 8 slots, where a row holds at most two channels (HW >= 8), so per-channel factors cost
-# two loads per row. Partial CAM sums are kept per slot; pixel p is the sum of slots p + m*HW,
-# m < 8 (fixed order), reduced by ``_cam_norm_vec_kernel``.
+# accuracy (bfloat16 parts have float32's exponent range; float16 maps take float16 factors only,
+# see ``_use_vec``). dA (= w g_s + g_pooled pool_w) needs no read of A: the per-channel factors
+# are spread over the slots by a product with the 0/1 matrix E[c, j] = [j // HW == c]. Partial
+# CAM sums are kept per slot; pixel p is the sum of slots p + m*HW, m < 8, in a fixed order,
+# reduced by each pooling program for its image (or once per image by ``_cam_norm_vec_kernel``).
 
 
 @triton.jit
@@ -624,8 +625,8 @@ def _use_image_mode(B: int, dev: torch.device) -> bool:
     return CAM_FWD_MODE == "image"
 
 
-#: opt-in "vec" kernels (see above) for NCHW-contiguous float16/bfloat16 maps with
-#: 8 <= H*W <= CAM_VEC_MAX_HW, weights of any float type but float64; off until timed on a GPU
+#: opt-in "vec" kernels (see above) for NCHW-contiguous bfloat16 maps (weights of any float type
+#: but float64) and float16 maps (float16 weights) with 8 <= H*W <= CAM_VEC_MAX_HW; off until timed on a GPU
 #: (``benchmarks/gpu_bench.py`` times them as ``triton_vec``; ``benchmarks/kernel_static.py``
 #: shows what they compile to)
 CAM_VEC = False
@@ -636,7 +637,15 @@ _VEC_DTYPES = (torch.float16, torch.bfloat16)
 _VEC_FUSE_BLOCKS = 8
 
 
+#: float16 maps with wider weights (their float32 factors would be split into float16 parts, which
+#: overflow beyond 65504): off, they take the split kernels. The CPU tests, which cannot run
+#: bfloat16 under the interpreter, switch it on to exercise the splitting with in-range values.
+_VEC_FP16_WIDE_FACTORS = False
+
+
 def _use_vec(features: torch.Tensor, weights: torch.Tensor, hw: int) -> bool:
+    if features.dtype == torch.float16 and weights.dtype != torch.float16 and not _VEC_FP16_WIDE_FACTORS:
+        return False
     return (bool(CAM_VEC) and 8 <= hw <= CAM_VEC_MAX_HW and features.is_contiguous()
             and features.dtype in _VEC_DTYPES and weights.dtype != torch.float64)
 

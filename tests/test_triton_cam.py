@@ -44,6 +44,7 @@ def test_vec_kernels_every_channel_and_pixel_phase(hw, k, wdtype, monkeypatch):
     from icakd_fast.kernels import cam as kcam
 
     monkeypatch.setattr(kcam, "CAM_VEC", True)
+    monkeypatch.setattr(kcam, "_VEC_FP16_WIDE_FACTORS", True)  # float32 weights split into float16 parts
     monkeypatch.setitem(kcam.CAM_CFG, "vec_tile", 16 * 128)
     monkeypatch.setitem(kcam.CAM_CFG, "vec_iters", 2)
     assert kcam._use_vec(torch.empty(1, k, *hw, dtype=torch.float16), torch.empty(1, k, dtype=wdtype), hw[0] * hw[1])
@@ -98,7 +99,8 @@ def test_vec_kernels_need_16bit_nchw_maps(monkeypatch):
     h = torch.empty(2, 16, 7, 7, dtype=torch.float16)
     w = torch.empty(2, 16, dtype=torch.float16)
     assert kcam._use_vec(h, w, 49)
-    assert kcam._use_vec(h, w.float(), 49)
+    assert kcam._use_vec(h.bfloat16(), w.float(), 49)  # float32 weights: bfloat16 parts
+    assert not kcam._use_vec(h, w.float(), 49)  # float16 parts of float32 values could overflow
     assert not kcam._use_vec(h.float(), w, 49)  # 32-bit maps: no exact 16-bit tensor-core products
     assert not kcam._use_vec(h, w.double(), 49)
     assert not kcam._use_vec(h.contiguous(memory_format=torch.channels_last), w, 49)
