@@ -384,6 +384,14 @@ def _cam_bwd_kernel(
 
 
 @triton.jit
+def _vec_program(NKB, HW: tl.constexpr, BLOCK_J: tl.constexpr):
+    """This program's image (int64) and channel block, the slots and which of them are used."""
+    pid = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_J)
+    return pid // NKB, (pid % NKB).to(tl.int32), j, j < 8 * HW
+
+
+@triton.jit
 def _vec_rows_mask(ks, j, HW: tl.constexpr, K, EVEN_K: tl.constexpr):
     """Mask of a [U, BLOCK_J] tile whose rows start at channels ``ks`` ([U])."""
     if EVEN_K:  # K % 8 == 0: a step is in or out as a whole
@@ -437,10 +445,8 @@ def _cam_partial_vec_kernel(
     """Pass 1, one program per (image, block of 8*U*ITERS channels): per-slot partial sums
     ``part[pid, j] = sum_u w[k(u, j)] A[u, j]``."""
     dt = a_ptr.dtype.element_ty
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // NKB
-    kb = (pid % NKB).to(tl.int32)
-    j = tl.arange(0, BLOCK_J)
+    b, kb, j, _ = _vec_program(NKB, HW, BLOCK_J)
+    pid = b * NKB + kb
     u = tl.arange(0, U)
     n = tl.arange(0, 16 * PIECES)
     c = n % 16
@@ -496,11 +502,7 @@ def _cam_pool_vec_kernel(
     per slot and in one fixed order (so all programs of an image get bit-identical pool_w), and
     the program of channel block 0 stores cam and pool_w -- pass 2 is not launched."""
     dt = a_ptr.dtype.element_ty
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // NKB
-    kb = (pid % NKB).to(tl.int32)
-    j = tl.arange(0, BLOCK_J)
-    jvalid = j < 8 * HW
+    b, kb, j, jvalid = _vec_program(NKB, HW, BLOCK_J)
     if FUSED:
         s = tl.zeros([BLOCK_J], dtype=tl.float32)
         for n in range(NKB):
@@ -554,11 +556,7 @@ def _cam_bwd_vec_kernel(
     ``cam``, ``pool_w`` and dA are contiguous, ``grad_cam`` has any [B, H, W] strides.
     PIECES_*: 16-bit parts of the weights, grad_pooled and g_s (1 when of the map's dtype)."""
     dt = a_ptr.dtype.element_ty
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // NKB
-    kb = (pid % NKB).to(tl.int32)
-    j = tl.arange(0, BLOCK_J)
-    jvalid = j < 8 * HW
+    b, kb, j, jvalid = _vec_program(NKB, HW, BLOCK_J)
     kk = j // HW
     p = j % HW
     u = tl.arange(0, U)

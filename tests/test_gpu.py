@@ -14,6 +14,20 @@ pytestmark = pytest.mark.gpu
 DEV = "cuda"
 
 
+def _triton_and_float64(f, w):
+    """``(cam, pooled, grad_f, grad_w)`` of the triton op and of the float64 reference, for the
+    same random output gradients (as the op's output dtype rounds them)."""
+    cam, pooled = F.class_activation_features(f, w, backend="triton")
+    gc, gp = torch.randn_like(cam, dtype=torch.float32), torch.randn_like(pooled, dtype=torch.float32)
+    gf, gw = torch.autograd.grad((cam.float() * gc).sum() + (pooled.float() * gp).sum(), (f, w))
+    f64 = f.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    rc, rp = R.class_activation_features(f64, w64)
+    gc64, gp64 = gc.to(cam.dtype).double(), gp.to(pooled.dtype).double()
+    rgf, rgw = torch.autograd.grad((rc * gc64).sum() + (rp * gp64).sum(), (f64, w64))
+    return (cam, pooled, gf, gw), (rc, rp, rgf, rgw)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("mode", ["split", "image", "vec"])
@@ -30,13 +44,7 @@ def test_cam_low_precision_and_layouts(dtype, layout, mode, monkeypatch):
         f = f.contiguous(memory_format=torch.channels_last)
     f.requires_grad_(True)
     w = (torch.randn(8, 256, device=DEV) / 49).to(dtype).requires_grad_(True)
-    cam, pooled = F.class_activation_features(f, w, backend="triton")
-    gc, gp = torch.randn_like(cam, dtype=torch.float32), torch.randn_like(pooled, dtype=torch.float32)
-    gf, gw = torch.autograd.grad((cam.float() * gc).sum() + (pooled.float() * gp).sum(), (f, w))
-    f64 = f.detach().double().requires_grad_(True)
-    w64 = w.detach().double().requires_grad_(True)
-    rc, rp = R.class_activation_features(f64, w64)
-    rgf, rgw = torch.autograd.grad((rc * gc.double()).sum() + (rp * gp.double()).sum(), (f64, w64))
+    (cam, pooled, gf, gw), (rc, rp, rgf, rgw) = _triton_and_float64(f, w)
     assert gf.stride() == f.stride()
     assert_close_rel(cam, rc, dtype, "cam")
     assert_close_rel(pooled, rp, dtype, "pooled", factor=2)
@@ -57,13 +65,7 @@ def test_vec_cam_kernels_bf16_on_the_tensor_cores(shape, wdtype, monkeypatch):
     w = (torch.randn(B, K, device=DEV) / (H * W)).to(wdtype).requires_grad_(True)
     assert kcam._use_vec(f, w, H * W)
     out_dt = torch.promote_types(f.dtype, w.dtype)
-    cam, pooled = F.class_activation_features(f, w, backend="triton")
-    gc, gp = torch.randn_like(cam, dtype=torch.float32), torch.randn_like(pooled, dtype=torch.float32)
-    gf, gw = torch.autograd.grad((cam.float() * gc).sum() + (pooled.float() * gp).sum(), (f, w))
-    f64 = f.detach().double().requires_grad_(True)
-    w64 = w.detach().double().requires_grad_(True)
-    rc, rp = R.class_activation_features(f64, w64)
-    rgf, rgw = torch.autograd.grad((rc * gc.to(out_dt).double()).sum() + (rp * gp.to(out_dt).double()).sum(), (f64, w64))
+    (cam, pooled, gf, gw), (rc, rp, rgf, rgw) = _triton_and_float64(f, w)
     assert_close_rel(cam, rc, out_dt, "cam")
     assert_close_rel(pooled, rp, out_dt, "pooled", factor=2)
     assert_close_rel(gf, rgf, torch.bfloat16, "grad_features", factor=2)
