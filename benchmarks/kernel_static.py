@@ -47,7 +47,8 @@ from icakd_fast.kernels import cam as kcam  # noqa: E402
 #: per-SM limits of compute capability 9.0 (H100/H200) for the occupancy estimate
 SM90 = {"regs": 65536, "warps": 64, "blocks": 32, "smem": 228 * 1024, "smem_reserved": 1024}
 _TT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-       torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+       torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+       torch.bool: "i1"}
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -96,6 +97,30 @@ def record(variant: str, B: int, K: int, H: int, W: int, dtype: torch.dtype, cha
         kcam.cam_bwd(torch.empty_like(cam), torch.empty_like(pooled), f, w, cam, pool_w, True, True)  # dA like f
     finally:
         kcam._launch, kcam.CAM_VEC, kcam.CAM_FWD_MODE = saved
+    return [(("fwd" if i < fwd else "bwd"),) + L for i, L in enumerate(rec.launches)]
+
+
+def record_inter(C: int, Ds: int, Dt: int, P: int, precision: str):
+    """The launches of the Triton inter loss (forward, then the backward of mu_s for P live rows)
+    with the GPU launch configuration, at a float32 matmul precision ("highest": 3xTF32)."""
+    from icakd_fast.kernels import structure as kst
+
+    saved = (kst.launch, kst._cfg, torch.get_float32_matmul_precision())
+    rec = Recorder()
+    try:
+        kst.launch = rec
+        kst._cfg = lambda x, C, f64=False: {**kst._cuda_cfg(C), **kst.GPU_CFG_OVERRIDES}
+        torch.set_float32_matmul_precision(precision)
+        mu_s, mu_t = torch.empty(C, Ds), torch.empty(C, Dt)
+        valid = torch.ones(C, dtype=torch.bool)
+        live = torch.zeros(C, dtype=torch.bool)
+        live[:P] = True
+        kst.inter_fwd(mu_s, mu_t, valid, 1e-8)
+        fwd = len(rec.launches)
+        kst.inter_bwd(torch.ones(()), mu_s, mu_t, valid, live, True, False, 1e-8)
+    finally:
+        kst.launch, kst._cfg = saved[0], saved[1]
+        torch.set_float32_matmul_precision(saved[2])
     return [(("fwd" if i < fwd else "bwd"),) + L for i, L in enumerate(rec.launches)]
 
 
@@ -184,9 +209,12 @@ def trips(name: str, values: dict) -> int | None:
 
 
 def analyse(variant: str, B: int, K: int, H: int, W: int, dtype: torch.dtype, arch: int,
-            channels_last: bool = False) -> list[dict]:
+            channels_last: bool = False, launches=None) -> list[dict]:
+    """One row per launch; ``launches`` (from ``record_inter``) replaces the CAM launches."""
     rows = []
-    for phase, kernel, grid, args, kwargs in record(variant, B, K, H, W, dtype, channels_last):
+    if launches is None:
+        launches = record(variant, B, K, H, W, dtype, channels_last)
+    for phase, kernel, grid, args, kwargs in launches:
         name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
         ck = compile_launch(kernel, args, kwargs, arch)
         st = sass_stats(ck.asm["cubin"])
@@ -202,7 +230,7 @@ def analyse(variant: str, B: int, K: int, H: int, W: int, dtype: torch.dtype, ar
             executed = st["instructions"] - st["loop_body"] + st["loop_body"] * n
         else:
             executed = None
-        per_elem = None if executed is None else executed * warps * 32 * programs / (B * K * H * W)
+        per_elem = None if executed is None or not B else executed * warps * 32 * programs / (B * K * H * W)
         rows.append({"variant": variant, "phase": phase, "kernel": name, "grid": programs, "warps": warps,
                      "smem": smem, "occupancy": occupancy(st["regs"], warps, smem),
                      "instr_per_element": per_elem, **st})
@@ -230,6 +258,10 @@ def main():
     p.add_argument("--channels-last", action="store_true", help="an NHWC-contiguous feature map")
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
     p.add_argument("--variants", default="split,image,vec")
+    p.add_argument("--inter", type=int, nargs=4, metavar=("C", "DS", "DT", "P"),
+                   help="the Triton inter-loss kernels instead (C classes, widths Ds and Dt, P live rows), e.g. 21841 512 2048 256")
+    p.add_argument("--precision", choices=("highest", "high", "medium"), default="highest",
+                   help="with --inter: torch.set_float32_matmul_precision (highest: 3xTF32, high: TF32, medium: bf16)")
     p.add_argument("--json", help="also write the rows as JSON here")
     p.add_argument("--cfg", action="append", default=[], metavar="KEY=VALUE",
                    help="override an entry of kernels.cam.CAM_CFG (repeatable), e.g. vec_warps=8")
@@ -246,13 +278,21 @@ def main():
             p.error(f"--cfg: expected KEY=INT with KEY one of {sorted(kcam.CAM_CFG)}, got {item!r}")
         kcam.CAM_CFG[key] = int(value)
     rows = []
-    for variant in a.variants.split(","):
+    if a.inter:
+        C, Ds, Dt, P = a.inter
+        if min(C, Ds, Dt) < 1 or not 0 <= P <= C:
+            p.error(f"--inter: need C, DS, DT >= 1 and 0 <= P <= C, got {a.inter}")
+        rows = analyse("inter", 0, 0, 0, 0, torch.float32, a.arch, launches=record_inter(C, Ds, Dt, P, a.precision))
+        header = (f"Inter-loss kernels compiled for sm_{a.arch} (Triton {triton.__version__}), C={C} Ds={Ds} Dt={Dt}, "
+                  f"P={P} live rows, float32 matmul precision {a.precision!r}; static figures, not timings")
+    for variant in [] if a.inter else a.variants.split(","):
         if variant not in ("split", "image", "vec"):
             p.error(f"--variants: unknown variant {variant!r} (split, image, vec)")
         rows += analyse(variant, B, K, H, W, _DTYPES[a.dtype], a.arch, a.channels_last)
-    layout = "channels_last" if a.channels_last else "NCHW"
-    header = (f"CAM kernels compiled for sm_{a.arch} (Triton {triton.__version__}), B={B} K={K} {H}x{W} {a.dtype} {layout}, "
-              "forward with pooling + full backward; static figures, not timings")
+    if not a.inter:
+        layout = "channels_last" if a.channels_last else "NCHW"
+        header = (f"CAM kernels compiled for sm_{a.arch} (Triton {triton.__version__}), B={B} K={K} {H}x{W} {a.dtype} "
+                  f"{layout}, forward with pooling + full backward; static figures, not timings")
     text = table(rows, header)
     if a.opcodes:
         text += "\n\nMost frequent SASS opcodes (static counts):\n" + "\n".join(

@@ -318,11 +318,16 @@ def _row_scale(x, valid_u8, eps, acc):
     return a
 
 
+def _cuda_cfg(C: int) -> dict:
+    """The GPU launch configuration of the inter kernels for C classes."""
+    return dict(fwd_t=64 if C <= 2048 else 128, fwd_d=32, bwd_m=64, bwd_n=64, bwd_d=32, bwd_o=256,
+                fwd_warps=4 if C <= 2048 else 8, bwd_warps=8, stages=4)
+
+
 def _gpu_cfg(x: torch.Tensor, C: int):
     if x.device.type != "cuda":  # interpreter: few, large blocks
         return dict(fwd_t=32, fwd_d=32, bwd_m=16, bwd_n=32, bwd_d=32, bwd_o=64, fwd_warps=4, bwd_warps=4, stages=1)
-    return dict(fwd_t=64 if C <= 2048 else 128, fwd_d=32, bwd_m=64, bwd_n=64, bwd_d=32, bwd_o=256,
-                fwd_warps=4 if C <= 2048 else 8, bwd_warps=8, stages=4)
+    return _cuda_cfg(C)
 
 
 #: tunables of the GPU launches (read at each call; the benchmark may override entries)

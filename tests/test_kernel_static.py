@@ -84,3 +84,20 @@ def test_vec_kernels_do_less_work_per_element_than_the_split_ones(rows):
     vec_fwd = ipe("vec", "_cam_partial_vec_kernel") + ipe("vec", "_cam_pool_vec_kernel")
     assert vec_fwd < 0.6 * split_fwd, (vec_fwd, split_fwd)
     assert ipe("vec", "_cam_bwd_vec_kernel") < 0.6 * ipe("split", "_cam_bwd_kernel")
+
+
+def test_inter_kernels_use_the_tensor_cores_without_spilling_at_tf32(tmp_path):
+    """``--inter``: the Triton inter-loss launches at the GPU configuration. With TF32 the tile
+    kernels run on the tensor cores and do not spill (at 3xTF32 the backward does: see
+    ``benchmarks/results/kernel_static_sm90.md``)."""
+    out = tmp_path / "inter.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel_static.py"), "--inter", "4096", "64",
+                           "128", "32", "--precision", "high", "--json", str(out)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = {(r["phase"], r["kernel"]): r for r in json.loads(out.read_text())["rows"]}
+    for key in (("fwd", "_inter_fwd_kernel"), ("bwd", "_inter_bwd_kernel")):
+        r = rows[key]
+        assert r["local"] == 0, (key, r["local"])
+        assert any(op in r["opcodes"] for op in ("HMMA", "HGMMA")), (key, list(r["opcodes"])[:20])
