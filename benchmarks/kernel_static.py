@@ -124,6 +124,25 @@ def record_inter(C: int, Ds: int, Dt: int, P: int, precision: str):
     return [(("fwd" if i < fwd else "bwd"),) + L for i, L in enumerate(rec.launches)]
 
 
+def record_bank(C: int, S: int, D: int, N: int):
+    """The launches of one class-bank enqueue of N rows (plan + apply) and one resync of N classes."""
+    from icakd_fast.kernels import bank as kb
+
+    saved = kb.launch
+    rec = Recorder()
+    try:
+        kb.launch = rec
+        bank = torch.empty(C, S, D)
+        count, ptr = torch.zeros(C, dtype=torch.int64), torch.zeros(C, dtype=torch.int64)
+        sums = torch.empty(C, D)
+        labels = torch.randint(0, C, (N,))
+        kb.class_bank_enqueue_(bank, count, ptr, sums, torch.empty(N, D), labels, torch.ones(N, dtype=torch.bool))
+        kb.class_bank_resync_(bank, count, sums, torch.arange(min(N, C)))
+    finally:
+        kb.launch = saved
+    return [("enqueue" if k.fn.__name__ != "_resync_kernel" else "resync", k, g, a, kw) for k, g, a, kw in rec.launches]
+
+
 def compile_launch(kernel, args, kwargs, arch: int):
     """Triton's specialisation of one launch, compiled for ``sm_<arch>``."""
     from triton.backends.compiler import GPUTarget
@@ -170,8 +189,8 @@ def sass_stats(cubin: bytes) -> dict:
     finally:
         os.unlink(path)
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
-    lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/\s+\S", ln)]
-    addrs = [int(re.search(r"/\*([0-9a-f]{4})\*/", ln).group(1), 16) for ln in lines]
+    lines = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", ln)]
+    addrs = [int(re.search(r"/\*([0-9a-f]{4,})\*/", ln).group(1), 16) for ln in lines]
     loops = []  # (first, last) address of every loop: a backward branch and its target
     for a, ln in zip(addrs, lines):
         b = re.search(r"\bBRA\b[^;]*?(0x[0-9a-f]+)", ln)
@@ -180,7 +199,7 @@ def sass_stats(cubin: bytes) -> dict:
     outer = [lp for lp in loops if not any(o != lp and o[0] <= lp[0] and lp[1] <= o[1] for o in loops)]
     body = sum(sum(1 for x in addrs if lo <= x <= hi) for lo, hi in outer)  # top-level loop bodies
     ops = Counter(re.findall(r"\b((?:LDG|STG|LDGSTS)\.E[\w.]*)", sass))
-    opcodes = Counter(re.search(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", ln).group(1) for ln in lines)
+    opcodes = Counter(re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", ln).group(1) for ln in lines)
     # spilled registers live on the thread's stack (STACK), LOCAL is for local arrays
     return {"regs": int(m.group(1)), "local": int(m.group(2)) + int(m.group(4)), "instructions": len(lines), "loop_body": body,
             "loops": len(outer),
@@ -260,6 +279,8 @@ def main():
     p.add_argument("--variants", default="split,image,vec")
     p.add_argument("--inter", type=int, nargs=4, metavar=("C", "DS", "DT", "P"),
                    help="the Triton inter-loss kernels instead (C classes, widths Ds and Dt, P live rows), e.g. 21841 512 2048 256")
+    p.add_argument("--bank", type=int, nargs=4, metavar=("C", "S", "D", "N"),
+                   help="the Triton class-bank kernels instead (C classes, S slots, width D, N rows), e.g. 1000 16 2048 256")
     p.add_argument("--precision", choices=("highest", "high", "medium"), default="highest",
                    help="with --inter: torch.set_float32_matmul_precision (highest: 3xTF32, high: TF32, medium: bf16)")
     p.add_argument("--json", help="also write the rows as JSON here")
@@ -285,11 +306,18 @@ def main():
         rows = analyse("inter", 0, 0, 0, 0, torch.float32, a.arch, launches=record_inter(C, Ds, Dt, P, a.precision))
         header = (f"Inter-loss kernels compiled for sm_{a.arch} (Triton {triton.__version__}), C={C} Ds={Ds} Dt={Dt}, "
                   f"P={P} live rows, float32 matmul precision {a.precision!r}; static figures, not timings")
-    for variant in [] if a.inter else a.variants.split(","):
+    if a.bank:
+        C, S, D, N = a.bank
+        if min(C, S, D, N) < 1:
+            p.error(f"--bank: C, S, D, N must be >= 1, got {a.bank}")
+        rows = analyse("bank", 0, 0, 0, 0, torch.float32, a.arch, launches=record_bank(C, S, D, N))
+        header = (f"Class-bank kernels compiled for sm_{a.arch} (Triton {triton.__version__}), C={C} S={S} D={D}, "
+                  f"N={N} rows, float32 bank; static figures, not timings")
+    for variant in [] if (a.inter or a.bank) else a.variants.split(","):
         if variant not in ("split", "image", "vec"):
             p.error(f"--variants: unknown variant {variant!r} (split, image, vec)")
         rows += analyse(variant, B, K, H, W, _DTYPES[a.dtype], a.arch, a.channels_last)
-    if not a.inter:
+    if not (a.inter or a.bank):
         layout = "channels_last" if a.channels_last else "NCHW"
         header = (f"CAM kernels compiled for sm_{a.arch} (Triton {triton.__version__}), B={B} K={K} {H}x{W} {a.dtype} "
                   f"{layout}, forward with pooling + full backward; static figures, not timings")

@@ -32,21 +32,23 @@ def _plan_kernel(
     N, C, S,
     SINGLE_CLASS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
+    # the O(N^2) comparisons in int32 (labels < C and row indices < N fit): int64 [BLOCK_I, BLOCK_J]
+    # tiles needed every register and spilled (benchmarks/kernel_static.py)
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     imask = i < N
-    li = tl.load(lab_ptr + i, mask=imask, other=-1).to(tl.int64)
+    li = tl.load(lab_ptr + i, mask=imask, other=-1).to(tl.int32)
     ki = tl.load(keep_ptr + i, mask=imask, other=0) != 0
     if SINGLE_CLASS:
         keep_i = imask & ki & (li >= 0)
     else:
         keep_i = imask & ki & (li >= 0) & (li < C)
-    rank = tl.zeros([BLOCK_I], dtype=tl.int64)
-    n = tl.zeros([BLOCK_I], dtype=tl.int64)
-    nxt = tl.zeros([BLOCK_I], dtype=tl.int64) + N
+    rank = tl.zeros([BLOCK_I], dtype=tl.int32)
+    n = tl.zeros([BLOCK_I], dtype=tl.int32)
+    nxt = tl.zeros([BLOCK_I], dtype=tl.int32) + N
     for j0 in range(0, N, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         jmask = j < N
-        lj = tl.load(lab_ptr + j, mask=jmask, other=-1).to(tl.int64)
+        lj = tl.load(lab_ptr + j, mask=jmask, other=-1).to(tl.int32)
         kj = tl.load(keep_ptr + j, mask=jmask, other=0) != 0
         if SINGLE_CLASS:
             keep_j = jmask & kj & (lj >= 0)
@@ -55,11 +57,15 @@ def _plan_kernel(
             keep_j = jmask & kj & (lj >= 0) & (lj < C)
             same = keep_i[:, None] & keep_j[None, :] & (li[:, None] == lj[None, :])
         before = j[None, :] < i[:, None]
-        rank += tl.sum((same & before).to(tl.int64), axis=1)
-        n += tl.sum(same.to(tl.int64), axis=1)
+        rank += tl.sum((same & before).to(tl.int32), axis=1)
+        n += tl.sum(same.to(tl.int32), axis=1)
         after = j[None, :] > i[:, None]
-        cand = tl.where(same & after, j[None, :].to(tl.int64), N)
+        cand = tl.where(same & after, j[None, :], N)
         nxt = tl.minimum(nxt, tl.min(cand, axis=1))
+    rank = rank.to(tl.int64)
+    n = n.to(tl.int64)
+    nxt = nxt.to(tl.int64)
+    li = li.to(tl.int64)
     skip = tl.maximum(n - S, 0)
     write = keep_i & (rank >= skip)
     if SINGLE_CLASS:
@@ -204,8 +210,8 @@ def _segment_sum_kernel(
 def _plan(labels, keep, count, ptr, num_classes, slots, single_class):
     n = labels.shape[0]
     info = torch.empty((4, n), dtype=torch.int64, device=labels.device)
-    block_i = min(next_pow2(n), 64)
-    block_j = min(next_pow2(n), 128)
+    block_i = min(next_pow2(n), 16)
+    block_j = min(next_pow2(n), 32)
     launch(_plan_kernel)[(triton.cdiv(n, block_i),)](
         labels, keep, count, ptr, info, n, num_classes, slots,
         SINGLE_CLASS=single_class, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=4,
