@@ -101,3 +101,17 @@ def test_inter_kernels_use_the_tensor_cores_without_spilling_at_tf32(tmp_path):
         r = rows[key]
         assert r["local"] == 0, (key, r["local"])
         assert any(op in r["opcodes"] for op in ("HMMA", "HGMMA")), (key, list(r["opcodes"])[:20])
+
+
+def test_bank_plan_kernel_fits_in_registers(tmp_path):
+    """``--bank``: the enqueue's plan kernel compares rows in int32 tiles (int64 [64, 128] tiles
+    took 255 registers and spilled 608 bytes per thread)."""
+    out = tmp_path / "bank.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel_static.py"), "--bank", "1000", "16",
+                           "2048", "256", "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = {r["kernel"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"_plan_kernel", "_class_apply_kernel", "_resync_kernel"}
+    assert all(r["local"] == 0 for r in rows.values())
+    assert rows["_plan_kernel"]["regs"] <= 64
