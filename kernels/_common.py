@@ -68,7 +68,16 @@ def launch(kernel):
 
 
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    """Smallest power of two >= n (>= 1). Plain Python: launchers run it on every call, and
+    ``triton.next_power_of_2`` / ``triton.cdiv`` go through Triton's constexpr-function machinery
+    (microseconds of host time each)."""
+    n = int(n)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids (see ``next_pow2``)."""
+    return -(-int(a) // int(b))
 
 
 def interpreting(t: torch.Tensor) -> bool:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch, next_pow2
+from ._common import cdiv, launch, next_pow2
 
 
 @triton.jit
@@ -212,7 +212,7 @@ def _plan(labels, keep, count, ptr, num_classes, slots, single_class):
     info = torch.empty((4, n), dtype=torch.int64, device=labels.device)
     block_i = min(next_pow2(n), 16)
     block_j = min(next_pow2(n), 32)
-    launch(_plan_kernel)[(triton.cdiv(n, block_i),)](
+    launch(_plan_kernel)[(cdiv(n, block_i),)](
         labels, keep, count, ptr, info, n, num_classes, slots,
         SINGLE_CLASS=single_class, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=4,
     )
@@ -236,7 +236,7 @@ def class_bank_enqueue_(bank, count, ptr, sums, feats, labels, mask) -> None:
     info = _plan(labels, _keep_u8(mask), count, ptr, C, S, False)
     new = feats.detach().to(bank.dtype)
     bd = _block_d(D)
-    launch(_class_apply_kernel)[(n, triton.cdiv(D, bd) if D > 0 else 1)](
+    launch(_class_apply_kernel)[(n, cdiv(D, bd) if D > 0 else 1)](
         new, labels, info, bank, sums, count, ptr,
         n, D, S, *new.stride(), *bank.stride(), *sums.stride(),
         BLOCK_D=bd, num_warps=4,
@@ -251,7 +251,7 @@ def class_bank_resync_(bank, count, sums, classes) -> None:
     classes = classes.contiguous()
     bd = _block_d(D)
     bs = min(next_pow2(S), max(1, 4096 // bd))
-    launch(_resync_kernel)[(k, triton.cdiv(D, bd))](
+    launch(_resync_kernel)[(k, cdiv(D, bd))](
         bank, count, classes, sums, D, S, *bank.stride(), *sums.stride(),
         BLOCK_S=bs, BLOCK_D=bd, num_warps=4,
     )
@@ -267,7 +267,7 @@ def fifo_bank_enqueue_(bank, bank_labels, ptr, feats, labels, mask) -> None:
     info = _plan(labels, _keep_u8(mask), ptr1, ptr1, 1, size, True)
     new = feats.detach().to(bank.dtype)
     bd = _block_d(D)
-    launch(_fifo_apply_kernel)[(n, triton.cdiv(D, bd) if D > 0 else 1)](
+    launch(_fifo_apply_kernel)[(n, cdiv(D, bd) if D > 0 else 1)](
         new, labels, info, bank, bank_labels, ptr1,
         n, D, size, *new.stride(), *bank.stride(), bank_labels.stride(0),
         BLOCK_D=bd, num_warps=4,
@@ -291,7 +291,7 @@ def segment_launch(x, order, start, end, out, base=None, denom=None) -> None:
         return
     bd = _block_d(D)
     br = max(1, min(64, 4096 // bd))
-    launch(_segment_sum_kernel)[(num_classes, triton.cdiv(D, bd))](
+    launch(_segment_sum_kernel)[(num_classes, cdiv(D, bd))](
         x, order, start, end, base if base is not None else out, denom if denom is not None else start, out,
         D, *x.stride(), *(base.stride() if base is not None else (0, 0)), *out.stride(),
         HAS_BASE=base is not None, HAS_DENOM=denom is not None, BLOCK_R=br, BLOCK_D=bd, num_warps=4,

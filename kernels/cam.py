@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, interpreter_kernel, launch, next_pow2
+from ._common import acc_dtype, cdiv, interpreter_kernel, launch, next_pow2
 
 _launch = launch
 
@@ -653,9 +653,9 @@ def _vec_grid(hw: int, k: int) -> tuple[int, int, int, int]:
     channels (U >= 16, the smallest ``tl.dot``; U * BLOCK_J ~ ``CAM_CFG["vec_tile"]``), ITERS
     tiles per program."""
     block_j = next_pow2(8 * hw)
-    u = max(16, min(next_pow2(triton.cdiv(k, 8)), int(CAM_CFG["vec_tile"]) // block_j))
-    iters = max(1, min(int(CAM_CFG["vec_iters"]), triton.cdiv(k, 8 * u)))
-    return block_j, u, iters, triton.cdiv(k, 8 * u * iters)
+    u = max(16, min(next_pow2(cdiv(k, 8)), int(CAM_CFG["vec_tile"]) // block_j))
+    iters = max(1, min(int(CAM_CFG["vec_iters"]), cdiv(k, 8 * u)))
+    return block_j, u, iters, cdiv(k, 8 * u * iters)
 
 
 def _pieces(value_dtype: torch.dtype, map_dtype: torch.dtype, out_dtype: torch.dtype) -> int:
@@ -682,9 +682,13 @@ def _off64(*tensors) -> bool:
     """Whether the offsets inside one image of some tensor (every dim but the batch one) reach
     2^31: the kernels then compute them in int64 (the image's base offset always is)."""
     for t in tensors:
-        if t is not None and t.numel() > 0:
-            if sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2**31 - 1:
-                return True
+        if t is None:
+            continue
+        n = t.numel()
+        if n < 2**31 and t.is_contiguous():  # offsets below numel: the common case, no stride walk
+            continue
+        if n and sum((d - 1) * abs(st) for d, st in zip(t.shape[1:], t.stride()[1:])) >= 2**31 - 1:
+            return True
     return False
 
 
@@ -775,7 +779,7 @@ def cam_fwd(features: torch.Tensor, weights: torch.Tensor | None, with_pooled: b
         return cam, pooled, pool_w, w_out
     if HW <= max_fused_hw:
         block_k, block_p = _fused_blocks(HW, K, CAM_CFG["fwd_tile"])
-        nkb = triton.cdiv(K, block_k)
+        nkb = cdiv(K, block_k)
         block_r = max(1, min(next_pow2(nkb), _FWD_TILE // block_p))
         part = torch.empty((B, nkb, block_p), dtype=acc, device=dev)
         if grads is not None:
@@ -807,7 +811,7 @@ def cam_fwd(features: torch.Tensor, weights: torch.Tensor | None, with_pooled: b
     # tiled path for large maps
     block_k, block_p = _tile_blocks(HW, K)
     camf = torch.empty((B, HW), dtype=acc, device=dev)
-    _launch(_cam_map_kernel)[(B, triton.cdiv(HW, block_p))](
+    _launch(_cam_map_kernel)[(B, cdiv(HW, block_p))](
         features, weights, cam, camf, K, HW, W, *features.stride(), *weights.stride(),
         BLOCK_K=block_k, BLOCK_P=block_p, num_warps=4,
     )
@@ -819,7 +823,7 @@ def cam_fwd(features: torch.Tensor, weights: torch.Tensor | None, with_pooled: b
         pw = torch.where(den > 0, m / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(m, 1.0 / HW))
         pool_w.copy_(pw)
         pk, pp = _tile_blocks(HW, K)
-        _launch(_pool_kernel)[(B, triton.cdiv(K, pk))](
+        _launch(_pool_kernel)[(B, cdiv(K, pk))](
             features, pool_w, pooled, K, HW, W, *features.stride(),
             UNIFORM=False, ACC_F64=acc == torch.float64, BLOCK_K=pk, BLOCK_P=pp, num_warps=4,
         )
@@ -835,7 +839,7 @@ def spatial_mean(grads: torch.Tensor) -> torch.Tensor:
     if HW == 0:
         return out.fill_(float("nan"))
     block_k, block_p = _tile_blocks(HW, K)
-    _launch(_pool_kernel)[(B, triton.cdiv(K, block_k))](
+    _launch(_pool_kernel)[(B, cdiv(K, block_k))](
         grads, out, out, K, HW, W, *grads.stride(),
         UNIFORM=True, ACC_F64=grads.dtype == torch.float64, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=4,
     )
@@ -886,7 +890,7 @@ def cam_bwd(grad_cam, grad_pooled, features, weights, cam, pool_w, need_features
         block_k, block_p = _fused_blocks(HW, K, CAM_CFG["bwd_tile"])
     else:
         block_k, block_p = _tile_blocks(HW, K)
-    nkb = triton.cdiv(K, block_k)
+    nkb = cdiv(K, block_k)
     _launch(_cam_bwd_kernel)[(B * nkb,)](
         features, weights, cam, pool_w if has_gp else cam, gc, gp, ga_arg, gw_arg,
         K, HW, W, nkb,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import PREC_CODE, acc_dtype, dot_precision, launch, next_pow2
+from ._common import PREC_CODE, acc_dtype, cdiv, dot_precision, launch, next_pow2
 
 
 @triton.jit
@@ -105,7 +105,7 @@ def intra_fwd(f_s, f_t, mu_s, mu_t, labels, valid):
     nv = valid.index_select(0, labels.long()).sum().to(acc) if B > 0 else torch.zeros((), dtype=acc, device=f_s.device)
     if B > 0:
         bb, bd = _intra_blocks(D)
-        launch(_intra_kernel)[(triton.cdiv(B, bb), 1)](
+        launch(_intra_kernel)[(cdiv(B, bb), 1)](
             f_s, f_t, mu_s, mu_t, labels, vu8, rows, rows, rows,
             B, D, *f_s.stride(), *f_t.stride(), *mu_s.stride(), *mu_t.stride(), *rows.stride(),
             BACKWARD=False, BLOCK_B=bb, BLOCK_D=bd, num_warps=4,
@@ -124,7 +124,7 @@ def intra_bwd(grad_out, f_s, f_t, mu_s, mu_t, labels, valid):
     nv = valid.index_select(0, labels.long()).sum().to(acc).reshape(1)
     go = grad_out.to(acc).reshape(1)
     bb, bd = _intra_blocks(D)
-    launch(_intra_kernel)[(triton.cdiv(B, bb), triton.cdiv(D, bd))](
+    launch(_intra_kernel)[(cdiv(B, bb), cdiv(D, bd))](
         f_s, f_t, mu_s, mu_t, labels, vu8, go, nv, gd,
         B, D, *f_s.stride(), *f_t.stride(), *mu_s.stride(), *mu_t.stride(), *gd.stride(),
         BACKWARD=True, BLOCK_B=bb, BLOCK_D=bd, num_warps=4,
@@ -312,7 +312,7 @@ def _row_scale(x, valid_u8, eps, acc):
         return a
     bd = min(next_pow2(D), 256)
     br = max(1, min(64, 4096 // bd))
-    launch(_row_scale_kernel)[(triton.cdiv(C, br),)](
+    launch(_row_scale_kernel)[(cdiv(C, br),)](
         x, valid_u8, a, C, D, *x.stride(), float(eps), BLOCK_R=br, BLOCK_D=bd, num_warps=4,
     )
     return a
@@ -367,7 +367,7 @@ def inter_fwd(mu_s, mu_t, valid, eps: float):
     _, q, b = _scales(mu_s, mu_t, valid, eps, acc)
     cfg = _cfg(mu_s, C, acc == torch.float64)
     bt = cfg["fwd_t"]
-    T = triton.cdiv(C, bt)
+    T = cdiv(C, bt)
     part = torch.zeros((T * T,), dtype=acc, device=mu_s.device)
     prec, _, f64 = _precisions(mu_s, mu_t)
     launch(_inter_fwd_kernel)[(T, T)](
@@ -395,7 +395,7 @@ def _splits(C: int, block_n: int, device) -> int:
         return max(1, int(BWD_SPLITS))
     if device.type != "cuda":
         return 1
-    return max(1, min(64, triton.cdiv(C, 4 * block_n)))
+    return max(1, min(64, cdiv(C, 4 * block_n)))
 
 
 def inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s: bool, need_t: bool, eps: float):
@@ -415,8 +415,8 @@ def inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s: bool, need_t: bool, eps
     prec, prec_e, f64 = _precisions(mu_s, mu_t)
     bm, bn, bdd = cfg["bwd_m"], cfg["bwd_n"], cfg["bwd_d"]
     nsplit = _splits(C, bn, dev)
-    cols = triton.cdiv(triton.cdiv(C, nsplit), bn) * bn
-    nsplit = triton.cdiv(C, cols)
+    cols = cdiv(cdiv(C, nsplit), bn) * bn
+    nsplit = cdiv(C, cols)
     for which, need in (("s", need_s), ("t", need_t)):
         if not need:
             continue
@@ -432,7 +432,7 @@ def inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s: bool, need_t: bool, eps
         wu8 = want.to(torch.uint8)
         wo = b * ao
         bo = min(cfg["bwd_o"], next_pow2(D))
-        launch(_inter_bwd_kernel)[(triton.cdiv(C, bm), nsplit, triton.cdiv(D, bo))](
+        launch(_inter_bwd_kernel)[(cdiv(C, bm), nsplit, cdiv(D, bo))](
             mu_s, mu_t, xo, q, b, wo, order, wu8, out,
             C, DS, DT, D, cols, *mu_s.stride(), *mu_t.stride(), *xo.stride(), *out.stride(),
             PREC=prec, PREC_E=prec_e, F64=f64, ATOMIC=nsplit > 1,
@@ -441,7 +441,7 @@ def inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s: bool, need_t: bool, eps
         )
         bd = min(next_pow2(D), 256)
         br = max(1, min(32, 4096 // bd))
-        launch(_norm_bwd_kernel)[(triton.cdiv(C, br),)](
+        launch(_norm_bwd_kernel)[(cdiv(C, br),)](
             xo, out, coef, order, wu8, C, D, *xo.stride(), *out.stride(), float(eps),
             BLOCK_R=br, BLOCK_D=bd, num_warps=4,
         )
