@@ -5,11 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import implementation
-
-
-def _exact(t: torch.Tensor):
-    """Kernels choose their own precision: autocast must not recast the ops they call inside."""
-    return torch.autocast(device_type=t.device.type, enabled=False)
+from ._precision import exact as _exact
 
 
 class CAMFeaturesFunction(torch.autograd.Function):

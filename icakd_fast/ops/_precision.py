@@ -1,0 +1,18 @@
+"""What the autograd Functions of this package share: autocast off around the backends' ops."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def exact(t: torch.Tensor):
+    """Kernels choose their own precision: autocast must not recast the ops they call inside.
+    Where autocast is off for ``t``'s device there is nothing to switch off (and entering an
+    autocast context costs microseconds of host time per op)."""
+    if not torch.is_autocast_enabled(t.device.type):
+        return _NO_CONTEXT
+    return torch.autocast(device_type=t.device.type, enabled=False)
