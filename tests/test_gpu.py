@@ -141,7 +141,13 @@ def test_bank_bf16_matches_reference_and_is_deterministic():
     torch.testing.assert_close(a.sums, r.sums, rtol=1e-4, atol=1e-4)
 
 
-def test_compile_inductor_fullgraph():
+@pytest.mark.parametrize("vec", [False, True])
+def test_compile_inductor_fullgraph(vec, monkeypatch):
+    """torch.compile(fullgraph=True) with Inductor through the triton ops (vec: the bf16 CAM map
+    takes the opt-in vec kernels, whose channel loop bound is not specialised)."""
+    from icakd_fast.kernels import cam as kcam
+
+    monkeypatch.setattr(kcam, "CAM_VEC", vec)
     torch._dynamo.reset()
 
     def step(f, w, mu_s, mu_t, valid, live):
@@ -149,8 +155,11 @@ def test_compile_inductor_fullgraph():
         return cam.float().square().mean() + pooled.float().sum() + F.inter_class_loss(
             mu_s, mu_t, valid, live=live, backend="triton")
 
-    f = torch.randn(4, 64, 7, 7, device=DEV, requires_grad=True)
-    w = torch.randn(4, 64, device=DEV, requires_grad=True)
+    dt = torch.bfloat16 if vec else torch.float32
+    f = torch.randn(4, 300, 7, 7, device=DEV).to(dt).requires_grad_(True)
+    w = torch.randn(4, 300, device=DEV).to(dt).requires_grad_(True)
+    if vec:
+        assert kcam._use_vec(f, w, 49)
     mu_s = torch.randn(100, 32, device=DEV, requires_grad=True)
     mu_t = torch.randn(100, 48, device=DEV)
     valid = torch.ones(100, dtype=torch.bool, device=DEV)
@@ -160,9 +169,10 @@ def test_compile_inductor_fullgraph():
     got = torch.autograd.grad(out, (f, w, mu_s))
     ref = step(f, w, mu_s, mu_t, valid, live)
     exp = torch.autograd.grad(ref, (f, w, mu_s))
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    tol = dict(rtol=2e-2, atol=2e-2) if vec else dict(rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(out, ref, rtol=1e-4 if not vec else 1e-2, atol=1e-4 if not vec else 1e-2)
     for a, b in zip(got, exp):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(a.float(), b.float(), **tol)
 
 
 def test_cuda_graph_capture_of_icakd_step():
