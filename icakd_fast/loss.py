@@ -255,8 +255,9 @@ class ICAKDLoss(nn.Module):
             live = torch.zeros(self.num_classes, dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
 
             l_intra = IF._intra_class_loss(f_s, f_t, mu_s, mu_t, labels, valid, self.backend)
-            # at most B classes are live: the Gram form's backward then takes B rows, not C
-            l_inter = IF.inter_class_loss(mu_s, mu_t, valid, live=live, max_live=labels.shape[0], backend=self.backend)
+            # live marks the batch's labels, so at most B rows are live: the C++ Gram form's
+            # backward then takes B rows, not C (no device-side check needed)
+            l_inter = IF._inter_class_loss(mu_s, mu_t, valid, live, self.backend, max_live=labels.shape[0])
             parts["intra"] = l_intra
             parts["inter"] = l_inter
             loss = loss + self.w_intra * l_intra + self.w_inter * l_inter
