@@ -63,7 +63,7 @@ stamp "triton gpu tests rc=$? : $(tail -n 1 "$LOGS/tests_gpu.log")"
 grep -E "^FAILED|^ERROR" "$LOGS/tests_gpu.log" | head -20 | tee -a "$OUT/summary.txt"
 
 # 3. kernel benchmark (checks every provider against the eager reference before timing)
-timeout -s INT ${BENCH_TIMEOUT:-160} $PY benchmarks/gpu_bench.py --out "$OUT" --compiled-cases cam > "$LOGS/bench.log" 2>&1
+timeout -s INT ${BENCH_TIMEOUT:-200} $PY benchmarks/gpu_bench.py --out "$OUT" --compiled-cases cam > "$LOGS/bench.log" 2>&1
 stamp "kernel bench rc=$?"
 
 wait $build_pid
@@ -74,7 +74,7 @@ tail -n 1 "$LOGS/build.log" | tee -a "$OUT/summary.txt"
 $PY -m icakd_fast.info --check-extension >> "$OUT/summary.txt" 2>&1
 
 # 4. end-to-end training steps, scale sweep, peers (its own budget; writes e2e results to $OUT)
-E2E=${E2E_BUDGET:-160}
+E2E=${E2E_BUDGET:-120}
 timeout -s INT $(( E2E + 30 )) $PY benchmarks/e2e_bench.py --out "$OUT" --device cuda --budget-s "$E2E" > "$LOGS/e2e.log" 2>&1
 stamp "e2e bench rc=$?"
 # 4b. what ICAKD keeps alive at the step's memory peak, beside KD (into the logs and the summary)
