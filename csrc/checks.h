@@ -497,10 +497,12 @@ inline void check_gram(const at::Tensor& K, const at::Tensor& mu_s, const InterD
               "] (the K of inter_gram_fwd), got shape ", K.sizes());
 }
 
-// Every argument of inter_gram_bwd (the operands as for inter_bwd, then grad_out and K)
+// Every argument of inter_gram_bwd (the operands as for inter_bwd, then grad_out, K and max_live)
 inline InterDims check_inter_gram_bwd(const at::Tensor& grad_out, const at::Tensor& gram, const at::Tensor& mu_s,
                                       const at::Tensor& mu_t, const at::Tensor& valid,
-                                      const std::optional<at::Tensor>& live, double eps, c10::DeviceType kernel) {
+                                      const std::optional<at::Tensor>& live, double eps, int64_t max_live,
+                                      c10::DeviceType kernel) {
+  TORCH_CHECK(max_live >= -1, "inter_gram_bwd: max_live must be -1 (no bound) or >= 0, got ", max_live);
   const bool has_live = live.has_value() && live->defined();
   const InterDims d = check_inter(mu_s, mu_t, valid, eps, has_live ? &*live : nullptr, kernel);
   check_grad_out(grad_out, mu_s, "mu_s", kernel);

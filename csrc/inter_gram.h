@@ -114,10 +114,6 @@ inline at::Tensor gram64(const at::Tensor& mu_s, const at::Tensor& mu_t, const a
   for (int64_t r0 = 0; r0 < C; r0 += T) {
     const int64_t n = std::min(T, C - r0);
     const at::Tensor A = gram_rows64(mu_s.narrow(0, r0, n), mu_t.narrow(0, r0, n), valid.narrow(0, r0, n), eps).A;
-    if (nb == 1) {
-      K.addmm_(A.t(), A);
-      continue;
-    }
     for (size_t i = 0; i < nb; ++i) {
       const at::Tensor Ai = A.narrow(1, b[i], b[i + 1] - b[i]);
       at::Tensor Krow = K.narrow(0, b[i], b[i + 1] - b[i]);

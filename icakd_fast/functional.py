@@ -209,18 +209,19 @@ def inter_class_loss(
             raise ValueError(f"max_live must be an int >= 0, got {max_live!r}")
         if live is None:
             raise ValueError("max_live bounds the rows of live: give live too")
-    if max_live is not None and max_live < mu_s.shape[0] and resolve(backend, "inter", mu_s, mu_t) != "reference":
-        torch._assert_async((valid & live).sum() <= max_live,
-                            f"max_live={max_live} is below the number of rows both live and valid")
-    return _inter_class_loss(mu_s, mu_t, valid, live, backend, max_live)
+    return _inter_class_loss(mu_s, mu_t, valid, live, backend, max_live, check_bound=True)
 
 
-def _inter_class_loss(mu_s, mu_t, valid, live, backend, max_live=None):
-    """``inter_class_loss`` without the argument checks (callers that validated them, and whose
-    ``max_live`` holds by construction)."""
+def _inter_class_loss(mu_s, mu_t, valid, live, backend, max_live=None, check_bound=False):
+    """``inter_class_loss`` without the argument checks (callers that validated them);
+    ``check_bound``: check ``max_live`` on the device (callers whose bound holds by construction
+    skip it)."""
     name = resolve(backend, "inter", mu_s, mu_t)
     if name == "reference":
         return reference.inter_class_loss(mu_s, mu_t, valid, live)
+    if check_bound and max_live is not None and max_live < mu_s.shape[0]:
+        torch._assert_async((valid & live).sum() <= max_live,
+                            f"max_live={max_live} is below the number of rows both live and valid")
     return ops.inter_loss(name, mu_s, mu_t, valid, live, reference.NORM_EPS, max_live)
 
 

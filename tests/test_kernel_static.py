@@ -23,15 +23,20 @@ pytestmark = pytest.mark.skipif(
     reason="Triton without its NVIDIA backend binaries (ptxas, cuobjdump)")
 
 
+def _static_rows(folder, *args):
+    """The rows of ``kernel_static.py ARGS`` (run without the interpreter, as a script)."""
+    out = folder / "kernels.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel_static.py"), *args,
+                           "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text())["rows"]
+
+
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     """B=64 K=1024 7x7 bfloat16: every vec kernel runs its channel loop more than once."""
-    out = tmp_path_factory.mktemp("static") / "kernels.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel_static.py"), "--shape", "64", "1024",
-                           "7", "7", "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return json.loads(out.read_text())["rows"]
+    return _static_rows(tmp_path_factory.mktemp("static"), "--shape", "64", "1024", "7", "7")
 
 
 def _get(rows, variant, kernel):
@@ -90,13 +95,8 @@ def test_inter_kernels_use_the_tensor_cores_without_spilling_at_tf32(tmp_path):
     """``--inter``: the Triton inter-loss launches at the GPU configuration. With TF32 the tile
     kernels run on the tensor cores and do not spill (at 3xTF32 the backward does: see
     ``benchmarks/results/kernel_static_sm90.md``)."""
-    out = tmp_path / "inter.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel_static.py"), "--inter", "4096", "64",
-                           "128", "32", "--precision", "high", "--json", str(out)],
-                          capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    rows = {(r["phase"], r["kernel"]): r for r in json.loads(out.read_text())["rows"]}
+    rows = {(r["phase"], r["kernel"]): r
+            for r in _static_rows(tmp_path, "--inter", "4096", "64", "128", "32", "--precision", "high")}
     for key in (("fwd", "_inter_fwd_kernel"), ("bwd", "_inter_bwd_kernel")):
         r = rows[key]
         assert r["local"] == 0, (key, r["local"])
@@ -106,12 +106,7 @@ def test_inter_kernels_use_the_tensor_cores_without_spilling_at_tf32(tmp_path):
 def test_bank_plan_kernel_fits_in_registers(tmp_path):
     """``--bank``: the enqueue's plan kernel compares rows in int32 tiles (int64 [64, 128] tiles
     took 255 registers and spilled 608 bytes per thread)."""
-    out = tmp_path / "bank.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel_static.py"), "--bank", "1000", "16",
-                           "2048", "256", "--json", str(out)], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    rows = {r["kernel"]: r for r in json.loads(out.read_text())["rows"]}
+    rows = {r["kernel"]: r for r in _static_rows(tmp_path, "--bank", "1000", "16", "2048", "256")}
     assert set(rows) == {"_plan_kernel", "_class_apply_kernel", "_resync_kernel"}
     assert all(r["local"] == 0 for r in rows.values())
     assert rows["_plan_kernel"]["regs"] <= 64

@@ -248,8 +248,8 @@ std::tuple<Tensor, Tensor> inter_gram_bwd_cpu(const Tensor& grad_out, const Tens
                                               const Tensor& mu_t, const Tensor& valid,
                                               const std::optional<Tensor>& live, bool need_s, bool need_t,
                                               double eps, int64_t max_live) {
-  const InterDims d = check_inter_gram_bwd(grad_out, gram, mu_s, mu_t, valid, live, eps, c10::DeviceType::CPU);
-  TORCH_CHECK(max_live >= -1, "inter_gram_bwd: max_live must be -1 (no bound) or >= 0, got ", max_live);
+  const InterDims d =
+      check_inter_gram_bwd(grad_out, gram, mu_s, mu_t, valid, live, eps, max_live, c10::DeviceType::CPU);
   const auto opts = mu_s.options().dtype(d.acc);
   if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
   if (!need_t && max_live >= 0 && live.has_value() && live->defined()) {

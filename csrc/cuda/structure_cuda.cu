@@ -221,8 +221,8 @@ std::tuple<Tensor, Tensor> inter_gram_bwd_cuda(const Tensor& grad_out, const Ten
                                                const Tensor& mu_t, const Tensor& valid,
                                                const std::optional<Tensor>& live, bool need_s, bool need_t,
                                                double eps, int64_t max_live) {
-  const InterDims d = check_inter_gram_bwd(grad_out, gram, mu_s, mu_t, valid, live, eps, c10::DeviceType::CUDA);
-  TORCH_CHECK(max_live >= -1, "inter_gram_bwd: max_live must be -1 (no bound) or >= 0, got ", max_live);
+  const InterDims d =
+      check_inter_gram_bwd(grad_out, gram, mu_s, mu_t, valid, live, eps, max_live, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(mu_s.device());
   const auto opts = mu_s.options().dtype(d.acc);
   if (!need_s && !need_t) return {at::empty({0}, opts), at::empty({0}, opts)};
