@@ -143,6 +143,24 @@ def record_bank(C: int, S: int, D: int, N: int):
     return [("enqueue" if k.fn.__name__ != "_resync_kernel" else "resync", k, g, a, kw) for k, g, a, kw in rec.launches]
 
 
+def record_structure(C: int, D: int, B: int):
+    """The launches of the live centroids, then the intra-class loss forward and backward, of B rows."""
+    from icakd_fast.kernels import structure as kst
+
+    saved = kst.launch
+    rec = Recorder()
+    try:
+        kst.launch = rec
+        feats, labels = torch.empty(B, D), torch.randint(0, C, (B,))
+        mu, _ = kst.centroids_fwd(torch.empty(C, D), torch.zeros(C, dtype=torch.int64), feats, labels)
+        valid = torch.ones(C, dtype=torch.bool)
+        kst.intra_fwd(feats, feats, mu, mu, labels, valid)
+        kst.intra_bwd(torch.ones(()), feats, feats, mu, mu, labels, valid)
+    finally:
+        kst.launch = saved
+    return [("bwd" if i == len(rec.launches) - 1 else "fwd",) + L for i, L in enumerate(rec.launches)]
+
+
 def compile_launch(kernel, args, kwargs, arch: int):
     """Triton's specialisation of one launch, compiled for ``sm_<arch>``."""
     from triton.backends.compiler import GPUTarget
@@ -281,6 +299,8 @@ def main():
                    help="the Triton inter-loss kernels instead (C classes, widths Ds and Dt, P live rows), e.g. 21841 512 2048 256")
     p.add_argument("--bank", type=int, nargs=4, metavar=("C", "S", "D", "N"),
                    help="the Triton class-bank kernels instead (C classes, S slots, width D, N rows), e.g. 1000 16 2048 256")
+    p.add_argument("--structure", type=int, nargs=3, metavar=("C", "D", "B"),
+                   help="the Triton centroid and intra-loss kernels instead (C classes, width D, B rows), e.g. 1000 2048 256")
     p.add_argument("--precision", choices=("highest", "high", "medium"), default="highest",
                    help="with --inter: torch.set_float32_matmul_precision (highest: 3xTF32, high: TF32, medium: bf16)")
     p.add_argument("--json", help="also write the rows as JSON here")
@@ -313,11 +333,19 @@ def main():
         rows = analyse("bank", 0, 0, 0, 0, torch.float32, a.arch, launches=record_bank(C, S, D, N))
         header = (f"Class-bank kernels compiled for sm_{a.arch} (Triton {triton.__version__}), C={C} S={S} D={D}, "
                   f"N={N} rows, float32 bank; static figures, not timings")
-    for variant in [] if (a.inter or a.bank) else a.variants.split(","):
+    if a.structure:
+        C, D, B = a.structure
+        if min(C, D, B) < 1:
+            p.error(f"--structure: C, D, B must be >= 1, got {a.structure}")
+        rows = analyse("structure", 0, 0, 0, 0, torch.float32, a.arch, launches=record_structure(C, D, B))
+        header = (f"Centroid and intra-loss kernels compiled for sm_{a.arch} (Triton {triton.__version__}), C={C} D={D} "
+                  f"B={B}, float32; static figures, not timings")
+    other = a.inter or a.bank or a.structure
+    for variant in [] if other else a.variants.split(","):
         if variant not in ("split", "image", "vec"):
             p.error(f"--variants: unknown variant {variant!r} (split, image, vec)")
         rows += analyse(variant, B, K, H, W, _DTYPES[a.dtype], a.arch, a.channels_last)
-    if not (a.inter or a.bank):
+    if not other:
         layout = "channels_last" if a.channels_last else "NCHW"
         header = (f"CAM kernels compiled for sm_{a.arch} (Triton {triton.__version__}), B={B} K={K} {H}x{W} {a.dtype} "
                   f"{layout}, forward with pooling + full backward; static figures, not timings")

@@ -56,7 +56,8 @@ def _intra_kernel(
     so0, so1,
     BACKWARD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Forward: ``out[b] = valid[y_b] |d_b|^2``. Backward: ``out[b] = 2 g d_b valid[y_b] / max(nv, 1)``."""
+    """Forward: ``out[b, j] = valid[y_b] |d_b|^2`` over column block j. Backward:
+    ``out[b] = 2 g d_b valid[y_b] / max(nv, 1)``."""
     acc_ty = out_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
@@ -64,30 +65,21 @@ def _intra_kernel(
     y = tl.load(lab_ptr + rows, mask=rmask, other=0).to(tl.int64)
     v = tl.load(valid_ptr + y, mask=rmask, other=0) != 0
     if BACKWARD:
-        nv = tl.maximum(tl.load(nv_ptr).to(acc_ty), 1.0)
-        coef = 2.0 * tl.load(go_ptr).to(acc_ty) / nv
-        d_start = tl.program_id(1) * BLOCK_D
-        d_stop = d_start + BLOCK_D
+        coef = 2.0 * tl.load(go_ptr).to(acc_ty) / tl.maximum(tl.load(nv_ptr).to(acc_ty), 1.0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # one column block per program
+    d64 = d.to(tl.int64)
+    m = rmask[:, None] & (d < D)[None, :]
+    fs = tl.load(fs_ptr + r64[:, None] * sfs0 + d64[None, :] * sfs1, mask=m, other=0.0).to(acc_ty)
+    ft = tl.load(ft_ptr + r64[:, None] * sft0 + d64[None, :] * sft1, mask=m, other=0.0).to(acc_ty)
+    ms = tl.load(ms_ptr + y[:, None] * sms0 + d64[None, :] * sms1, mask=m, other=0.0).to(acc_ty)
+    mt = tl.load(mt_ptr + y[:, None] * smt0 + d64[None, :] * smt1, mask=m, other=0.0).to(acc_ty)
+    diff = (fs - ms) - (ft - mt)
+    if BACKWARD:
+        g = tl.where(v[:, None], coef * diff, 0.0)
+        tl.store(out_ptr + r64[:, None] * so0 + d64[None, :] * so1, g, mask=m)
     else:
-        d_start = 0
-        d_stop = D
-        sq = tl.zeros([BLOCK_B], dtype=acc_ty)
-    for d0 in range(d_start, d_stop, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d64 = d.to(tl.int64)
-        m = rmask[:, None] & (d < D)[None, :]
-        fs = tl.load(fs_ptr + r64[:, None] * sfs0 + d64[None, :] * sfs1, mask=m, other=0.0).to(acc_ty)
-        ft = tl.load(ft_ptr + r64[:, None] * sft0 + d64[None, :] * sft1, mask=m, other=0.0).to(acc_ty)
-        ms = tl.load(ms_ptr + y[:, None] * sms0 + d64[None, :] * sms1, mask=m, other=0.0).to(acc_ty)
-        mt = tl.load(mt_ptr + y[:, None] * smt0 + d64[None, :] * smt1, mask=m, other=0.0).to(acc_ty)
-        diff = (fs - ms) - (ft - mt)
-        if BACKWARD:
-            g = tl.where(v[:, None], coef * diff, 0.0)
-            tl.store(out_ptr + r64[:, None] * so0 + d64[None, :] * so1, g, mask=m)
-        else:
-            sq += tl.sum(diff * diff, axis=1)
-    if not BACKWARD:
-        tl.store(out_ptr + r64 * so0, tl.where(v, sq, 0.0), mask=rmask)
+        sq = tl.sum(diff * diff, axis=1)
+        tl.store(out_ptr + r64 * so0 + tl.program_id(1) * so1, tl.where(v, sq, 0.0), mask=rmask)
 
 
 def _intra_blocks(D: int) -> tuple[int, int]:
@@ -101,11 +93,12 @@ def intra_fwd(f_s, f_t, mu_s, mu_t, labels, valid):
     acc = acc_dtype(f_s.dtype, f_t.dtype, mu_s.dtype, mu_t.dtype)
     labels = labels.contiguous()
     vu8 = valid.to(torch.uint8)
-    rows = torch.empty((B, 1), dtype=acc, device=f_s.device)
+    bb, bd = _intra_blocks(D)
+    nd = max(1, cdiv(D, bd))
+    rows = torch.empty((B, nd), dtype=acc, device=f_s.device)  # per row and column block
     nv = valid.index_select(0, labels.long()).sum().to(acc) if B > 0 else torch.zeros((), dtype=acc, device=f_s.device)
     if B > 0:
-        bb, bd = _intra_blocks(D)
-        launch(_intra_kernel)[(cdiv(B, bb), 1)](
+        launch(_intra_kernel)[(cdiv(B, bb), nd)](
             f_s, f_t, mu_s, mu_t, labels, vu8, rows, rows, rows,
             B, D, *f_s.stride(), *f_t.stride(), *mu_s.stride(), *mu_t.stride(), *rows.stride(),
             BACKWARD=False, BLOCK_B=bb, BLOCK_D=bd, num_warps=4,
@@ -453,13 +446,63 @@ def inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s: bool, need_t: bool, eps
 # ----------------------------------------------------------------------------------------------
 
 
-def centroids_fwd(sums, counts, feats, labels):
-    from .bank import segment_launch, segments
+@triton.jit
+def _centroids_kernel(
+    sums_ptr, counts_ptr, x_ptr, lab_ptr, mu_ptr, total_ptr,
+    B, D,
+    ssc, ssd, sxr, sxd, smc, smd,
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``mu[c] = (sums[c] + sum_{b: y_b = c} x[b]) / max(counts[c] + n_c, 1)``, ``total[c] = counts[c] + n_c``.
 
+    One program per (class, column block). It scans the labels BLOCK_B at a time and loads only
+    the chunks that hold rows of its class, so no sort and no per-class offsets are needed: one
+    launch for the whole op. Rows of a class add in batch order chunk by chunk (deterministic).
+    """
+    c = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = d < D
+    d64 = d.to(tl.int64)
+    acc_ty = mu_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_D], dtype=acc_ty)
+    hits = tl.zeros([BLOCK_B], dtype=tl.int32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        lab = tl.load(lab_ptr + rows, mask=rows < B, other=-1)
+        hit = lab == c
+        hits += hit.to(tl.int32)
+        if tl.max(hit.to(tl.int32), axis=0) > 0:
+            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxr + d64[None, :] * sxd,
+                        mask=hit[:, None] & dmask[None, :], other=0.0)
+            acc += tl.sum(x.to(acc_ty), axis=0)
+    c64 = c.to(tl.int64)
+    tot = tl.load(counts_ptr + c64) + tl.sum(hits, axis=0).to(tl.int64)
+    base = tl.load(sums_ptr + c64 * ssc + d64 * ssd, mask=dmask, other=0.0).to(acc_ty)
+    mu = (base + acc) / tl.maximum(tot, 1).to(acc_ty)
+    tl.store(mu_ptr + c64 * smc + d64 * smd, mu, mask=dmask)
+    if tl.program_id(1) == 0:
+        tl.store(total_ptr + c64, tot)
+
+
+#: labels per step of the centroid kernel's scan (None: automatic); set by tests to cover several steps
+CENTROID_BLOCK_B: int | None = None
+
+
+def centroids_fwd(sums, counts, feats, labels):
+    """Live centroids and total counts in one launch (``labels`` int64, ``counts`` int64)."""
     C, D = sums.shape
+    B = feats.shape[0]
     out_dt = torch.promote_types(sums.dtype, feats.dtype)
-    order, start, end = segments(labels.long(), C)
-    total = counts.long() + (end - start)
     mu = torch.empty((C, D), dtype=out_dt, device=sums.device)
-    segment_launch(feats, order, start, end, mu, base=sums, denom=total)
+    total = torch.empty((C,), dtype=torch.int64, device=sums.device)
+    if C == 0:
+        return mu, total
+    # [32, 128] tiles: 54 registers and no spills for sm_90 (a [128, 512] tile spilled; kernel_static.py --structure)
+    bd = min(next_pow2(D), 128)
+    bb = CENTROID_BLOCK_B or max(16, min(next_pow2(B), 32))
+    launch(_centroids_kernel)[(C, max(1, cdiv(D, bd)))](  # D = 0: one program per class writes total
+        sums, counts.contiguous(), feats, labels.contiguous(), mu, total, B, D,
+        *sums.stride(), *feats.stride(), *mu.stride(),
+        BLOCK_B=bb, BLOCK_D=bd, num_warps=4,
+    )
     return mu, total

@@ -110,3 +110,12 @@ def test_bank_plan_kernel_fits_in_registers(tmp_path):
     assert set(rows) == {"_plan_kernel", "_class_apply_kernel", "_resync_kernel"}
     assert all(r["local"] == 0 for r in rows.values())
     assert rows["_plan_kernel"]["regs"] <= 64
+
+
+def test_structure_kernels_do_not_spill(tmp_path):
+    """``--structure``: the one-launch centroid kernel scans labels in [32, 128] tiles (a
+    [128, 512] tile took 255 registers and spilled 400 bytes per thread)."""
+    rows = {(r["phase"], r["kernel"]): r for r in _static_rows(tmp_path, "--structure", "1000", "2048", "256")}
+    assert set(rows) == {("fwd", "_centroids_kernel"), ("fwd", "_intra_kernel"), ("bwd", "_intra_kernel")}
+    assert all(r["local"] == 0 for r in rows.values()), {k: r["local"] for k, r in rows.items()}
+    assert rows[("fwd", "_centroids_kernel")]["regs"] <= 96

@@ -43,6 +43,39 @@ def test_centroids(dtype, C, B, D):
     assert_close_rel(g, rg, dtype)
 
 
+@pytest.mark.parametrize("block_b", [16, None])
+def test_centroids_label_scan_in_several_steps(monkeypatch, block_b):
+    """Classes whose rows fall in several steps of the kernel's label scan, a class with no row,
+    strided bank sums, and a sums/feats dtype pair that promotes to float64."""
+    from icakd_fast.kernels import structure as kst
+
+    monkeypatch.setattr(kst, "CENTROID_BLOCK_B", block_b)
+    C, B, D = 7, 150, 40
+    sums = torch.randn(D, C, device=DEV, dtype=torch.float64).t()  # strided
+    counts = torch.randint(0, 4, (C,), device=DEV)
+    labels = torch.randint(0, C - 1, (B,), device=DEV)  # class C-1 has no row in the batch
+    feats = _leaf(torch.randn(B, D), torch.float32)
+    mu, total = F.class_centroids(sums, counts, feats, labels, backend="triton")
+    rmu, rtotal = R.class_centroids(sums, counts, feats.detach().double(), labels)
+    assert mu.dtype == torch.float64 and torch.equal(total, rtotal)
+    assert_close_rel(mu, rmu, torch.float32)
+    assert torch.equal(mu[C - 1], sums[C - 1] / counts[C - 1].clamp(min=1))
+
+
+def test_centroids_empty_batch_and_zero_width():
+    C = 4
+    counts = torch.tensor([0, 3, 1, 2], device=DEV)
+    sums = torch.randn(C, 5, device=DEV)
+    mu, total = F.class_centroids(sums, counts, torch.zeros(0, 5, device=DEV), torch.zeros(0, dtype=torch.long,
+                                                                                          device=DEV),
+                                  backend="triton")
+    assert torch.equal(total, counts) and torch.equal(mu, sums / counts.clamp(min=1)[:, None])
+    labels = torch.tensor([1, 1, 3], device=DEV)
+    mu, total = F.class_centroids(torch.zeros(C, 0, device=DEV), counts, torch.zeros(3, 0, device=DEV), labels,
+                                  backend="triton")
+    assert mu.shape == (C, 0) and total.tolist() == [0, 5, 1, 3]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("C,B,D", [(5, 9, 7), (3, 1, 1), (11, 70, 300)])
 def test_intra_loss(dtype, C, B, D):
