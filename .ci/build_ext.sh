@@ -2,7 +2,8 @@
 # Build the C++ extension for CI:
 #   1. the CPU extension, in place (editable install), so that tests/test_cpp_*.py run;
 #   2. a compile check of the CUDA sources (FORCE_CUDA=1, one architecture) into a throwaway
-#      directory: nothing in the source tree changes, no GPU is needed.
+#      directory: nothing in the source tree changes, no GPU is needed; then .ci/check_sass.py
+#      reads the kernels' machine code (spills, vector widths).
 # Environment: CUDA_HOME (default /usr/local/cuda), ICAKD_CUDA_ARCHS (default 9.0), MAX_JOBS
 # (default 2), ICAKD_SKIP_CUDA_CHECK=1 to skip step 2.
 set -euo pipefail
@@ -30,5 +31,7 @@ if [ "${ICAKD_SKIP_CUDA_CHECK:-0}" != "1" ]; then
     python setup.py -q build_ext --build-temp "$tmp/temp" --build-lib "$tmp/lib"
   ls -l "$tmp"/lib/icakd_fast/
   echo "CUDA sources compiled in $(( $(date +%s) - start )) s"
+  # the machine code of every kernel: no register spills, 16-byte map accesses in cam_vec_*
+  python .ci/check_sass.py "$tmp"/lib/icakd_fast/_C*.so
   echo "::endgroup::"
 fi

@@ -91,6 +91,73 @@ def test_cam_forward_backward(shape, dtype):
         close(p1, p2, dtype, scale=4.0)
 
 
+def _kernel_names(fn):
+    """Names of the CUDA kernels ``fn()`` launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+# (B, K, H, W): P = V (a vector never spans channels), 7x7 (two channels in most vectors), one
+# channel group, several splits per image, 16 pixels with four groups per block, the largest P
+@pytest.mark.parametrize("shape", [(3, 16, 2, 4), (5, 64, 7, 7), (2, 8, 3, 3), (4, 2048, 7, 7), (6, 40, 4, 4),
+                                   (2, 24, 16, 32), (256, 2048, 7, 7)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cam_vec_kernels_match_the_reference(shape, dtype, monkeypatch):
+    """ICAKD_CUDA_CAM=vec: the 16-byte-vector kernels (contiguous NCHW, K % V == 0, V <= H*W <= 512)."""
+    b, k, h, w = shape
+    monkeypatch.setenv("ICAKD_CUDA_CAM", "vec")
+    f0 = torch.randn(shape, device=DEV).to(dtype)
+    w0 = (torch.randn(b, k, device=DEV) / (h * w)).to(dtype)
+    gc = torch.randn(b, h, w, device=DEV).to(dtype)
+    gp = torch.randn(b, k, device=DEV).to(dtype)
+    run = lambda: cam_features_with_grads(lambda f, w: ops.cam_features("cpp", f, w), f0, w0, gc, gp)  # noqa: E731
+    names = _kernel_names(run)
+    assert any("cam_vec_partial_kernel" in n for n in names), names
+    assert any("cam_vec_bwd_kernel" in n for n in names), names
+    out = run()
+    ref = cam_features_with_grads(reference.class_activation_features, f0, w0, gc, gp)
+    for a, r in zip(out, ref):
+        assert a.dtype == r.dtype and a.shape == r.shape
+        close(a, r, dtype, scale=4.0)
+    again = run()
+    assert all(torch.equal(a, c) for a, c in zip(out, again)), "vec kernels are not deterministic"
+    # grad_cam only / grad_pooled only / one input gradient at a time / no pooling
+    for gcam, gpool in ((gc, None), (None, gp)):
+        for need in ((True, False), (False, True)):
+            fr, wr = f0.clone().requires_grad_(need[0]), w0.clone().requires_grad_(need[1])
+            cam, pooled = ops.cam_features("cpp", fr, wr)
+            outs = [(cam, gcam), (pooled, gpool)]
+            torch.autograd.backward([o for o, g in outs if g is not None], [g for o, g in outs if g is not None])
+            fe, we = f0.clone().requires_grad_(need[0]), w0.clone().requires_grad_(need[1])
+            rc, rp = reference.class_activation_features(fe, we)
+            routs = [(rc, gcam), (rp, gpool)]
+            torch.autograd.backward([o for o, g in routs if g is not None], [g for o, g in routs if g is not None])
+            got, want = (fr.grad, fe.grad) if need[0] else (wr.grad, we.grad)
+            close(got, want, dtype, scale=4.0)
+    cam_only = ops.cam_features("cpp", f0, w0, with_pooled=False)[0]
+    close(cam_only, ref[0], dtype, scale=4.0)
+
+
+def test_cam_vec_kernels_leave_other_inputs_to_the_classic_ones(monkeypatch):
+    """K not a multiple of V, channels_last, float64, more than 512 pixels: the classic kernels."""
+    monkeypatch.setenv("ICAKD_CUDA_CAM", "vec")
+    for f in (torch.randn(2, 12, 7, 7, device=DEV).half(),
+              torch.randn(2, 16, 7, 7, device=DEV).half().to(memory_format=torch.channels_last),
+              torch.randn(2, 16, 7, 7, device=DEV).double(),
+              torch.randn(2, 16, 24, 24, device=DEV).half()):
+        w = torch.randn(f.shape[:2], device=DEV, dtype=f.dtype)
+        names = _kernel_names(lambda: cpp.cam_fwd(f, w, True))
+        assert not any("cam_vec" in n for n in names), (f.shape, f.dtype, names)
+        c, p, _ = cpp.cam_fwd(f, w, True)
+        rc, rp = reference.class_activation_features(f, w)
+        close(c, rc, f.dtype, scale=4.0)
+        close(p, rp, f.dtype, scale=4.0)
+
+
 def test_spatial_mean():
     g = torch.randn(16, 300, 7, 7, device=DEV)
     close(cpp.spatial_mean(g), reference.grad_cam_weights(g))

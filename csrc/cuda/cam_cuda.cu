@@ -16,6 +16,11 @@
 #include "../checks.h"
 #include "cuda_utils.cuh"
 
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+
 namespace icakd {
 namespace {
 
@@ -143,6 +148,299 @@ __global__ void spatial_mean_kernel(const scalar_t* __restrict__ g, scalar_t* __
   if (lane == 0) out[r] = static_cast<scalar_t>(t / static_cast<acc_t>(P));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Vectorised kernels (opt-in: ICAKD_CUDA_CAM=vec) for contiguous NCHW maps of 16- or 32-bit
+// floats with K % V == 0 and V <= P <= 512, V = 16 / sizeof(element). Every access to the map is
+// a 16-byte vector. V consecutive channels of one image are V*P contiguous elements, i.e. exactly
+// P vectors, so thread j of a "group" always reads vector j of some V-channel group: its V
+// elements sit at fixed (channel, pixel) positions -- channel c0 = V*j / P for the elements
+// before `split`, c0 + 1 after it -- the same for every group. Each thread keeps its per-pixel
+// factors (pooling weights, grad_cam) in registers, and every cross-thread sum goes through
+// shared memory in a fixed order (deterministic, no atomics). A block is R groups of P threads
+// (R = max(1, 256 / P)); grid (B, S), split s taking `gps` consecutive groups of every image.
+//   forward:  cam_vec_partial_kernel -> part [B, S, P]  (weighted channel sums of each split)
+//             cam_vec_pool_kernel    -> cam, pool_w (split 0 writes them) and pooled
+//   backward: cam_vec_bwd_kernel     -> grad_features (16-byte stores) and grad_weights
+// ---------------------------------------------------------------------------------------------
+
+constexpr int kVecMaxPixels = 512;
+constexpr int kVecMaxGroupsPerBlock = 32;
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) AlignedVec {
+  T val[N];
+};
+
+// position of thread j's elements: c0 = first channel, split = first element in channel c0 + 1
+// (V when none), pix[e] = pixel of element e
+template <int V>
+struct VecLane {
+  int c0, split;
+  int pix[V];
+  __device__ __forceinline__ VecLane(int j, int P) {
+    c0 = (V * j) / P;
+    const int s = (c0 + 1) * P - V * j;
+    split = s < V ? s : V;
+#pragma unroll
+    for (int e = 0; e < V; ++e) pix[e] = V * j + e - (e < split ? c0 : c0 + 1) * P;
+  }
+};
+
+// groups per block and splits per image for K channels of P pixels
+struct VecGrid {
+  int64_t groups, gps, splits;
+  int R, threads;
+};
+
+inline VecGrid cam_vec_grid(int64_t K, int64_t P, int V) {
+  VecGrid g;
+  g.groups = K / V;
+  g.gps = std::max<int64_t>(1, std::min<int64_t>(kVecMaxGroupsPerBlock, 4096 / P));
+  g.splits = std::max<int64_t>(1, (g.groups + g.gps - 1) / g.gps);
+  g.R = static_cast<int>(std::max<int64_t>(1, 256 / P));
+  g.threads = static_cast<int>(P) * g.R;
+  return g;
+}
+
+// sum over the vectors of group-local channel c of the per-(vector, side) partials slot[j*2 + side]
+template <int V>
+__device__ __forceinline__ float vec_channel_sum(const float* slot, int c, int P) {
+  float s = 0.f;
+  const int jlo = (c * P) / V, jhi = (c * P + P - 1) / V;
+  for (int j = jlo; j <= jhi; ++j) s += slot[j * 2 + ((V * j) / P == c ? 0 : 1)];
+  return s;
+}
+
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kVecMaxPixels) cam_vec_partial_kernel(
+    const scalar_t* __restrict__ A, const float* __restrict__ w, float* __restrict__ part, int64_t K, int P, int64_t gps,
+    int R) {
+  extern __shared__ float sm[];  // [R][V * P]
+  using Vec = AlignedVec<scalar_t, V>;
+  const int64_t b = blockIdx.x, s = blockIdx.y, S = gridDim.y;
+  const int r = static_cast<int>(threadIdx.x) / P, j = static_cast<int>(threadIdx.x) % P;
+  const VecLane<V> L(j, P);
+  const int64_t groups = K / V, u0 = s * gps, u1 = std::min<int64_t>(groups, u0 + gps);
+  const scalar_t* Ab = A + b * K * P;
+  const float* wb = w + b * K;
+  float acc[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) acc[e] = 0.f;
+#pragma unroll 4
+  for (int64_t u = u0 + r; u < u1; u += R) {
+    const Vec x = *reinterpret_cast<const Vec*>(Ab + u * V * P + V * j);
+    const float wa = wb[u * V + L.c0];
+    const float wz = L.split < V ? wb[u * V + L.c0 + 1] : 0.f;
+#pragma unroll
+    for (int e = 0; e < V; ++e) acc[e] += (e < L.split ? wa : wz) * static_cast<float>(x.val[e]);
+  }
+#pragma unroll
+  for (int e = 0; e < V; ++e) sm[r * V * P + V * j + e] = acc[e];
+  __syncthreads();
+  for (int p = threadIdx.x; p < P; p += blockDim.x) {
+    float t = 0.f;
+    for (int rr = 0; rr < R; ++rr)
+      for (int c = 0; c < V; ++c) t += sm[rr * V * P + c * P + p];
+    part[(b * S + s) * P + p] = t;
+  }
+}
+
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kVecMaxPixels) cam_vec_pool_kernel(
+    const scalar_t* __restrict__ A, const float* __restrict__ part, float* __restrict__ cam, float* __restrict__ pool_w,
+    float* __restrict__ pooled, int64_t K, int P, int64_t gps, int R, int64_t nsplit) {
+  extern __shared__ float sm[];  // camv [P], pw [P], slot [gps][P][2]
+  __shared__ float red[32];
+  using Vec = AlignedVec<scalar_t, V>;
+  float* camv = sm;
+  float* pw = sm + P;
+  float* slot = sm + 2 * P;
+  const int64_t b = blockIdx.x, s = blockIdx.y;
+  float lo = INFINITY, hi = -INFINITY;
+  for (int p = threadIdx.x; p < P; p += blockDim.x) {
+    float t = 0.f;
+    for (int64_t q = 0; q < nsplit; ++q) t += part[(b * nsplit + q) * P + p];
+    const float v = t > 0.f ? t : 0.f;
+    camv[p] = v;
+    lo = fminf(lo, v);
+    hi = fmaxf(hi, v);
+    if (s == 0) cam[b * P + p] = v;
+  }
+  if (pooled == nullptr) return;  // uniform over the grid
+  lo = cuda::block_reduce(lo, cuda::MinOp(), INFINITY, red);
+  hi = cuda::block_reduce(hi, cuda::MaxOp(), -INFINITY, red);
+  const float den_mm = (hi - lo) + 1e-7f;
+  float msum = 0.f;
+  for (int p = threadIdx.x; p < P; p += blockDim.x) msum += (camv[p] - lo) / den_mm;
+  msum = cuda::block_reduce(msum, cuda::SumOp(), 0.f, red);  // synchronises: camv complete
+  for (int p = threadIdx.x; p < P; p += blockDim.x) {
+    const float m = (camv[p] - lo) / den_mm;
+    const float v = msum > 0.f ? m / msum : 1.f / static_cast<float>(P);
+    pw[p] = v;
+    if (s == 0) pool_w[b * P + p] = v;
+  }
+  __syncthreads();
+  const int r = static_cast<int>(threadIdx.x) / P, j = static_cast<int>(threadIdx.x) % P;
+  const VecLane<V> L(j, P);
+  float q[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) q[e] = pw[L.pix[e]];
+  const int64_t groups = K / V, u0 = s * gps, u1 = std::min<int64_t>(groups, u0 + gps);
+  const scalar_t* Ab = A + b * K * P;
+#pragma unroll 4
+  for (int64_t u = u0 + r; u < u1; u += R) {
+    const Vec x = *reinterpret_cast<const Vec*>(Ab + u * V * P + V * j);
+    float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const float t = q[e] * static_cast<float>(x.val[e]);
+      if (e < L.split) s0 += t; else s1 += t;
+    }
+    slot[((u - u0) * P + j) * 2] = s0;
+    slot[((u - u0) * P + j) * 2 + 1] = s1;
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < (u1 - u0) * V; i += blockDim.x) {
+    const int64_t ul = i / V;
+    const int c = static_cast<int>(i % V);
+    pooled[b * K + (u0 + ul) * V + c] = vec_channel_sum<V>(slot + ul * P * 2, c, P);
+  }
+}
+
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kVecMaxPixels) cam_vec_bwd_kernel(
+    const scalar_t* __restrict__ A, const float* __restrict__ w, const float* __restrict__ gs,
+    const float* __restrict__ gp, const float* __restrict__ pw, scalar_t* __restrict__ gf, float* __restrict__ gw,
+    int64_t K, int P, int64_t gps, int R) {
+  extern __shared__ float slot[];  // [gps][P][2], for grad_weights
+  using Vec = AlignedVec<scalar_t, V>;
+  const int64_t b = blockIdx.x, s = blockIdx.y;
+  const int r = static_cast<int>(threadIdx.x) / P, j = static_cast<int>(threadIdx.x) % P;
+  const VecLane<V> L(j, P);
+  float g[V], q[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    g[e] = gs ? gs[b * P + L.pix[e]] : 0.f;
+    q[e] = pw ? pw[b * P + L.pix[e]] : 0.f;
+  }
+  const int64_t groups = K / V, u0 = s * gps, u1 = std::min<int64_t>(groups, u0 + gps);
+  const int64_t base = b * K * P;
+  const float* wb = w + b * K;
+  const float* gpb = gp ? gp + b * K : nullptr;
+  const bool read_a = gw != nullptr && gs != nullptr;
+#pragma unroll 4
+  for (int64_t u = u0 + r; u < u1; u += R) {
+    const int64_t off = base + u * V * P + V * j;
+    const int64_t ka = u * V + L.c0, kz = L.split < V ? ka + 1 : ka;
+    if (gf) {
+      const float wa = wb[ka], wz = wb[kz];
+      const float pa = gpb ? gpb[ka] : 0.f, pz = gpb ? gpb[kz] : 0.f;
+      Vec y;
+#pragma unroll
+      for (int e = 0; e < V; ++e)
+        y.val[e] = static_cast<scalar_t>(g[e] * (e < L.split ? wa : wz) + (e < L.split ? pa : pz) * q[e]);
+      *reinterpret_cast<Vec*>(gf + off) = y;
+    }
+    if (gw) {
+      float s0 = 0.f, s1 = 0.f;
+      if (read_a) {
+        const Vec x = *reinterpret_cast<const Vec*>(A + off);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const float t = g[e] * static_cast<float>(x.val[e]);
+          if (e < L.split) s0 += t; else s1 += t;
+        }
+      }
+      slot[((u - u0) * P + j) * 2] = s0;
+      slot[((u - u0) * P + j) * 2 + 1] = s1;
+    }
+  }
+  if (gw == nullptr) return;  // uniform over the grid
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < (u1 - u0) * V; i += blockDim.x) {
+    const int64_t ul = i / V;
+    const int c = static_cast<int>(i % V);
+    gw[b * K + (u0 + ul) * V + c] = vec_channel_sum<V>(slot + ul * P * 2, c, P);
+  }
+}
+
+// ICAKD_CUDA_CAM=vec selects the vectorised kernels where they apply (read at each call)
+inline bool cam_vec_requested() {
+  const char* env = std::getenv("ICAKD_CUDA_CAM");
+  return env != nullptr && std::string(env) == "vec";
+}
+
+inline int cam_vec_width(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf:
+    case at::kBFloat16:
+      return 8;
+    case at::kFloat:
+      return 4;
+    default:
+      return 0;
+  }
+}
+
+// whether the vectorised kernels take this map (and float32 accumulation)
+inline bool cam_vec_applies(const Tensor& features, const CamDims& d) {
+  const int V = cam_vec_width(features.scalar_type());
+  return cam_vec_requested() && V > 0 && d.acc == at::kFloat && features.is_contiguous() && d.K % V == 0 &&
+         d.P >= V && d.P <= kVecMaxPixels && reinterpret_cast<uintptr_t>(features.const_data_ptr()) % 16 == 0;
+}
+
+template <typename scalar_t, int V>
+void cam_vec_fwd_launch(const Tensor& A, const Tensor& w, Tensor& cam, Tensor* pool_w, Tensor* pooled,
+                        const CamDims& d) {
+  const VecGrid g = cam_vec_grid(d.K, d.P, V);
+  const int P = static_cast<int>(d.P);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned int>(d.B), static_cast<unsigned int>(g.splits));
+  Tensor part = at::empty({d.B, g.splits, d.P}, w.options());
+  cam_vec_partial_kernel<scalar_t, V><<<grid, g.threads, sizeof(float) * g.R * V * P, stream>>>(
+      A.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(), part.data_ptr<float>(), d.K, P, g.gps, g.R);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const bool with_pooled = pooled != nullptr;
+  const dim3 grid2(static_cast<unsigned int>(d.B), with_pooled ? static_cast<unsigned int>(g.splits) : 1u);
+  const size_t smem = sizeof(float) * (2 * P + (with_pooled ? g.gps * P * 2 : 0));
+  cam_vec_pool_kernel<scalar_t, V><<<grid2, g.threads, smem, stream>>>(
+      A.const_data_ptr<scalar_t>(), part.const_data_ptr<float>(), cam.data_ptr<float>(),
+      with_pooled ? pool_w->data_ptr<float>() : nullptr, with_pooled ? pooled->data_ptr<float>() : nullptr, d.K, P,
+      g.gps, g.R, g.splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, int V>
+void cam_vec_bwd_launch(const Tensor& A, const CamBwdOperands& op, Tensor* gf, Tensor* gw) {
+  const CamDims& d = op.d;
+  const VecGrid g = cam_vec_grid(d.K, d.P, V);
+  const int P = static_cast<int>(d.P);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned int>(d.B), static_cast<unsigned int>(g.splits));
+  const size_t smem = gw != nullptr ? sizeof(float) * g.gps * P * 2 : 0;
+  cam_vec_bwd_kernel<scalar_t, V><<<grid, g.threads, smem, stream>>>(
+      A.const_data_ptr<scalar_t>(), op.w.const_data_ptr<float>(), op.has_gc ? op.gs.const_data_ptr<float>() : nullptr,
+      op.has_gp ? op.gp.const_data_ptr<float>() : nullptr, op.has_gp ? op.pw.const_data_ptr<float>() : nullptr,
+      gf != nullptr ? gf->data_ptr<scalar_t>() : nullptr, gw != nullptr ? gw->data_ptr<float>() : nullptr, d.K, P,
+      g.gps, g.R);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Fn>
+void cam_vec_dispatch(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kHalf:
+      fn(c10::Half(), std::integral_constant<int, 8>());
+      break;
+    case at::kBFloat16:
+      fn(c10::BFloat16(), std::integral_constant<int, 8>());
+      break;
+    default:
+      fn(float(), std::integral_constant<int, 4>());
+      break;
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor> cam_fwd_cuda(const Tensor& features, const Tensor& weights, bool with_pooled) {
   const CamDims d = check_cam(features, weights, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(features.device());
@@ -156,7 +454,13 @@ std::tuple<Tensor, Tensor, Tensor> cam_fwd_cuda(const Tensor& features, const Te
   Tensor& cam = o.cam;
   Tensor& pooled = o.pooled;
   Tensor& pool_w = o.pool_w;
-  if (B > 0 && P > 0) {
+  if (B > 0 && P > 0 && K > 0 && cam_vec_applies(features, d)) {
+    cam_vec_dispatch(A.scalar_type(), [&](auto tag, auto width) {
+      using scalar_t = decltype(tag);
+      cam_vec_fwd_launch<scalar_t, decltype(width)::value>(A, w, cam, with_pooled ? &pool_w : nullptr,
+                                                           with_pooled ? &pooled : nullptr, d);
+    });
+  } else if (B > 0 && P > 0) {
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "icakd_cam_fwd_cuda", [&] {
       if (acc == at::kDouble) {
@@ -193,7 +497,13 @@ std::tuple<Tensor, Tensor> cam_bwd_cuda(const std::optional<Tensor>& grad_cam, c
   CamBwdOutputs o = alloc_cam_bwd(features, op.d, need_features, need_weights);
   Tensor& gf = o.gf;
   Tensor& gw = o.gw;
-  if (cam_bwd_has_work(op.d, need_features, need_weights)) {
+  if (cam_bwd_has_work(op.d, need_features, need_weights) && cam_vec_applies(features, op.d)) {
+    cam_vec_dispatch(A.scalar_type(), [&](auto tag, auto width) {
+      using scalar_t = decltype(tag);
+      cam_vec_bwd_launch<scalar_t, decltype(width)::value>(A, op, need_features ? &gf : nullptr,
+                                                           need_weights ? &gw : nullptr);
+    });
+  } else if (cam_bwd_has_work(op.d, need_features, need_weights)) {
     // about 8 warps' worth of channels per block, at most 65535 chunks
     int64_t kc = std::max<int64_t>(8, (K + 65534) / 65535);
     const dim3 grid(static_cast<unsigned int>(B), static_cast<unsigned int>((K + kc - 1) / kc));
