@@ -168,6 +168,9 @@ CAM_VARIANTS = {
     "triton_vec_w4": {"CAM_VEC": True, "CAM_CFG": {"vec_warps": 4}},
     "triton_vec_i8": {"CAM_VEC": True, "CAM_CFG": {"vec_iters": 8}},
 }
+#: environment of the cpp CAM kernels per provider: ICAKD_CUDA_CAM=vec selects the 16-byte-vector
+#: kernels (contiguous NCHW, K a multiple of 16 bytes' worth of elements, 8 <= H*W <= 512)
+CAM_CPP_ENV = {"cpp_vec": {"ICAKD_CUDA_CAM": "vec"}}
 #: float32 matmul precision per inter provider (PyTorch's switch; the kernels follow it)
 INTER_PRECISION = {"eager": "highest", "eager_tf32": "high", "compiled": "highest", "triton": "highest",
                    "triton_tf32": "high", "triton_bf16": "medium", "cpp": "highest",
@@ -302,6 +305,8 @@ def run_case(case: str, make_fn, check_outputs, provider_list, bytes_moved=None,
                 row["speedup_vs_eager_tf32"] = times["eager_tf32"] / t
             if row["provider"] in gtimes and "eager" in gtimes:
                 row["graph_speedup_vs_eager_graph"] = gtimes["eager"] / gtimes[row["provider"]]
+            if row["provider"] in gtimes and "compiled" in gtimes:
+                row["graph_speedup_vs_compiled_graph"] = gtimes["compiled"] / gtimes[row["provider"]]
     return times
 
 
@@ -335,6 +340,12 @@ def case_cam(copy_bw):
             return cam, pooled, gf, gw
 
         fn = _compile(step) if p == "compiled" else step
+        if p in CAM_CPP_ENV:
+            def run_env():
+                with mock.patch.dict(os.environ, CAM_CPP_ENV[p]):
+                    return fn(f, w, gc, gp)
+
+            return run_env
         if p in CAM_VARIANTS:
             from icakd_fast.kernels import cam as kcam
 
@@ -358,13 +369,18 @@ def case_cam(copy_bw):
     provs = providers("cam")
     if "triton" in provs:
         provs += list(CAM_VARIANTS)
-    run_case(case, make, lambda out: tuple(o.float() for o in out), provs, bytes_moved=nbytes, extra=extra)
+    if "cpp" in provs:
+        provs += list(CAM_CPP_ENV)
+    # every provider also replayed as a CUDA graph (forward + autograd backward captured whole):
+    # GPU time without the host's share, the fair comparison where the wall time is host-bound
+    run_case(case, make, lambda out: tuple(o.float() for o in out), provs, bytes_moved=nbytes, extra=extra,
+             graph_for=tuple(provs))
 
     # the kernels alone (backend contract functions, no autograd), replayed as a CUDA graph: GPU
     # time without the host-side layers, i.e. the kernels' own share of the copy bandwidth
     if DEV == "cuda":
         fd, wd = f.detach(), w.detach()
-        for p in [q for q in provs if q.startswith("triton") or q == "cpp"]:
+        for p in [q for q in provs if q.startswith("triton") or q.startswith("cpp")]:
             impl = __import__(f"icakd_fast.ops._{backend_of(p)}_impl", fromlist=["cam_fwd"])
             mod = __import__("icakd_fast.kernels.cam", fromlist=["cam_fwd"])
 
@@ -373,7 +389,7 @@ def case_cam(copy_bw):
                 return impl.cam_bwd(gc, gp, fd, wd, cam, pw, True, True)
 
             try:
-                with overrides(mod, CAM_VARIANTS.get(p, {})):
+                with overrides(mod, CAM_VARIANTS.get(p, {})), mock.patch.dict(os.environ, CAM_CPP_ENV.get(p, {})):
                     kern()
                     sync()
                     ms = bench(kern, graph=True)
