@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "cam_vec_layout.h"
 #include "cuda_utils.cuh"
 
 #include <algorithm>
@@ -171,20 +172,8 @@ struct alignas(sizeof(T) * N) AlignedVec {
   T val[N];
 };
 
-// position of thread j's elements: c0 = first channel, split = first element in channel c0 + 1
-// (V when none), pix[e] = pixel of element e
 template <int V>
-struct VecLane {
-  int c0, split;
-  int pix[V];
-  __device__ __forceinline__ VecLane(int j, int P) {
-    c0 = (V * j) / P;
-    const int s = (c0 + 1) * P - V * j;
-    split = s < V ? s : V;
-#pragma unroll
-    for (int e = 0; e < V; ++e) pix[e] = V * j + e - (e < split ? c0 : c0 + 1) * P;
-  }
-};
+using VecLane = vec_layout::Lane<V>;
 
 // groups per block and splits per image for K channels of P pixels
 struct VecGrid {
@@ -206,8 +195,8 @@ inline VecGrid cam_vec_grid(int64_t K, int64_t P, int V) {
 template <int V>
 __device__ __forceinline__ float vec_channel_sum(const float* slot, int c, int P) {
   float s = 0.f;
-  const int jlo = (c * P) / V, jhi = (c * P + P - 1) / V;
-  for (int j = jlo; j <= jhi; ++j) s += slot[j * 2 + ((V * j) / P == c ? 0 : 1)];
+  const int last = vec_layout::last_vector(c, P, V);
+  for (int j = vec_layout::first_vector(c, P, V); j <= last; ++j) s += slot[j * 2 + vec_layout::side(j, c, P, V)];
   return s;
 }
 
