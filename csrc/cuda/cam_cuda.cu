@@ -200,8 +200,22 @@ __device__ __forceinline__ float vec_channel_sum(const float* slot, int c, int P
   return s;
 }
 
+// sum of f[e] * x[e] over the elements of each channel of a vector -> slot[0] (channel c0) and
+// slot[1] (c0 + 1): vector j's two partials of a channel sum
+template <int V, typename Vec>
+__device__ __forceinline__ void vec_split_dot(const float* f, const Vec& x, int split, float* slot) {
+  float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    const float t = f[e] * static_cast<float>(x.val[e]);
+    if (e < split) s0 += t; else s1 += t;
+  }
+  slot[0] = s0;
+  slot[1] = s1;
+}
+
 template <typename scalar_t, int V>
-__global__ void __launch_bounds__(kVecMaxPixels) cam_vec_partial_kernel(
+__global__ void __launch_bounds__(kVecMaxPixels, 1) cam_vec_partial_kernel(
     const scalar_t* __restrict__ A, const float* __restrict__ w, float* __restrict__ part, int64_t K, int P, int64_t gps,
     int R) {
   extern __shared__ float sm[];  // [R][V * P]
@@ -215,8 +229,10 @@ __global__ void __launch_bounds__(kVecMaxPixels) cam_vec_partial_kernel(
   float acc[V];
 #pragma unroll
   for (int e = 0; e < V; ++e) acc[e] = 0.f;
+  const int n = static_cast<int>(u1 - u0);  // <= gps: int32 loop (an int64 trip count costs a division call)
 #pragma unroll 4
-  for (int64_t u = u0 + r; u < u1; u += R) {
+  for (int t = r; t < n; t += R) {
+    const int64_t u = u0 + t;
     const Vec x = *reinterpret_cast<const Vec*>(Ab + u * V * P + V * j);
     const float wa = wb[u * V + L.c0];
     const float wz = L.split < V ? wb[u * V + L.c0 + 1] : 0.f;
@@ -235,7 +251,7 @@ __global__ void __launch_bounds__(kVecMaxPixels) cam_vec_partial_kernel(
 }
 
 template <typename scalar_t, int V>
-__global__ void __launch_bounds__(kVecMaxPixels) cam_vec_pool_kernel(
+__global__ void __launch_bounds__(kVecMaxPixels, 1) cam_vec_pool_kernel(
     const scalar_t* __restrict__ A, const float* __restrict__ part, float* __restrict__ cam, float* __restrict__ pool_w,
     float* __restrict__ pooled, int64_t K, int P, int64_t gps, int R, int64_t nsplit) {
   extern __shared__ float sm[];  // camv [P], pw [P], slot [gps][P][2]
@@ -276,17 +292,12 @@ __global__ void __launch_bounds__(kVecMaxPixels) cam_vec_pool_kernel(
   for (int e = 0; e < V; ++e) q[e] = pw[L.pix[e]];
   const int64_t groups = K / V, u0 = s * gps, u1 = std::min<int64_t>(groups, u0 + gps);
   const scalar_t* Ab = A + b * K * P;
-#pragma unroll 4
-  for (int64_t u = u0 + r; u < u1; u += R) {
+  const int n = static_cast<int>(u1 - u0);  // <= gps: int32 loop (an int64 trip count costs a division call)
+#pragma unroll 2
+  for (int t = r; t < n; t += R) {
+    const int64_t u = u0 + t;
     const Vec x = *reinterpret_cast<const Vec*>(Ab + u * V * P + V * j);
-    float s0 = 0.f, s1 = 0.f;
-#pragma unroll
-    for (int e = 0; e < V; ++e) {
-      const float t = q[e] * static_cast<float>(x.val[e]);
-      if (e < L.split) s0 += t; else s1 += t;
-    }
-    slot[((u - u0) * P + j) * 2] = s0;
-    slot[((u - u0) * P + j) * 2 + 1] = s1;
+    vec_split_dot<V>(q, x, L.split, slot + (t * P + j) * 2);
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < (u1 - u0) * V; i += blockDim.x) {
@@ -297,7 +308,7 @@ __global__ void __launch_bounds__(kVecMaxPixels) cam_vec_pool_kernel(
 }
 
 template <typename scalar_t, int V>
-__global__ void __launch_bounds__(kVecMaxPixels) cam_vec_bwd_kernel(
+__global__ void __launch_bounds__(kVecMaxPixels, 1) cam_vec_bwd_kernel(
     const scalar_t* __restrict__ A, const float* __restrict__ w, const float* __restrict__ gs,
     const float* __restrict__ gp, const float* __restrict__ pw, scalar_t* __restrict__ gf, float* __restrict__ gw,
     int64_t K, int P, int64_t gps, int R) {
@@ -317,8 +328,10 @@ __global__ void __launch_bounds__(kVecMaxPixels) cam_vec_bwd_kernel(
   const float* wb = w + b * K;
   const float* gpb = gp ? gp + b * K : nullptr;
   const bool read_a = gw != nullptr && gs != nullptr;
-#pragma unroll 4
-  for (int64_t u = u0 + r; u < u1; u += R) {
+  const int n = static_cast<int>(u1 - u0);  // <= gps: int32 loop (an int64 trip count costs a division call)
+#pragma unroll 2
+  for (int t = r; t < n; t += R) {
+    const int64_t u = u0 + t;
     const int64_t off = base + u * V * P + V * j;
     const int64_t ka = u * V + L.c0, kz = L.split < V ? ka + 1 : ka;
     if (gf) {
@@ -330,18 +343,12 @@ __global__ void __launch_bounds__(kVecMaxPixels) cam_vec_bwd_kernel(
         y.val[e] = static_cast<scalar_t>(g[e] * (e < L.split ? wa : wz) + (e < L.split ? pa : pz) * q[e]);
       *reinterpret_cast<Vec*>(gf + off) = y;
     }
-    if (gw) {
-      float s0 = 0.f, s1 = 0.f;
-      if (read_a) {
-        const Vec x = *reinterpret_cast<const Vec*>(A + off);
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          const float t = g[e] * static_cast<float>(x.val[e]);
-          if (e < L.split) s0 += t; else s1 += t;
-        }
-      }
-      slot[((u - u0) * P + j) * 2] = s0;
-      slot[((u - u0) * P + j) * 2 + 1] = s1;
+    if (read_a) {
+      const Vec x = *reinterpret_cast<const Vec*>(A + off);  // one 16-byte load, then registers
+      vec_split_dot<V>(g, x, L.split, slot + (t * P + j) * 2);
+    } else if (gw) {  // no grad_cam: grad_weights is zero
+      slot[(t * P + j) * 2] = 0.f;
+      slot[(t * P + j) * 2 + 1] = 0.f;
     }
   }
   if (gw == nullptr) return;  // uniform over the grid
