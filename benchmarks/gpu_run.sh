@@ -91,7 +91,7 @@ grep -E "^FAILED|^ERROR" "$LOGS/tests_cpp_gpu.log" | head -20 | tee -a "$OUT/sum
 # 6. hardware counters of the CAM and inter kernels (when Nsight Compute is present and can read them)
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2> /dev/null | head -n 1)
 if [ -n "$NCU" ] && [ "${NCU_TIMEOUT:-40}" -gt 0 ]; then
-  timeout -s INT ${NCU_TIMEOUT:-40} "$NCU" --kernel-name regex:"_cam_|_inter_" --launch-count 22 \
+  timeout -s INT ${NCU_TIMEOUT:-40} "$NCU" --kernel-name regex:"cam_|_inter_" --launch-count 40 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
     $PY benchmarks/profile_kernels.py > "$LOGS/ncu.txt" 2>&1
   stamp "ncu rc=$?"

@@ -1,6 +1,6 @@
-"""Runs each Triton kernel of the hot spots a few times at benchmark shapes, for a kernel profiler.
+"""Runs the Triton and CUDA C++ kernels of the hot spots a few times at benchmark shapes, for a kernel profiler.
 
-    ncu --kernel-name regex:"_cam_|_inter_" --launch-count 22 \
+    ncu --kernel-name regex:"cam_|_inter_" --launch-count 40 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
         python benchmarks/profile_kernels.py
 
@@ -61,6 +61,12 @@ def main():
         ccam, _, cpool_w = cpp.cam_fwd(f, w, True)
         timed("cam_fwd cpp", lambda: cpp.cam_fwd(f, w, True), nbytes=fbytes)
         timed("cam_bwd cpp", lambda: cpp.cam_bwd(gc, gp, f, w, ccam, cpool_w, True, True), nbytes=2 * fbytes)
+        os.environ["ICAKD_CUDA_CAM"] = "vec"  # the opt-in 16-byte-vector CUDA kernels
+        try:
+            timed("cam_fwd cpp vec", lambda: cpp.cam_fwd(f, w, True), nbytes=fbytes)
+            timed("cam_bwd cpp vec", lambda: cpp.cam_bwd(gc, gp, f, w, ccam, cpool_w, True, True), nbytes=2 * fbytes)
+        finally:
+            del os.environ["ICAKD_CUDA_CAM"]
     except Exception as exc:  # extension not built with CUDA kernels
         print(f"cam cpp: skipped ({type(exc).__name__}: {exc})", flush=True)
     timed("copy of the map (reference rate)", lambda: f.clone(), nbytes=2 * fbytes)
