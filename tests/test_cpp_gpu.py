@@ -115,9 +115,6 @@ def test_cam_vec_kernels_match_the_reference(shape, dtype, monkeypatch):
     gc = torch.randn(b, h, w, device=DEV).to(dtype)
     gp = torch.randn(b, k, device=DEV).to(dtype)
     run = lambda: cam_features_with_grads(lambda f, w: ops.cam_features("cpp", f, w), f0, w0, gc, gp)  # noqa: E731
-    names = _kernel_names(run)
-    assert any("cam_vec_partial_kernel" in n for n in names), names
-    assert any("cam_vec_bwd_kernel" in n for n in names), names
     out = run()
     ref = cam_features_with_grads(reference.class_activation_features, f0, w0, gc, gp)
     for a, r in zip(out, ref):
@@ -140,6 +137,11 @@ def test_cam_vec_kernels_match_the_reference(shape, dtype, monkeypatch):
             close(got, want, dtype, scale=4.0)
     cam_only = ops.cam_features("cpp", f0, w0, with_pooled=False)[0]
     close(cam_only, ref[0], dtype, scale=4.0)
+    names = _kernel_names(run)  # last: the results above hold whichever kernels ran
+    if not names:
+        pytest.skip("the profiler recorded no CUDA kernels here (no CUPTI?): cannot tell which kernels ran")
+    assert any("cam_vec_partial_kernel" in n for n in names), names
+    assert any("cam_vec_bwd_kernel" in n for n in names), names
 
 
 def test_cam_vec_kernels_leave_other_inputs_to_the_classic_ones(monkeypatch):
@@ -151,7 +153,7 @@ def test_cam_vec_kernels_leave_other_inputs_to_the_classic_ones(monkeypatch):
               torch.randn(2, 16, 24, 24, device=DEV).half()):
         w = torch.randn(f.shape[:2], device=DEV, dtype=f.dtype)
         names = _kernel_names(lambda: cpp.cam_fwd(f, w, True))
-        assert not any("cam_vec" in n for n in names), (f.shape, f.dtype, names)
+        assert names and not any("cam_vec" in n for n in names), (f.shape, f.dtype, names)
         c, p, _ = cpp.cam_fwd(f, w, True)
         rc, rp = reference.class_activation_features(f, w)
         close(c, rc, f.dtype, scale=4.0)
