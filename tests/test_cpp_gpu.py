@@ -152,12 +152,14 @@ def test_cam_vec_kernels_leave_other_inputs_to_the_classic_ones(monkeypatch):
               torch.randn(2, 16, 7, 7, device=DEV).double(),
               torch.randn(2, 16, 24, 24, device=DEV).half()):
         w = torch.randn(f.shape[:2], device=DEV, dtype=f.dtype)
-        names = _kernel_names(lambda: cpp.cam_fwd(f, w, True))
-        assert names and not any("cam_vec" in n for n in names), (f.shape, f.dtype, names)
         c, p, _ = cpp.cam_fwd(f, w, True)
         rc, rp = reference.class_activation_features(f, w)
         close(c, rc, f.dtype, scale=4.0)
         close(p, rp, f.dtype, scale=4.0)
+        names = _kernel_names(lambda: cpp.cam_fwd(f, w, True))
+        if not names:
+            pytest.skip("the profiler recorded no CUDA kernels here (no CUPTI?): cannot tell which kernels ran")
+        assert not any("cam_vec" in n for n in names), (f.shape, f.dtype, names)
 
 
 def test_spatial_mean():
