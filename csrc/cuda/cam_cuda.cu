@@ -158,7 +158,8 @@ __global__ void spatial_mean_kernel(const scalar_t* __restrict__ g, scalar_t* __
 // before `split`, c0 + 1 after it -- the same for every group. Each thread keeps its per-pixel
 // factors (pooling weights, grad_cam) in registers, and every cross-thread sum goes through
 // shared memory in a fixed order (deterministic, no atomics). A block is R groups of P threads
-// (R = max(1, 256 / P)); grid (B, S), split s taking `gps` consecutive groups of every image.
+// (R = max(1, 256 / P)), rounded up to whole warps; grid (B, S), split s taking `gps`
+// consecutive groups of every image.
 //   forward:  cam_vec_partial_kernel -> part [B, S, P]  (weighted channel sums of each split)
 //             cam_vec_pool_kernel    -> cam, pool_w (split 0 writes them) and pooled
 //   backward: cam_vec_bwd_kernel     -> grad_features (16-byte stores) and grad_weights
@@ -187,7 +188,9 @@ inline VecGrid cam_vec_grid(int64_t K, int64_t P, int V) {
   g.gps = std::max<int64_t>(1, std::min<int64_t>(kVecMaxGroupsPerBlock, 4096 / P));
   g.splits = std::max<int64_t>(1, (g.groups + g.gps - 1) / g.gps);
   g.R = static_cast<int>(std::max<int64_t>(1, 256 / P));
-  g.threads = static_cast<int>(P) * g.R;
+  // whole warps: the block reductions shuffle over full warps (a partial last warp would name
+  // lanes that do not exist); threads past R groups of P idle in the group loops
+  g.threads = static_cast<int>((P * g.R + 31) / 32 * 32);
   return g;
 }
 
@@ -229,7 +232,8 @@ __global__ void __launch_bounds__(kVecMaxPixels, 1) cam_vec_partial_kernel(
   float acc[V];
 #pragma unroll
   for (int e = 0; e < V; ++e) acc[e] = 0.f;
-  const int n = static_cast<int>(u1 - u0);  // <= gps: int32 loop (an int64 trip count costs a division call)
+  // <= gps, int32 (an int64 trip count costs a division call); 0 for the threads past R groups
+  const int n = r < R ? static_cast<int>(u1 - u0) : 0;
 #pragma unroll 4
   for (int t = r; t < n; t += R) {
     const int64_t u = u0 + t;
@@ -239,8 +243,10 @@ __global__ void __launch_bounds__(kVecMaxPixels, 1) cam_vec_partial_kernel(
 #pragma unroll
     for (int e = 0; e < V; ++e) acc[e] += (e < L.split ? wa : wz) * static_cast<float>(x.val[e]);
   }
+  if (r < R) {
 #pragma unroll
-  for (int e = 0; e < V; ++e) sm[r * V * P + V * j + e] = acc[e];
+    for (int e = 0; e < V; ++e) sm[r * V * P + V * j + e] = acc[e];
+  }
   __syncthreads();
   for (int p = threadIdx.x; p < P; p += blockDim.x) {
     float t = 0.f;
@@ -292,7 +298,8 @@ __global__ void __launch_bounds__(kVecMaxPixels, 1) cam_vec_pool_kernel(
   for (int e = 0; e < V; ++e) q[e] = pw[L.pix[e]];
   const int64_t groups = K / V, u0 = s * gps, u1 = std::min<int64_t>(groups, u0 + gps);
   const scalar_t* Ab = A + b * K * P;
-  const int n = static_cast<int>(u1 - u0);  // <= gps: int32 loop (an int64 trip count costs a division call)
+  // <= gps, int32 (an int64 trip count costs a division call); 0 for the threads past R groups
+  const int n = r < R ? static_cast<int>(u1 - u0) : 0;
 #pragma unroll 2
   for (int t = r; t < n; t += R) {
     const int64_t u = u0 + t;
@@ -328,7 +335,8 @@ __global__ void __launch_bounds__(kVecMaxPixels, 1) cam_vec_bwd_kernel(
   const float* wb = w + b * K;
   const float* gpb = gp ? gp + b * K : nullptr;
   const bool read_a = gw != nullptr && gs != nullptr;
-  const int n = static_cast<int>(u1 - u0);  // <= gps: int32 loop (an int64 trip count costs a division call)
+  // <= gps, int32 (an int64 trip count costs a division call); 0 for the threads past R groups
+  const int n = r < R ? static_cast<int>(u1 - u0) : 0;
 #pragma unroll 2
   for (int t = r; t < n; t += R) {
     const int64_t u = u0 + t;
