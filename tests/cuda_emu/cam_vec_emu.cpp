@@ -2,7 +2,7 @@
 // cuda_emu.h and checks them against a float64 computation of the same math, for float32,
 // float16 and bfloat16 maps over shapes that cover every branch of the index plan: H*W = V,
 // 7x7, odd sizes, several channel splits, H*W = 512, blocks padded to whole warps, and each
-// backward with a subset of its inputs and outputs. Built and run by tests/test_cam_vec_emulated.py.
+// backward with a subset of its inputs and outputs. Built and run by tests/test_cuda_emulated.py.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 

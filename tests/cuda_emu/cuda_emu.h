@@ -1,6 +1,6 @@
 // A small CPU emulation of the CUDA execution model, enough to run device code that uses
-// threadIdx / blockIdx / blockDim / gridDim, static and dynamic shared memory, __syncthreads and
-// full-warp __shfl_xor_sync. Each block runs as blockDim real threads (blocks one after the
+// threadIdx / blockIdx / blockDim / gridDim, static and dynamic shared memory, __syncthreads,
+// __syncthreads_or and full-warp __shfl_xor_sync. Each block runs as blockDim real threads (blocks one after the
 // other); __syncthreads is a barrier over the block's threads, a shuffle a barrier over the warp.
 // A thread that returns counts as arrived at every later barrier, as on the GPU. Stricter than
 // the hardware where it helps: a full-mask shuffle in a partial warp aborts (undefined on a GPU),
@@ -10,6 +10,7 @@
 // args...). Only for tests: it is slow and runs nothing on a GPU.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -45,6 +46,7 @@ struct Block {
   std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
   std::vector<uint64_t> lanes;  // one slot per thread, for shuffles
   std::vector<unsigned char> smem;
+  std::atomic<int> vote{0};  // __syncthreads_or
   unsigned int threads = 0;
 };
 
@@ -67,6 +69,17 @@ inline unsigned int flat_thread() { return threadIdx.x + blockDim.x * (threadIdx
 #define ICAKD_DYNAMIC_SMEM(T, name) T* name = cuda_emu::dynamic_smem<T>()
 
 inline void __syncthreads() { cuda_emu::current->bar->arrive_and_wait(); }
+
+inline int __syncthreads_or(int predicate) {
+  cuda_emu::Block& b = *cuda_emu::current;
+  b.bar->arrive_and_wait();  // the previous vote has been read by everyone
+  if (predicate) b.vote.store(1);
+  b.bar->arrive_and_wait();
+  const int any = b.vote.load();
+  b.bar->arrive_and_wait();
+  if (cuda_emu::flat_thread() == 0) b.vote.store(0);  // before anyone passes the next vote's first barrier
+  return any;
+}
 
 template <typename T>
 T __shfl_xor_sync(unsigned int mask, T v, int offset) {
