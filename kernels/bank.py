@@ -171,15 +171,13 @@ def _resync_kernel(
 
 @triton.jit
 def _segment_sum_kernel(
-    x_ptr, order_ptr, start_ptr, end_ptr, base_ptr, denom_ptr, out_ptr,
+    x_ptr, order_ptr, start_ptr, end_ptr, out_ptr,
     D,
     sxr, sxd,
-    sbc, sbd,
     soc, sod,
-    HAS_BASE: tl.constexpr, HAS_DENOM: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """``out[c] = (base[c] + sum_{r in [start[c], end[c])} x[order[r]]) / max(denom[c], 1)``."""
+    """``out[c] = sum_{r in [start[c], end[c])} x[order[r]]``."""
     c = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = d < D
@@ -194,11 +192,6 @@ def _segment_sum_kernel(
         rows = tl.load(order_ptr + rr, mask=rmask, other=0).to(tl.int64)
         x = tl.load(x_ptr + rows[:, None] * sxr + d64[None, :] * sxd, mask=rmask[:, None] & dmask[None, :], other=0.0)
         acc += tl.sum(x.to(acc_ty), axis=0)
-    if HAS_BASE:
-        acc = tl.load(base_ptr + c * sbc + d64 * sbd, mask=dmask, other=0.0).to(acc_ty) + acc
-    if HAS_DENOM:
-        den = tl.maximum(tl.load(denom_ptr + c), 1)
-        acc = acc / den.to(acc_ty)
     tl.store(out_ptr + c * soc + d64 * sod, acc, mask=dmask)
 
 
@@ -284,17 +277,15 @@ def segments(labels: torch.Tensor, num_classes: int):
     return order, start, end
 
 
-def segment_launch(x, order, start, end, out, base=None, denom=None) -> None:
-    """``out[c] = (base[c] + sum of x[order[start[c]:end[c]]]) / max(denom[c], 1)`` (optional parts)."""
+def segment_launch(x, order, start, end, out) -> None:
+    """``out[c] = sum of x[order[start[c]:end[c]]]``."""
     num_classes, D = out.shape
     if num_classes == 0 or D == 0:
         return
     bd = _block_d(D)
     br = max(1, min(64, 4096 // bd))
     launch(_segment_sum_kernel)[(num_classes, cdiv(D, bd))](
-        x, order, start, end, base if base is not None else out, denom if denom is not None else start, out,
-        D, *x.stride(), *(base.stride() if base is not None else (0, 0)), *out.stride(),
-        HAS_BASE=base is not None, HAS_DENOM=denom is not None, BLOCK_R=br, BLOCK_D=bd, num_warps=4,
+        x, order, start, end, out, D, *x.stride(), *out.stride(), BLOCK_R=br, BLOCK_D=bd, num_warps=4,
     )
 
 

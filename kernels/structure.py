@@ -470,8 +470,9 @@ def _centroids_kernel(
         rows = b0 + tl.arange(0, BLOCK_B)
         lab = tl.load(lab_ptr + rows, mask=rows < B, other=-1)
         hit = lab == c
-        hits += hit.to(tl.int32)
-        if tl.max(hit.to(tl.int32), axis=0) > 0:
+        h = hit.to(tl.int32)
+        hits += h
+        if tl.max(h, axis=0) > 0:
             x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sxr + d64[None, :] * sxd,
                         mask=hit[:, None] & dmask[None, :], other=0.0)
             acc += tl.sum(x.to(acc_ty), axis=0)

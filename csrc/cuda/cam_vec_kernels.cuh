@@ -61,13 +61,17 @@ inline VecGrid cam_vec_grid(int64_t K, int64_t P, int V) {
   return g;
 }
 
-// sum over the vectors of group-local channel c of the per-(vector, side) partials slot[j*2 + side]
+// the channel sums of `groups` V-channel groups from their per-(vector, side) partials
+// slot[(group * P + j) * 2 + side] -> out[group * V + c], threads of the block taking channels in turn
 template <int V>
-__device__ __forceinline__ float vec_channel_sum(const float* slot, int c, int P) {
-  float s = 0.f;
-  const int last = vec_layout::last_vector(c, P, V);
-  for (int j = vec_layout::first_vector(c, P, V); j <= last; ++j) s += slot[j * 2 + vec_layout::side(j, c, P, V)];
-  return s;
+__device__ __forceinline__ void vec_channel_sums(const float* slot, float* out, int64_t groups, int P) {
+  for (int64_t i = threadIdx.x; i < groups * V; i += blockDim.x) {
+    const float* s = slot + (i / V) * P * 2;
+    const int c = static_cast<int>(i % V), last = vec_layout::last_vector(c, P, V);
+    float t = 0.f;
+    for (int j = vec_layout::first_vector(c, P, V); j <= last; ++j) t += s[j * 2 + vec_layout::side(j, c, P, V)];
+    out[i] = t;
+  }
 }
 
 // sum of f[e] * x[e] over the elements of each channel of a vector -> slot[0] (channel c0) and
@@ -174,11 +178,7 @@ __global__ void __launch_bounds__(kVecMaxPixels, 1) cam_vec_pool_kernel(
     vec_split_dot<V>(q, x, L.split, slot + (t * P + j) * 2);
   }
   __syncthreads();
-  for (int64_t i = threadIdx.x; i < (u1 - u0) * V; i += blockDim.x) {
-    const int64_t ul = i / V;
-    const int c = static_cast<int>(i % V);
-    pooled[b * K + (u0 + ul) * V + c] = vec_channel_sum<V>(slot + ul * P * 2, c, P);
-  }
+  vec_channel_sums<V>(slot, pooled + b * K + u0 * V, u1 - u0, P);
 }
 
 template <typename scalar_t, int V>
@@ -228,11 +228,7 @@ __global__ void __launch_bounds__(kVecMaxPixels, 1) cam_vec_bwd_kernel(
   }
   if (gw == nullptr) return;  // uniform over the grid
   __syncthreads();
-  for (int64_t i = threadIdx.x; i < (u1 - u0) * V; i += blockDim.x) {
-    const int64_t ul = i / V;
-    const int c = static_cast<int>(i % V);
-    gw[b * K + (u0 + ul) * V + c] = vec_channel_sum<V>(slot + ul * P * 2, c, P);
-  }
+  vec_channel_sums<V>(slot, gw + b * K + u0 * V, u1 - u0, P);
 }
 
 }  // namespace icakd
