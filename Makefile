@@ -7,7 +7,7 @@ PIP ?= $(PYTHON) -m pip
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench static cuda-check clean
+.PHONY: install demo test test-fast test-min bench static cuda-check clean
 
 install:
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install $(TORCH_PKGS)
@@ -23,6 +23,10 @@ test: install
 
 test-fast: install
 	$(PYTHON) -m pytest tests -q -m "not slow" $(PYTEST_ARGS)
+
+# the whole suite again on the oldest supported releases (torch 2.6 / Triton 3.2), in a venv of its own
+test-min:
+	bash .ci/min_versions.sh
 
 bench: install
 	$(PYTHON) -m pytest benchmarks -p no:cacheprovider --benchmark-enable --benchmark-only \

@@ -1317,7 +1317,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
     else:
         torch.backends.cudnn.benchmark = True
-    torch._dynamo.config.recompile_limit = 64  # several compiled loss modules live side by side
+    # several compiled loss modules live side by side (the setting was named cache_size_limit before torch 2.7)
+    _dyn = torch._dynamo.config
+    setattr(_dyn, "recompile_limit" if hasattr(_dyn, "recompile_limit") else "cache_size_limit", 64)
     if dev.type == "cpu":
         torch._inductor.config.compile_threads = 1  # no compile workers competing for the cores
     bench = Bench(args, dev)

@@ -38,6 +38,11 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # interpreted kern
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+#: Triton's version; its ahead-of-time compiler API changed in 3.3 (tuple-keyed constants and
+#: attributes in ``ASTSource``; before, names and an ``AttrsDescriptor``). Both are spoken here:
+#: checked with 3.2, 3.6 and 3.8.
+TRITON_VERSION = tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2])
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -161,11 +166,9 @@ def record_structure(C: int, D: int, B: int):
     return [("bwd" if i == len(rec.launches) - 1 else "fwd",) + L for i, L in enumerate(rec.launches)]
 
 
-def compile_launch(kernel, args, kwargs, arch: int):
-    """Triton's specialisation of one launch, compiled for ``sm_<arch>``."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def specialise(kernel, args, kwargs):
+    """``(signature, constants, attributes, options)`` of one launch, as Triton's launcher would
+    specialise it (Triton >= 3.3 form: constants and attributes keyed by argument index tuples)."""
     names = kernel.arg_names
     params = {p.name: p for p in kernel.params}
     values = dict(zip(names, args))
@@ -194,7 +197,29 @@ def compile_launch(kernel, args, kwargs, arch: int):
         else:
             raise TypeError(f"argument {n!r}: cannot specialise {type(v).__name__}")
     opts = {"num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
-    return triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=opts)
+    return sig, consts, attrs, opts
+
+
+def compile_launch(kernel, args, kwargs, arch: int):
+    """Triton's specialisation of one launch, compiled for ``sm_<arch>``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, consts, attrs, opts = specialise(kernel, args, kwargs)
+    names = kernel.arg_names
+    params = {p.name: p for p in kernel.params}
+    values = dict(zip(names, args))
+    values.update({k: v for k, v in kwargs.items() if k in names})
+    target = GPUTarget("cuda", arch, 32)
+    if TRITON_VERSION < (3, 3):  # names as keys; the backend derives the attributes from the values
+        from triton.compiler.compiler import make_backend
+
+        desc = make_backend(target).get_attrs_descriptor(kernel.params, [values[n] for n in names])
+        const_ids = desc.get_constants()  # integers equal to 1
+        consts = {n: values[n] for i, n in enumerate(names) if params[n].is_constexpr or i in const_ids}
+        sig = {n: (t if t != "constexpr" else "i32") for n, t in sig.items() if not params[n].is_constexpr}
+        return triton.compile(ASTSource(kernel, sig, consts, desc), target=target, options=opts)
+    return triton.compile(ASTSource(kernel, sig, consts, attrs), target=target, options=opts)
 
 
 def sass_stats(cubin: bytes) -> dict:

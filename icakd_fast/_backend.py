@@ -65,6 +65,10 @@ def _run_probe(name: str) -> tuple[object | None, tuple[str, ...]]:
             return None, (f"triton kernels failed to import ({type(exc).__name__}: {exc})",)
         if not torch.cuda.is_available() and not triton_interpret():
             reasons.append("no CUDA device and TRITON_INTERPRET is not set")
+        if triton_interpret():
+            problem = mod.interpreter_problem()
+            if problem:
+                reasons.append(problem)
         return mod, tuple(reasons)
     if name == "cpp":
         try:

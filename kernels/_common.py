@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 try:  # torch >= 2.6: kernels launched through wrap_triton are visible to torch.compile
     from torch.library import wrap_triton as _wrap_triton
@@ -93,6 +94,9 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
 #: codes of the dot precisions inside the kernels
 PREC_CODE = {"ieee": 0, "tf32": 1, "tf32x3": 2, "bf16": 3}
 
+#: (major, minor) of the installed Triton, for the few work-arounds of old releases
+TRITON_VERSION = tuple(int(x) for x in triton.__version__.split("+")[0].split(".")[:2])
+
 
 def dot_precision(*dtypes: torch.dtype) -> str:
     """Precision of the kernels' float32 dot products, following PyTorch's own switch
@@ -114,3 +118,34 @@ def dot_precision(*dtypes: torch.dtype) -> str:
     if prec == "high":
         return "tf32"
     return "tf32x3"
+
+
+@triton.jit
+def _interpreter_check_kernel(out_ptr, n):
+    acc = 0
+    for i in range(0, n):  # a loop bound known only at run time, as in most kernels here
+        acc += i
+    tl.store(out_ptr, acc)
+
+
+def interpreter_problem() -> str | None:
+    """Runs a tiny kernel through the Triton interpreter; why it cannot run kernels, or None.
+
+    The interpreters of Triton releases before 3.8 turn a run-time integer into a Python int with
+    ``int()`` of a one-element array, which numpy >= 2.4 refuses: every kernel with such a loop
+    bound then fails with an obscure ``InterpreterError``. Found once here, it is reported as the
+    reason the triton backend is unavailable instead.
+    """
+    import numpy
+
+    out = torch.full((1,), -1, dtype=torch.int32)
+    try:
+        _interpreter_check_kernel[(1,)](out, 4)
+    except Exception as exc:  # noqa: BLE001 - whatever the interpreter raises is the answer
+        hint = ""
+        if tuple(int(x) for x in numpy.__version__.split(".")[:2] if x.isdigit()) >= (2, 4):
+            hint = f"; the interpreter of Triton {triton.__version__} needs numpy < 2.4 (pip install 'numpy<2.4') or a newer Triton"
+        return f"the Triton interpreter cannot run kernels here ({type(exc).__name__}: {exc}){hint}"
+    if int(out.item()) != 6:
+        return f"the Triton interpreter computed a wrong result ({int(out.item())} instead of 6)"
+    return None

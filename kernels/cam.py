@@ -345,14 +345,21 @@ def _cam_bwd_kernel(
         gp = tl.load(gp_ptr + b * sgpb + ki * sgpk, mask=kmask, other=0.0).to(wk.dtype)
     else:
         gp = wk
-    imgs = (a_ptr + b * sab, ga_ptr + b * sgab, cam_ptr + b * HW, pw_ptr + b * HW, gc_ptr + b * sgcb)
+    # the image's base pointers (named one by one: Triton 3.2 compiles no tuples or *args)
+    a_img = a_ptr + b * sab
+    ga_img = ga_ptr + b * sgab
+    cam_img = cam_ptr + b * HW
+    pw_img = pw_ptr + b * HW
+    gc_img = gc_ptr + b * sgcb
     if ONE_TILE:
-        gw = _cam_bwd_tile(*imgs, wk, gp, ki, kmask, 0, HW, WIDTH, sak, sah, saw, sgch, sgcw, sgak, sgah, sgaw,
+        gw = _cam_bwd_tile(a_img, ga_img, cam_img, pw_img, gc_img, wk, gp, ki, kmask, 0, HW, WIDTH,
+                           sak, sah, saw, sgch, sgcw, sgak, sgah, sgaw,
                            HAS_GCAM, HAS_GPOOL, NEED_F, NEED_W, FLAT, OFF64, BLOCK_P)
     else:
         gw = tl.zeros([BLOCK_K], dtype=wk.dtype)
         for p0 in range(0, HW, BLOCK_P):
-            gw += _cam_bwd_tile(*imgs, wk, gp, ki, kmask, p0, HW, WIDTH, sak, sah, saw, sgch, sgcw, sgak, sgah, sgaw,
+            gw += _cam_bwd_tile(a_img, ga_img, cam_img, pw_img, gc_img, wk, gp, ki, kmask, p0, HW, WIDTH,
+                                sak, sah, saw, sgch, sgcw, sgak, sgah, sgaw,
                                 HAS_GCAM, HAS_GPOOL, NEED_F, NEED_W, FLAT, OFF64, BLOCK_P)
     if NEED_W:
         tl.store(gw_ptr + b * K + ki, gw.to(gw_ptr.dtype.element_ty), mask=kmask)

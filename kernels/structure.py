@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import PREC_CODE, acc_dtype, cdiv, dot_precision, launch, next_pow2
+from ._common import PREC_CODE, TRITON_VERSION, acc_dtype, cdiv, dot_precision, launch, next_pow2
 
 
 @triton.jit
@@ -424,13 +424,18 @@ def inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s: bool, need_t: bool, eps
         order = _work_order(want)
         wu8 = want.to(torch.uint8)
         wo = b * ao
-        bo = min(cfg["bwd_o"], next_pow2(D))
+        bo = max(16, min(cfg["bwd_o"], next_pow2(D)))  # tl.dot needs >= 16 on every side (Triton 3.2 checks it)
+        warps = cfg["bwd_warps"]
+        if prec_e == PREC_CODE["bf16"] and TRITON_VERSION < (3, 3):
+            # Triton 3.2's compiler aborts (a LinearLayout assertion) on this kernel's bf16 E-product
+            # with 8 warps; 3.3 to 3.8 compile it (.ci/compile_triton.py with each)
+            warps = min(warps, 4)
         launch(_inter_bwd_kernel)[(cdiv(C, bm), nsplit, cdiv(D, bo))](
             mu_s, mu_t, xo, q, b, wo, order, wu8, out,
             C, DS, DT, D, cols, *mu_s.stride(), *mu_t.stride(), *xo.stride(), *out.stride(),
             PREC=prec, PREC_E=prec_e, F64=f64, ATOMIC=nsplit > 1,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bdd, BLOCK_O=bo,
-            num_warps=cfg["bwd_warps"], num_stages=cfg["stages"],
+            num_warps=warps, num_stages=cfg["stages"],
         )
         bd = min(next_pow2(D), 256)
         br = max(1, min(32, 4096 // bd))
@@ -451,7 +456,7 @@ def _centroids_kernel(
     sums_ptr, counts_ptr, x_ptr, lab_ptr, mu_ptr, total_ptr,
     B, D,
     ssc, ssd, sxr, sxd, smc, smd,
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC_F64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``mu[c] = (sums[c] + sum_{b: y_b = c} x[b]) / max(counts[c] + n_c, 1)``, ``total[c] = counts[c] + n_c``.
 
@@ -463,7 +468,10 @@ def _centroids_kernel(
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = d < D
     d64 = d.to(tl.int64)
-    acc_ty = mu_ptr.dtype.element_ty
+    if ACC_F64:
+        acc_ty = tl.float64
+    else:  # float32 sums for 16-bit outputs too (tl.sum of a 16-bit tile is float32 anyway)
+        acc_ty = tl.float32
     acc = tl.zeros([BLOCK_D], dtype=acc_ty)
     hits = tl.zeros([BLOCK_B], dtype=tl.int32)
     for b0 in range(0, B, BLOCK_B):
@@ -480,7 +488,7 @@ def _centroids_kernel(
     tot = tl.load(counts_ptr + c64) + tl.sum(hits, axis=0).to(tl.int64)
     base = tl.load(sums_ptr + c64 * ssc + d64 * ssd, mask=dmask, other=0.0).to(acc_ty)
     mu = (base + acc) / tl.maximum(tot, 1).to(acc_ty)
-    tl.store(mu_ptr + c64 * smc + d64 * smd, mu, mask=dmask)
+    tl.store(mu_ptr + c64 * smc + d64 * smd, mu.to(mu_ptr.dtype.element_ty), mask=dmask)
     if tl.program_id(1) == 0:
         tl.store(total_ptr + c64, tot)
 
@@ -498,12 +506,14 @@ def centroids_fwd(sums, counts, feats, labels):
     total = torch.empty((C,), dtype=torch.int64, device=sums.device)
     if C == 0:
         return mu, total
+    if D == 0:  # nothing to average: only the counts (no launch whose every store is masked off)
+        return mu, counts.to(torch.int64).index_add(0, labels, torch.ones_like(labels, dtype=torch.int64))
     # [32, 128] tiles: 54 registers and no spills for sm_90 (a [128, 512] tile spilled; kernel_static.py --structure)
     bd = min(next_pow2(D), 128)
     bb = CENTROID_BLOCK_B or max(16, min(next_pow2(B), 32))
-    launch(_centroids_kernel)[(C, max(1, cdiv(D, bd)))](  # D = 0: one program per class writes total
+    launch(_centroids_kernel)[(C, cdiv(D, bd))](
         sums, counts.contiguous(), feats, labels.contiguous(), mu, total, B, D,
         *sums.stride(), *feats.stride(), *mu.stride(),
-        BLOCK_B=bb, BLOCK_D=bd, num_warps=4,
+        ACC_F64=out_dt == torch.float64, BLOCK_B=bb, BLOCK_D=bd, num_warps=4,
     )
     return mu, total

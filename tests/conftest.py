@@ -37,3 +37,24 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_sessionstart(session):
+    """``ICAKD_TEST_REQUIRE=triton,cpp`` (CI sets it): stop at once when a listed backend cannot
+    run on this machine's test device. Tests of an unavailable backend skip themselves, so
+    without this a broken install would pass by testing less."""
+    wanted = [b.strip() for b in os.environ.get("ICAKD_TEST_REQUIRE", "").split(",") if b.strip()]
+    if not wanted:
+        return
+    from icakd_fast import _backend
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    problems = []
+    for name in wanted:
+        if name not in _backend.BACKENDS:
+            raise pytest.UsageError(f"ICAKD_TEST_REQUIRE: unknown backend {name!r} (one of {_backend.BACKENDS})")
+        reasons = _backend.not_supported_reasons(name, device=device)
+        if reasons:
+            problems.append(f"{name} on {device}: " + "; ".join(reasons))
+    if problems:
+        raise pytest.UsageError("ICAKD_TEST_REQUIRE: backends that cannot run here:\n  " + "\n  ".join(problems))

@@ -79,7 +79,17 @@ def test_explicit_unavailable_backend_lists_every_reason():
             assert r in str(info.value)
 
 
-def test_cuda_inter_order_follows_shape_precision_and_device(monkeypatch):
+@pytest.fixture
+def set_allow_tf32():
+    """Sets ``torch.backends.cuda.matmul.allow_tf32`` for one test and restores it afterwards
+    (``monkeypatch.setattr`` cannot undo it on torch < 2.7, where the flag is a module property)."""
+    flags = torch.backends.cuda.matmul
+    old = flags.allow_tf32
+    yield lambda value: setattr(flags, "allow_tf32", value)
+    flags.allow_tf32 = old
+
+
+def test_cuda_inter_order_follows_shape_precision_and_device(monkeypatch, set_allow_tf32):
     """On CUDA the inter loss goes to the C++ float64 Gram form only where it is the faster one:
     float32 kept exact (no TF32) or float64, C >= 2 (Ds + Dt) on full-rate float64 GPUs (64x on
     others), and not forced to the direct form; else the Triton tiles come first. (The rule reads
@@ -88,7 +98,7 @@ def test_cuda_inter_order_follows_shape_precision_and_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: cap["v"])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(_backend, "_FULL_RATE_FP64", {})
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    set_allow_tf32(False)
     monkeypatch.delenv("ICAKD_INTER_FORM", raising=False)
     cuda = torch.device("cuda")
 
@@ -98,9 +108,9 @@ def test_cuda_inter_order_follows_shape_precision_and_device(monkeypatch):
     assert first(600) == "cpp" and first(599) == "triton"
     assert first(600, dtype=torch.float64) == "cpp"
     assert first(10**4, dtype=torch.bfloat16) == "triton"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    set_allow_tf32(True)
     assert first(600) == "triton" and first(600, dtype=torch.float64) == "cpp"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    set_allow_tf32(False)
     monkeypatch.setenv("ICAKD_INTER_FORM", "direct")
     assert first(600) == "triton"
     monkeypatch.delenv("ICAKD_INTER_FORM")
@@ -131,3 +141,44 @@ def test_import_does_not_need_a_gpu_or_the_extension():
     code = "import icakd_fast, torch; print(icakd_fast.functional.grad_cam(torch.ones(1,1,2,2), torch.ones(1,1)).sum().item())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "4.0"
+
+
+def test_a_broken_triton_interpreter_is_reported_as_the_reason(monkeypatch):
+    """A Triton interpreter that cannot run kernels (Triton < 3.8 with numpy >= 2.4) makes the
+    triton backend unavailable with a reason that says what to install, instead of every kernel
+    failing with an obscure ``InterpreterError``."""
+    pytest.importorskip("triton")
+    import numpy
+
+    from icakd_fast.kernels import _common
+
+    if _backend.triton_interpret():  # the real interpreter runs the check kernel correctly here
+        assert _common.interpreter_problem() is None
+
+    class Broken:
+        def __getitem__(self, grid):
+            def run(*args):
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return run
+
+    class Wrong:
+        def __getitem__(self, grid):
+            return lambda out, n: out.fill_(5)
+
+    monkeypatch.setattr(_common, "_interpreter_check_kernel", Broken())
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    msg = _common.interpreter_problem()
+    assert "TypeError" in msg and "numpy < 2.4" in msg
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    assert "numpy < 2.4" not in _common.interpreter_problem()
+    monkeypatch.setattr(_common, "_interpreter_check_kernel", Wrong())
+    assert "wrong result (5 instead of 6)" in _common.interpreter_problem()
+
+    # the probe turns the message into the backend's reason
+    monkeypatch.setattr(_common, "_interpreter_check_kernel", Broken())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_backend, "_PROBES", {})
+    reasons = _backend.not_supported_reasons("triton", "cam", "cpu")
+    assert any("cannot run kernels" in r for r in reasons)
+    with pytest.raises(Exception, match="cannot run kernels"):
+        _backend.resolve("triton", "cam", torch.zeros(1))

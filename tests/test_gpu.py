@@ -98,6 +98,11 @@ def test_structure_low_precision(dtype):
     rmu, rtotal = R.class_centroids(sums.double(), counts, feats.double(), labels)
     assert torch.equal(total, rtotal)
     assert_close_rel(mu, rmu, dtype, "centroids")
+    # sums in the 16-bit dtype too: a 16-bit output, float32 sums inside the kernel
+    mu16, _ = F.class_centroids(sums.to(dtype), counts, feats, labels, backend="triton")
+    rmu16, _ = R.class_centroids(sums.to(dtype).double(), counts, feats.double(), labels)
+    assert mu16.dtype == dtype
+    assert_close_rel(mu16, rmu16, dtype, "centroids, sums in the input dtype")
 
 
 @pytest.mark.parametrize("precision,tol", [("highest", 2e-5), ("high", 5e-3), ("medium", 4e-2)])

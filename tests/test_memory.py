@@ -1,5 +1,6 @@
 """Memory-bank semantics against a brute-force per-row history, drift, checkpoints, bad inputs."""
 
+import datetime
 import os
 import tempfile
 
@@ -221,7 +222,9 @@ def _ddp_worker(rank, world, init_file, out_dir, kind):
     import torch.distributed as dist
 
     torch.manual_seed(0)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a hung collective fails the test after a minute instead of blocking the suite
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     gen = torch.Generator().manual_seed(100 + rank)
     bank = ClassMemoryBank(6, 3, 4) if kind == "class" else FIFOMemoryBank(10, 4, 6)
     batches = []
@@ -231,8 +234,11 @@ def _ddp_worker(rank, world, init_file, out_dir, kind):
         bank.enqueue(f, y, m)
         batches.append((f, y, m))
     torch.save({"state": bank.state_dict(), "batches": batches}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    dist.barrier()  # every rank has received all it needs before any rank goes
+    # No process-group teardown: destroy_process_group (or the group's destructor at exit) hangs
+    # now and then on some torch releases (torch 2.6 here: about one run in four;
+    # pytorch/pytorch#75097), and the results are already on disk.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("kind", ["class", "fifo"])

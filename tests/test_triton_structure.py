@@ -62,6 +62,20 @@ def test_centroids_label_scan_in_several_steps(monkeypatch, block_b):
     assert torch.equal(mu[C - 1], sums[C - 1] / counts[C - 1].clamp(min=1))
 
 
+def test_centroids_16_bit_sums_add_in_float32():
+    """float16 sums and rows: a float16 output, summed in float32 inside the kernel (the sum of
+    2000 float16 rows in float16 would be far off the float64 reference)."""
+    C, B, D = 2, 4000, 24
+    sums = torch.randn(C, D, device=DEV).half()
+    counts = torch.randint(0, 4, (C,), device=DEV)
+    labels = torch.randint(0, C, (B,), device=DEV)
+    feats = (torch.randn(B, D, device=DEV) + 3.0).half()  # a large common part: rounding errors do not cancel
+    mu, _ = F.class_centroids(sums, counts, feats, labels, backend="triton")
+    rmu, _ = R.class_centroids(sums.double(), counts, feats.double(), labels)
+    assert mu.dtype == torch.float16
+    torch.testing.assert_close(mu.double(), rmu, rtol=1e-3, atol=1e-3)  # one float16 rounding of the result
+
+
 def test_centroids_empty_batch_and_zero_width():
     C = 4
     counts = torch.tensor([0, 3, 1, 2], device=DEV)

@@ -18,7 +18,7 @@ import torch
 from icakd_fast.kernels import bank as _bank
 from icakd_fast.kernels import cam as _cam
 from icakd_fast.kernels import structure as _st
-from icakd_fast.kernels._common import _get_current_dispatch_mode
+from icakd_fast.kernels._common import _get_current_dispatch_mode, interpreter_problem  # noqa: F401
 
 OPS = ("cam", "grad_cam_weights", "class_bank", "fifo_bank", "centroids", "intra", "inter")
 UNAVAILABLE_REASONS: tuple = ()
