@@ -50,9 +50,8 @@ class _Recording:
     configurations the launchers pick for CUDA tensors."""
 
     def __init__(self):
-        self.rec = ks.Recorder()
-        self.label = ""
-        self.labels = []
+        self.label = ""  # what the cases are doing, kept with each launch
+        self.launches = []  # (kernel, grid, args, kwargs, label)
 
     def __enter__(self):
         self.saved = (kcam._launch, kb.launch, kst.launch, kst._cfg, kst._splits, kcam.CAM_VEC, kcam.CAM_FWD_MODE)
@@ -66,15 +65,7 @@ class _Recording:
         (kcam._launch, kb.launch, kst.launch, kst._cfg, kst._splits, kcam.CAM_VEC, kcam.CAM_FWD_MODE) = self.saved
 
     def _launch(self, kernel):
-        inner = self.rec(kernel)
-
-        class _G:
-            def __getitem__(_, grid):
-                def run(*args, **kwargs):
-                    self.labels.append(self.label)
-                    return inner[grid](*args, **kwargs)
-                return run
-        return _G()
+        return ks._Grid(lambda grid, args, kwargs: self.launches.append((kernel, tuple(grid), args, kwargs, self.label)))
 
 
 def _cam_cases(r: _Recording, quick: bool):
@@ -173,7 +164,7 @@ def record_all(quick: bool):
         _cam_cases(r, quick)
         _bank_cases(r, quick)
         _structure_cases(r, quick)
-    return r.rec.launches, r.labels
+    return r.launches
 
 
 def _key(kernel, args, kwargs, exact: bool):
@@ -200,9 +191,9 @@ def main():
                    help="also tell apart launches whose integers differ in divisibility by 16 or equality to 1 (many more)")
     a = p.parse_args()
     t0 = time.time()
-    launches, labels = record_all(a.quick)
+    launches = record_all(a.quick)
     unique = {}
-    for (kernel, grid, args, kwargs), label in zip(launches, labels):
+    for kernel, grid, args, kwargs, label in launches:
         unique.setdefault(_key(kernel, args, kwargs, a.exact), (kernel, args, kwargs, label))
     kernels = sorted({k[0] for k in unique})
     print(f"Triton {triton.__version__}, torch {torch.__version__}: {len(launches)} launches recorded, "

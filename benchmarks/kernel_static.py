@@ -38,16 +38,12 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # interpreted kern
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-#: Triton's version; its ahead-of-time compiler API changed in 3.3 (tuple-keyed constants and
-#: attributes in ``ASTSource``; before, names and an ``AttrsDescriptor``). Both are spoken here:
-#: checked with 3.2, 3.6 and 3.8.
-TRITON_VERSION = tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2])
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from icakd_fast.kernels import cam as kcam  # noqa: E402
+from icakd_fast.kernels._common import TRITON_VERSION  # noqa: E402
 
 #: per-SM limits of compute capability 9.0 (H100/H200) for the occupancy estimate
 SM90 = {"regs": 65536, "warps": 64, "blocks": 32, "smem": 228 * 1024, "smem_reserved": 1024}
@@ -166,13 +162,18 @@ def record_structure(C: int, D: int, B: int):
     return [("bwd" if i == len(rec.launches) - 1 else "fwd",) + L for i, L in enumerate(rec.launches)]
 
 
+def _bound(kernel, args, kwargs):
+    """``(names, params by name, values by name)`` of one launch."""
+    names = kernel.arg_names
+    values = dict(zip(names, args))
+    values.update({k: v for k, v in kwargs.items() if k in names})
+    return names, {p.name: p for p in kernel.params}, values
+
+
 def specialise(kernel, args, kwargs):
     """``(signature, constants, attributes, options)`` of one launch, as Triton's launcher would
     specialise it (Triton >= 3.3 form: constants and attributes keyed by argument index tuples)."""
-    names = kernel.arg_names
-    params = {p.name: p for p in kernel.params}
-    values = dict(zip(names, args))
-    values.update({k: v for k, v in kwargs.items() if k in names})
+    names, params, values = _bound(kernel, args, kwargs)
     sig, consts, attrs = {}, {}, {}
     for i, n in enumerate(names):
         v = values[n]
@@ -206,14 +207,13 @@ def compile_launch(kernel, args, kwargs, arch: int):
     from triton.compiler import ASTSource
 
     sig, consts, attrs, opts = specialise(kernel, args, kwargs)
-    names = kernel.arg_names
-    params = {p.name: p for p in kernel.params}
-    values = dict(zip(names, args))
-    values.update({k: v for k, v in kwargs.items() if k in names})
     target = GPUTarget("cuda", arch, 32)
-    if TRITON_VERSION < (3, 3):  # names as keys; the backend derives the attributes from the values
+    # Triton's ahead-of-time API changed in 3.3 (tuple-keyed constants and attributes); before it,
+    # names as keys and an AttrsDescriptor the backend derives from the values
+    if TRITON_VERSION < (3, 3):
         from triton.compiler.compiler import make_backend
 
+        names, params, values = _bound(kernel, args, kwargs)
         desc = make_backend(target).get_attrs_descriptor(kernel.params, [values[n] for n in names])
         const_ids = desc.get_constants()  # integers equal to 1
         consts = {n: values[n] for i, n in enumerate(names) if params[n].is_constexpr or i in const_ids}

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
+
+#: the host C++ compiler the tests that build small C++ programs use (None: those tests skip)
+HOST_CXX = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 # relative-error budgets against a float64 oracle, per input dtype
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}

@@ -9,13 +9,13 @@ channel's sum visits exactly the partial sums holding its elements.
 """
 
 import os
-import shutil
 import subprocess
 
 import pytest
 
+from helpers import HOST_CXX as CXX
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CXX = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
 @pytest.mark.skipif(CXX is None, reason="no host C++ compiler")

@@ -17,15 +17,15 @@ the GPU's memory model beyond the barriers: ``tests/test_cpp_gpu.py`` runs them 
 """
 
 import os
-import shutil
 import subprocess
 
 import pytest
 
+from helpers import HOST_CXX as CXX
+
 torch = pytest.importorskip("torch")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CXX = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
 @pytest.mark.skipif(CXX is None, reason="no host C++ compiler")

@@ -15,6 +15,7 @@ import sys
 import pytest
 
 triton = pytest.importorskip("triton")
+from icakd_fast.kernels._common import TRITON_VERSION  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -71,7 +72,7 @@ def test_vec_kernels_move_the_map_in_16_byte_accesses(rows):
     assert any(k.startswith("STG") and k.endswith(".128") for k in bwd), bwd
 
 
-@pytest.mark.skipif(tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 6),
+@pytest.mark.skipif(TRITON_VERSION < (3, 6),
                     reason="register budget measured with Triton 3.6/3.8 (3.2 allocates 168 for the same kernel)")
 def test_split_backward_keeps_offsets_in_32_bits(rows):
     """Offsets inside an image are int32: with int64 offsets the same kernel needed 255 registers

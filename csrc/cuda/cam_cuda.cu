@@ -155,16 +155,12 @@ inline bool cam_vec_requested() {
   return env != nullptr && std::string(env) == "vec";
 }
 
+// elements per 16-byte vector of the map
+template <typename scalar_t>
+constexpr int kVecWidth = 16 / static_cast<int>(sizeof(scalar_t));
+
 inline int cam_vec_width(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-    case at::kBFloat16:
-      return 8;
-    case at::kFloat:
-      return 4;
-    default:
-      return 0;
-  }
+  return (t == at::kHalf || t == at::kBFloat16 || t == at::kFloat) ? 16 / static_cast<int>(c10::elementSize(t)) : 0;
 }
 
 // whether the vectorised kernels take this map (and float32 accumulation)
@@ -211,17 +207,18 @@ void cam_vec_bwd_launch(const Tensor& A, const CamBwdOperands& op, Tensor* gf, T
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// the map types cam_vec_width accepts
 template <typename Fn>
 void cam_vec_dispatch(at::ScalarType t, Fn&& fn) {
   switch (t) {
     case at::kHalf:
-      fn(c10::Half(), std::integral_constant<int, 8>());
+      fn(c10::Half());
       break;
     case at::kBFloat16:
-      fn(c10::BFloat16(), std::integral_constant<int, 8>());
+      fn(c10::BFloat16());
       break;
     default:
-      fn(float(), std::integral_constant<int, 4>());
+      fn(float());
       break;
   }
 }
@@ -240,10 +237,10 @@ std::tuple<Tensor, Tensor, Tensor> cam_fwd_cuda(const Tensor& features, const Te
   Tensor& pooled = o.pooled;
   Tensor& pool_w = o.pool_w;
   if (B > 0 && P > 0 && K > 0 && cam_vec_applies(features, d)) {
-    cam_vec_dispatch(A.scalar_type(), [&](auto tag, auto width) {
+    cam_vec_dispatch(A.scalar_type(), [&](auto tag) {
       using scalar_t = decltype(tag);
-      cam_vec_fwd_launch<scalar_t, decltype(width)::value>(A, w, cam, with_pooled ? &pool_w : nullptr,
-                                                           with_pooled ? &pooled : nullptr, d);
+      cam_vec_fwd_launch<scalar_t, kVecWidth<scalar_t>>(A, w, cam, with_pooled ? &pool_w : nullptr,
+                                                        with_pooled ? &pooled : nullptr, d);
     });
   } else if (B > 0 && P > 0) {
     auto stream = c10::cuda::getCurrentCUDAStream();
@@ -283,10 +280,10 @@ std::tuple<Tensor, Tensor> cam_bwd_cuda(const std::optional<Tensor>& grad_cam, c
   Tensor& gf = o.gf;
   Tensor& gw = o.gw;
   if (cam_bwd_has_work(op.d, need_features, need_weights) && cam_vec_applies(features, op.d)) {
-    cam_vec_dispatch(A.scalar_type(), [&](auto tag, auto width) {
+    cam_vec_dispatch(A.scalar_type(), [&](auto tag) {
       using scalar_t = decltype(tag);
-      cam_vec_bwd_launch<scalar_t, decltype(width)::value>(A, op, need_features ? &gf : nullptr,
-                                                           need_weights ? &gw : nullptr);
+      cam_vec_bwd_launch<scalar_t, kVecWidth<scalar_t>>(A, op, need_features ? &gf : nullptr,
+                                                        need_weights ? &gw : nullptr);
     });
   } else if (cam_bwd_has_work(op.d, need_features, need_weights)) {
     // about 8 warps' worth of channels per block, at most 65535 chunks
