@@ -11,12 +11,29 @@ from torch import nn
 from . import _validate as V
 from . import functional as IF
 from . import reference
-from .memory import ClassMemoryBank, FIFOMemoryBank
+from ._inter_gram import InterGramCache, batch_centroids, first_occurrence, first_positions
+from .memory import ClassMemoryBank, FIFOMemoryBank, _distributed, _gather_from_ranks
 
 __all__ = ["ICAKDLoss", "ICAKDOutput", "METHODS"]
 
 METHODS = ("ce", "kd", "cskd", "icakd")
 _AUTO = "auto"
+
+
+_FAST_FP64: dict[tuple[str, int | None], bool] = {}
+
+
+def _fast_fp64(device: torch.device) -> bool:
+    """CPUs and data-centre GPUs (sm_80, sm_90, sm_100: tensor-core float64) run float64 GEMMs
+    at a useful rate; other GPUs at 1/32-1/64 of float32."""
+    key = (device.type, device.index)
+    if key not in _FAST_FP64:
+        fast = True
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            fast = (major, minor) in ((8, 0), (10, 0)) or major == 9
+        _FAST_FP64[key] = fast
+    return _FAST_FP64[key]
 
 
 @dataclass
@@ -41,7 +58,13 @@ class ICAKDLoss(nn.Module):
     ``C * slots_per_class``), ``bank_dtype=torch.float32``, ``resync_every=1000``;
     ``cam_weighting`` (default: True for icakd); ``target`` in ``{"label", "teacher"}`` (Grad-CAM
     target class: label or teacher argmax); ``correct_only=False`` (only correctly classified rows
-    enter each network's bank and batch centroids); ``min_count=1``; ``backend=None`` (automatic).
+    enter each network's bank and batch centroids); ``min_count=1``; ``backend=None`` (automatic);
+    ``incremental_inter=None`` (class bank only: keep the float64 Gram matrix of the bank
+    centroids, ``[2*teacher_dim]^2``, and update it by the few classes each step changes, so the
+    inter loss costs O(B*D^2) per step instead of O(C*D^2) or O(C^2*D); None turns it on where
+    the full Gram form would be picked, ``num_classes >= 2 * 2*teacher_dim`` on a CPU or a GPU
+    with fast float64, 64x that on other GPUs; never under ``torch.compile``, which takes the
+    backend's op).
 
     Call ``forward(student_features, student_logits, teacher_features, teacher_logits, labels,
     student_fc_weight, teacher_fc_weight)``; in training mode it then enqueues the batch's
@@ -77,6 +100,7 @@ class ICAKDLoss(nn.Module):
         correct_only: bool = False,
         min_count: int = 1,
         backend: str | None = None,
+        incremental_inter: bool | None = None,
     ):
         super().__init__()
         for name, value in (("num_classes", num_classes), ("student_dim", student_dim), ("teacher_dim", teacher_dim)):
@@ -94,6 +118,8 @@ class ICAKDLoss(nn.Module):
             raise ValueError(f"tau must be positive, got {tau!r}")
         if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
             raise ValueError(f"min_count must be an int >= 1, got {min_count!r}")
+        if incremental_inter not in (None, True, False):
+            raise ValueError(f"incremental_inter must be None, True or False, got {incremental_inter!r}")
         self.num_classes, self.student_dim, self.teacher_dim = num_classes, student_dim, teacher_dim
         self.method = method
         self.w_ce, self.w_kd, self.tau = float(w_ce), float(w_kd), float(tau)
@@ -116,6 +142,55 @@ class ICAKDLoss(nn.Module):
             size = bank_size or num_classes * slots_per_class
             self.bank_s = FIFOMemoryBank(size, teacher_dim, num_classes, dtype=bank_dtype, backend=backend)
             self.bank_t = FIFOMemoryBank(size, teacher_dim, num_classes, dtype=bank_dtype, backend=backend)
+        if incremental_inter and self.bank_layout != "class":
+            raise ValueError("incremental_inter=True needs the class bank (bank='class' with method 'cskd' or 'icakd')")
+        self.incremental_inter = incremental_inter
+        self._inter_gram = InterGramCache(min_count, reference.NORM_EPS) if self.bank_layout == "class" else None
+
+    def reset_inter_cache(self) -> None:
+        """Drop the incremental inter loss's Gram matrix; the next step rebuilds it from the banks.
+        Needed only after writing a bank's buffers by hand (changes made through the banks'
+        methods, ``load_state_dict`` and ``.to()`` are noticed)."""
+        if self._inter_gram is not None:
+            self._inter_gram.invalidate()
+
+    def _incremental(self, device: torch.device) -> bool:
+        """Whether this step takes the incremental Gram form of the inter loss."""
+        if self._inter_gram is None or self.incremental_inter is False:
+            return False
+        if torch.compiler.is_compiling():
+            return False
+        if self.incremental_inter:
+            return True
+        factor = 2 if _fast_fp64(device) else 64
+        return self.num_classes >= factor * 2 * self.teacher_dim
+
+    def _structure_incremental(self, f_s, f_t, labels, keep_s, keep_t):
+        """(intra, inter) with centroids of the batch's classes only ([B, D], no [C, D] tensor)
+        and the inter loss in the incremental Gram form."""
+        slot = first_positions(labels, self.num_classes)
+        first = slot == torch.arange(labels.shape[0], device=labels.device)
+        bs, bt = self.bank_s, self.bank_t
+        mu_s, n_s = batch_centroids(bs.sums, bs.count, f_s, labels, keep_s, slot)
+        with torch.no_grad():
+            mu_t, n_t = batch_centroids(bt.sums, bt.count, f_t, labels, keep_t, slot)
+        valid = (n_s >= self.min_count) & (n_t >= self.min_count)
+        valid_rows = valid.index_select(0, labels)
+        # intra over row-indexed centroids: row b of mu_* is the centroid of class labels[b]
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        l_intra = IF._intra_class_loss(f_s, f_t, mu_s, mu_t, rows, valid_rows, self.backend)
+        gram = self._inter_gram
+        K_base = gram.ensure(bs, bt, mu_s.dtype)
+        l_inter = gram.loss(K_base, bs, bt, mu_s, mu_t, valid_rows, labels, first, valid.sum())
+        return l_intra, l_inter
+
+    def _touched_classes(self, labels: torch.Tensor) -> torch.Tensor:
+        """Every class the coming enqueue may change: the batch's labels (from every rank) and
+        the classes the banks resync."""
+        if _distributed():
+            stub = torch.zeros(labels.shape[0], 1, device=labels.device)
+            _, labels, _ = _gather_from_ranks(stub, labels, torch.ones_like(labels, dtype=torch.bool))
+        return torch.cat([labels, self.bank_s._next_resync_classes(), self.bank_t._next_resync_classes()])
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, num_classes={self.num_classes}, bank={self.bank_layout!r}, tau={self.tau}"
@@ -248,22 +323,33 @@ class ICAKDLoss(nn.Module):
             if self.correct_only:
                 keep_s = student_logits.detach().argmax(dim=1) == labels
                 keep_t = teacher_logits.argmax(dim=1) == labels
-            mu_s, n_s = self._centroids(self.bank_s, f_s, labels, keep_s)
-            with torch.no_grad():
-                mu_t, n_t = self._centroids(self.bank_t, f_t, labels, keep_t)
-            valid = (n_s >= self.min_count) & (n_t >= self.min_count)
-            live = torch.zeros(self.num_classes, dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
-
-            l_intra = IF._intra_class_loss(f_s, f_t, mu_s, mu_t, labels, valid, self.backend)
-            # live marks the batch's labels, so at most B rows are live: the C++ Gram form's
-            # backward then takes B rows, not C (no device-side check needed)
-            l_inter = IF._inter_class_loss(mu_s, mu_t, valid, live, self.backend, max_live=labels.shape[0])
+            incremental = self._incremental(labels.device)
+            if incremental:
+                l_intra, l_inter = self._structure_incremental(f_s, f_t, labels, keep_s, keep_t)
+            else:
+                mu_s, n_s = self._centroids(self.bank_s, f_s, labels, keep_s)
+                with torch.no_grad():
+                    mu_t, n_t = self._centroids(self.bank_t, f_t, labels, keep_t)
+                valid = (n_s >= self.min_count) & (n_t >= self.min_count)
+                live = torch.zeros(self.num_classes, dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
+                l_intra = IF._intra_class_loss(f_s, f_t, mu_s, mu_t, labels, valid, self.backend)
+                # live marks the batch's labels, so at most B rows are live: the C++ Gram form's
+                # backward then takes B rows, not C (no device-side check needed)
+                l_inter = IF._inter_class_loss(mu_s, mu_t, valid, live, self.backend, max_live=labels.shape[0])
             parts["intra"] = l_intra
             parts["inter"] = l_inter
             loss = loss + self.w_intra * l_intra + self.w_inter * l_inter
 
             if self.training and self.bank_s is not None:
+                if incremental:
+                    touched = self._touched_classes(labels)
+                    first = first_occurrence(touched, self.num_classes)
+                    gram = self._inter_gram
+                    with torch.no_grad():
+                        before = gram.base_rows(self.bank_s, self.bank_t, touched, first, f_s.dtype)
                 self.bank_s._enqueue(f_s, labels, keep_s)
                 self.bank_t._enqueue(f_t, labels, keep_t)
+                if incremental:
+                    gram.update(self.bank_s, self.bank_t, touched, first, before, f_s.dtype)
 
         return ICAKDOutput(loss=loss, parts={k: v.detach() for k, v in parts.items()})

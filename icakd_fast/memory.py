@@ -15,6 +15,7 @@ from torch import nn
 
 from . import _validate as V
 from . import reference
+from ._inter_gram import next_stamp
 from ._backend import implementation, resolve
 from .functional import class_centroids
 
@@ -83,9 +84,32 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _Stamp:
+    """A bank's content stamp, renewed by every change made through the bank's methods (a plain
+    object: ``torch.compile`` sets it without guarding on its value). ``None`` after a change
+    made under ``torch.compile``: unknown, matches nothing."""
+
+    def __init__(self):
+        self.value: int | None = next_stamp()
+
+
 class _BankBase(nn.Module):
     num_classes: int
     dim: int
+
+    def _renew_stamp(self) -> None:
+        """Mark the contents as changed (caches built from them, e.g. ``ICAKDLoss``'s inter-loss
+        Gram matrix, are then rebuilt)."""
+        self._stamp.value = None if torch.compiler.is_compiling() else next_stamp()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._renew_stamp()
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._renew_stamp()
+        return out
 
     def _check_enqueue(self, feats, labels, mask):
         V.floating("feats", feats, 2)
@@ -122,6 +146,7 @@ class _BankBase(nn.Module):
         if _distributed():
             feats, labels, mask = _gather_from_ranks(feats, labels, mask)
         self._store(feats, labels, mask)
+        self._renew_stamp()
 
     def _store(self, feats, labels, mask):
         raise NotImplementedError
@@ -166,6 +191,7 @@ class ClassMemoryBank(_BankBase):
         device: torch.device | str | None = None,
     ):
         super().__init__()
+        self._stamp = _Stamp()
         self.num_classes = _positive_int("num_classes", num_classes)
         self.slots_per_class = _positive_int("slots_per_class", slots_per_class)
         self.dim = _positive_int("dim", dim)
@@ -189,11 +215,15 @@ class ClassMemoryBank(_BankBase):
             f"dtype={self.bank.dtype}, resync_every={self.resync_every}"
         )
 
+    def _next_resync_classes(self) -> torch.Tensor:
+        """The classes the next enqueue resyncs (int64, possibly empty)."""
+        return (self.resync_pos + self._resync_offsets).remainder(self.num_classes)
+
     def _store(self, feats, labels, mask):
         impl = self._impl("class_bank")
         impl.class_bank_enqueue_(self.bank, self.count, self.ptr, self.sums, feats, labels, mask)
         if self._resync_offsets.numel():
-            classes = (self.resync_pos + self._resync_offsets).remainder(self.num_classes)
+            classes = self._next_resync_classes()
             impl.class_bank_resync_(self.bank, self.count, self.sums, classes)
             self.resync_pos.copy_((self.resync_pos + self._resync_offsets.numel()).remainder(self.num_classes))
 
@@ -202,6 +232,7 @@ class ClassMemoryBank(_BankBase):
         """Recompute every class's float32 sum exactly from the stored rows."""
         classes = torch.arange(self.num_classes, device=self.bank.device)
         self._impl("class_bank").class_bank_resync_(self.bank, self.count, self.sums, classes)
+        self._renew_stamp()
 
     def sums_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sums float32 [C,D], counts int64 [C])`` of the stored rows (previous batches only).
@@ -215,6 +246,7 @@ class ClassMemoryBank(_BankBase):
     def reset(self) -> None:
         for buf in (self.bank, self.count, self.ptr, self.sums, self.resync_pos):
             buf.zero_()
+        self._renew_stamp()
 
 
 class FIFOMemoryBank(_BankBase):
@@ -233,6 +265,7 @@ class FIFOMemoryBank(_BankBase):
         device: torch.device | str | None = None,
     ):
         super().__init__()
+        self._stamp = _Stamp()
         self.size = _positive_int("size", size)
         self.dim = _positive_int("dim", dim)
         self.num_classes = _positive_int("num_classes", num_classes)
@@ -259,3 +292,4 @@ class FIFOMemoryBank(_BankBase):
         self.bank.zero_()
         self.labels.fill_(-1)
         self.ptr.zero_()
+        self._renew_stamp()

@@ -219,6 +219,83 @@ def test_cuda_graph_capture_of_icakd_step():
         assert bank.count.sum() >= count_before.sum()
 
 
+def _incremental_batch(seed, B, C, Ks, Kt):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    fs = torch.randn(B, Ks, 3, 3, device=DEV, generator=g).relu().requires_grad_()
+    zs = torch.randn(B, C, device=DEV, generator=g).requires_grad_()
+    ft = torch.randn(B, Kt, 3, 3, device=DEV, generator=g).relu()
+    zt = torch.randn(B, C, device=DEV, generator=g)
+    y = torch.randint(0, C, (B,), device=DEV, generator=g)
+    ws = torch.randn(C, Ks, device=DEV, generator=g).requires_grad_()
+    wt = torch.randn(C, Kt, device=DEV, generator=g)
+    return fs, zs, ft, zt, y, ws, wt
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_incremental_inter_matches_the_full_form_on_the_gpu(backend):
+    """ICAKDLoss steps with the incremental Gram form against the backend's inter op, bf16 banks;
+    the Gram matrix kept up to date equals a rebuild."""
+    from icakd_fast import ICAKDLoss
+    from icakd_fast._backend import is_available
+    from icakd_fast._inter_gram import InterGramCache
+
+    if not is_available(backend, "inter", DEV):
+        pytest.skip(f"{backend} backend unavailable on the GPU")
+    B, C, Ks, Kt = 64, 300, 24, 32
+    kw = dict(slots_per_class=3, resync_every=5, backend=backend, bank_dtype=torch.bfloat16, min_count=2)
+    torch.manual_seed(0)
+    inc = ICAKDLoss(C, Ks, Kt, incremental_inter=True, **kw).to(DEV)
+    full = ICAKDLoss(C, Ks, Kt, incremental_inter=False, **kw).to(DEV)
+    full.load_state_dict(inc.state_dict())
+    for step in range(12):
+        x1, x2 = _incremental_batch(step, B, C, Ks, Kt), _incremental_batch(step, B, C, Ks, Kt)
+        o1, o2 = inc(*x1), full(*x2)
+        torch.testing.assert_close(o1.parts["inter"], o2.parts["inter"], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(o1.loss, o2.loss, rtol=1e-4, atol=1e-6)
+        o1.loss.backward()
+        o2.loss.backward()
+        for a, b in ((x1[0], x2[0]), (x1[5], x2[5]), (inc.projector.weight, full.projector.weight)):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-6)
+        inc.zero_grad()
+        full.zero_grad()
+    fresh = InterGramCache(inc.min_count, R.NORM_EPS)._build(inc.bank_s, inc.bank_t, torch.float32)
+    torch.testing.assert_close(inc._inter_gram.K, fresh, rtol=0, atol=1e-11)
+
+
+def test_cuda_graph_replays_keep_the_incremental_gram_matrix_up_to_date():
+    from icakd_fast import ICAKDLoss
+    from icakd_fast._inter_gram import InterGramCache
+
+    torch.manual_seed(0)
+    B, C, Ks, Kt = 32, 200, 16, 24
+    crit = ICAKDLoss(C, Ks, Kt, backend="triton", slots_per_class=2, resync_every=7,
+                     incremental_inter=True).to(DEV).train()
+    fs, zs, ft, zt, y, ws, wt = _incremental_batch(0, B, C, Ks, Kt)
+    params = [fs, zs, ws] + list(crit.parameters())
+
+    def step():
+        out = crit(fs, zs, ft, zt, y, ws, wt)
+        grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+        return out.loss.detach(), grads
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        loss, _ = step()
+    for i in range(5):  # new labels each replay: other classes change
+        y.copy_(torch.randint(0, C, (B,), device=DEV))
+        g.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(loss).all()
+    fresh = InterGramCache(crit.min_count, R.NORM_EPS)._build(crit.bank_s, crit.bank_t, torch.float32)
+    torch.testing.assert_close(crit._inter_gram.K, fresh, rtol=0, atol=1e-11)
+
+
 @pytest.mark.slow
 def test_feature_map_over_2_pow_31_elements():
     free, _ = torch.cuda.mem_get_info()
