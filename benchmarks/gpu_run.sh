@@ -8,7 +8,8 @@
 #
 # Optional: peer packages as wheels in ./.whl (pytorch-metric-learning, grad-cam, ttach) are
 # installed into a private folder first (see benchmarks/README.md). Stage limits (seconds):
-# TRITON_TESTS_TIMEOUT, BENCH_TIMEOUT, HOST_TIMEOUT, E2E_BUDGET, MEMORY_TIMEOUT, CPP_TIMEOUT.
+# TRITON_TESTS_TIMEOUT, BENCH_TIMEOUT, HOST_TIMEOUT, E2E_BUDGET, MEMORY_TIMEOUT, INTER_INC_TIMEOUT,
+# CPP_TIMEOUT, NCU_TIMEOUT.
 set -u
 OUT=${1:-${OUT:-gpu-out}}
 mkdir -p "$OUT"
@@ -85,6 +86,12 @@ timeout -s INT ${MEMORY_TIMEOUT:-45} $PY benchmarks/e2e_bench.py --out "$LOGS/me
   --memory --preset imagenet --backends triton,cpp > "$LOGS/memory.log" 2>&1
 stamp "memory breakdown rc=$?"
 cat "$LOGS"/memory/e2e_memory.memory_imagenet.txt >> "$OUT/summary.txt" 2> /dev/null
+# 4c. ICAKDLoss steps at the ImageNet-21k class count (C=21841, D_s=D_t=2048): the incremental
+#     Gram form of the inter loss against the backend's inter op
+timeout -s INT ${INTER_INC_TIMEOUT:-45} $PY benchmarks/inter_incremental_bench.py --device cuda --teacher-dim 2048 \
+  --student-dim 2048 --out "$OUT" --name inter_incremental > "$LOGS/inter_incremental.log" 2>&1
+stamp "incremental inter bench rc=$?"
+cat "$OUT/inter_incremental.md" >> "$OUT/summary.txt" 2> /dev/null
 
 # 5. the CUDA extension's tests (GPU-marked ones included)
 timeout -s INT ${CPP_TIMEOUT:-40} $PY -m pytest tests/test_cpp_gpu.py tests/test_cpp_ops.py $XDIST -q -rf --tb=short \

@@ -140,3 +140,21 @@ def test_host_profile_dry_run_times_and_profiles_every_backend(tmp_path):
     for backend in ("reference", "cpp") if _ext.load() else ("reference",):
         assert text.count(f"---- {backend}: cProfile") == 3, backend
     assert "us/call" in text and "ncalls" in text
+
+
+def test_inter_incremental_bench_small(tmp_path):
+    """The incremental-inter benchmark at tiny shapes: both forms agree and the Gram matrix kept
+    up to date equals a rebuild."""
+    script = os.path.join(ROOT, "benchmarks", "inter_incremental_bench.py")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, script, "--out", str(tmp_path), "--name", "t", "--device", "cpu",
+                           "--classes", "64", "--teacher-dim", "8", "--student-dim", "6", "--batch", "12",
+                           "--slots", "2", "--steps", "2", "--backend", "reference"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["classes"] == 64 and data["full_form_backend"] == "reference"
+    assert set(data["step_ms_median"]) == {"incremental", "full", "kd"}
+    assert data["inter_loss_rel_diff"] < 1e-5
+    assert data["gram_drift_after_steps"] < 1e-12
+    assert "| ICAKD, incremental inter loss |" in (tmp_path / "t.md").read_text()
