@@ -181,6 +181,30 @@ def test_compile_inductor_fullgraph(vec, monkeypatch):
         torch.testing.assert_close(a.float(), b.float(), **grad_tol)
 
 
+def _capture_training_step(crit, inputs):
+    """A CUDA graph of one ``crit`` step (loss and the gradients of the student inputs and the
+    loss module's parameters), captured after three warm-up steps on a side stream (they compile
+    the kernels): ``(graph, (loss, grads))``, the outputs being the graph's static tensors."""
+    fs, zs, ft, zt, y, ws, wt = inputs
+    params = [fs, zs, ws] + list(crit.parameters())
+
+    def step():
+        out = crit(fs, zs, ft, zt, y, ws, wt)
+        grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+        return out.loss.detach(), grads
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outputs = step()
+    return g, outputs
+
+
 def test_cuda_graph_capture_of_icakd_step():
     from icakd_fast import ICAKDLoss
 
@@ -194,22 +218,7 @@ def test_cuda_graph_capture_of_icakd_step():
     y = torch.randint(0, C, (B,), device=DEV)
     ws = torch.randn(C, Ks, device=DEV, requires_grad=True)
     wt = torch.randn(C, Kt, device=DEV)
-    params = [fs, zs, ws] + list(crit.parameters())
-
-    def step():
-        out = crit(fs, zs, ft, zt, y, ws, wt)
-        grads = torch.autograd.grad(out.loss, params, allow_unused=True)
-        return out.loss.detach(), grads
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):  # warm up (compiles the kernels)
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        loss, grads = step()
+    g, (loss, grads) = _capture_training_step(crit, (fs, zs, ft, zt, y, ws, wt))
     bank = getattr(crit, "bank_s", None)
     count_before = bank.count.clone() if bank is not None and hasattr(bank, "count") else None
     g.replay()
@@ -271,22 +280,7 @@ def test_cuda_graph_replays_keep_the_incremental_gram_matrix_up_to_date():
     crit = ICAKDLoss(C, Ks, Kt, backend="triton", slots_per_class=2, resync_every=7,
                      incremental_inter=True).to(DEV).train()
     fs, zs, ft, zt, y, ws, wt = _incremental_batch(0, B, C, Ks, Kt)
-    params = [fs, zs, ws] + list(crit.parameters())
-
-    def step():
-        out = crit(fs, zs, ft, zt, y, ws, wt)
-        grads = torch.autograd.grad(out.loss, params, allow_unused=True)
-        return out.loss.detach(), grads
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        loss, _ = step()
+    g, (loss, _) = _capture_training_step(crit, (fs, zs, ft, zt, y, ws, wt))
     for i in range(5):  # new labels each replay: other classes change
         y.copy_(torch.randint(0, C, (B,), device=DEV))
         g.replay()
