@@ -10,14 +10,15 @@ and take the same batches, interleaved step by step (so that the load of a share
 affects both alike); before timing, both losses are computed on the same state and compared.
 A third module with ``method="kd"`` (CE + KD only, no banks) takes the same batches: the floor
 that shows what ICAKD adds. Reported: median step time over the timed steps (synchronised), the
-one-time rebuild of the
-Gram matrix from the banks, the size of that matrix, and on CUDA the peak memory of a step above
-what was allocated before it. Results: ``OUT/NAME.json`` and ``OUT/NAME.md``.
+one-time rebuild of the Gram matrix from the banks, the size of that matrix, and each step's peak
+memory above the level before it (CUDA: the allocator's peak; CPU: the resident set size,
+sampled, as ``e2e_bench.py`` measures it). Results: ``OUT/NAME.json`` and ``OUT/NAME.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ import time
 
 import torch
 
+from e2e_bench import PeakMemory, pin_glibc_mmap_threshold, sync
 from icakd_fast import ICAKDLoss
 from icakd_fast._backend import resolve
 
@@ -71,24 +73,38 @@ def make_batch(args, device, gen):
     return fs, zs, ft, zt, y, ws, wt
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_step(mod, batch, device):
-    """(seconds, peak bytes above the memory allocated before the step or None)."""
-    sync(device)
-    if device.type == "cuda":
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
+def run_step(mod, batch, device):
     out = mod(*batch)
     out.loss.backward()
+    mod.zero_grad(set_to_none=True)
+
+
+def timed_step(mod, batch, device) -> float:
     sync(device)
-    dt = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
-    return dt, peak
+    t0 = time.perf_counter()
+    run_step(mod, batch, device)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def release_free_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``), so that reusing them
+    shows in the resident set size again."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def step_peak_mib(mod, batch, device) -> float:
+    """Peak memory of one step above the level before it, MiB: the CUDA allocator's peak, or on
+    CPU the sampled peak growth of the resident set size (``e2e_bench.PeakMemory``; glibc's free
+    heap pages released first)."""
+    if device.type == "cpu":
+        release_free_heap()
+    with PeakMemory(device) as mem:
+        run_step(mod, batch, device)
+        return mem.peak_mib()
 
 
 def main(argv=None) -> int:
@@ -148,15 +164,20 @@ def main(argv=None) -> int:
     for step in range(args.warmup + args.steps):
         seed = 100 + step
         for label, mod in (("incremental", inc), ("full", full), ("kd", kd)):
-            dt, peak = timed_step(mod, make_batch(args, device, torch.Generator().manual_seed(seed)), device)
-            mod.zero_grad(set_to_none=True)
+            dt = timed_step(mod, make_batch(args, device, torch.Generator().manual_seed(seed)), device)
             if step >= args.warmup:
                 times[label].append(dt)
-                if peak is not None:
-                    peaks[label].append(peak)
         if step >= args.warmup:
             print(f"  step {step + 1 - args.warmup}/{args.steps}: " + ", ".join(
                 f"{k} {v[-1] * 1e3:.1f} ms" for k, v in times.items()), flush=True)
+    # memory after the timing: one more step per module. On CPU glibc's mmap threshold is pinned
+    # first (freed tensors then leave the resident set at once), which slows allocation, so the
+    # timed steps run without it.
+    pinned = device.type == "cpu" and pin_glibc_mmap_threshold()
+    for label, mod in (("incremental", inc), ("full", full), ("kd", kd)):
+        batch = make_batch(args, device, torch.Generator().manual_seed(99))
+        run_step(mod, batch, device)  # the allocation pattern settles under the pinned threshold
+        peaks[label].append(step_peak_mib(mod, batch, device))
     drift = (inc._inter_gram.K - inc._inter_gram._build(inc.bank_s, inc.bank_t, torch.float32)).abs().max().item()
 
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -170,7 +191,12 @@ def main(argv=None) -> int:
         "overhead_over_kd_ms": {k: med[k] - med["kd"] for k in ("incremental", "full")},
         "rebuild_ms": rebuild_s * 1e3, "gram_matrix_mb": D * D * 8 / 2**20,
         "inter_loss_rel_diff": rel_err, "gram_drift_after_steps": drift,
-        "step_peak_extra_mb": {k: max(v) / 2**20 for k, v in peaks.items()} if peaks["full"] else None,
+        "step_peak_extra_mib": {k: max(v) for k, v in peaks.items()},
+        "memory_measure": ("torch.cuda.max_memory_allocated during the step minus the allocation before it"
+                           if device.type == "cuda" else
+                           "peak growth of the resident set size during the step (/proc/self/statm sampled every 5 ms)"
+                           + ("; glibc mmap threshold pinned to 128 KiB and free heap pages released before the step" if pinned else ""))
+        + "; one step per module after the timed ones",
     }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
@@ -181,22 +207,20 @@ def main(argv=None) -> int:
         f"{result['gram_matrix_mb']:.0f} MiB), B={args.batch}, S={args.slots}, {args.spatial}x{args.spatial} maps; "
         f"median of {args.steps} steps after {args.warmup} warm-up, the three modules interleaved.",
         "",
-        "| step | step ms (median) | speed-up | over KD, ms |" + (" step peak extra MiB |" if peaks["full"] else ""),
-        "| --- | --- | --- | --- |" + (" --- |" if peaks["full"] else ""),
+        "| step | step ms (median) | speed-up | over KD, ms | step peak above the level before it, MiB |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for label, desc in (("full", f"ICAKD, inter loss by the backend op ({full_backend})"),
                         ("incremental", "ICAKD, incremental inter loss"), ("kd", "KD only (floor)")):
         over = "-" if label == "kd" else f"{med[label] - med['kd']:.1f}"
         speed = "-" if label == "kd" else f"{med['full'] / med[label]:.2f}x"
-        row = f"| {desc} | {med[label]:.1f} | {speed} | {over} |"
-        if peaks["full"]:
-            row += f" {max(peaks[label]) / 2**20:.0f} |"
-        lines.append(row)
+        lines.append(f"| {desc} | {med[label]:.1f} | {speed} | {over} | {max(peaks[label]):.0f} |")
     lines += [
         "",
         f"One-time rebuild of the Gram matrix from the banks: {rebuild_s * 1e3:.0f} ms. "
         f"Inter loss on the same state: relative difference {rel_err:.1e}; "
-        f"largest difference between the updated Gram matrix and a rebuild after the steps: {drift:.1e}.",
+        f"largest difference between the updated Gram matrix and a rebuild after the steps: {drift:.1e}. "
+        f"Memory: {result['memory_measure']}.",
     ]
     with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
