@@ -183,8 +183,11 @@ class InterGramCache:
         key = self._key(bank_s, bank_t, dtype)
         # a None stamp (a bank changed under torch.compile) matches nothing
         if self.K is None or None in key[:2] or self.stamp != key:
-            self.K = self._build(bank_s, bank_t, dtype)
-            self.c0 = sum_sq(self.K, bank_s.sums.shape[1])
+            # normal tensors even when called under torch.inference_mode (e.g. a validation
+            # pass): the training steps after it update them in place
+            with torch.inference_mode(False):
+                self.K = self._build(bank_s, bank_t, dtype)
+                self.c0 = sum_sq(self.K, bank_s.sums.shape[1])
             self.stamp = key
         return self.K
 

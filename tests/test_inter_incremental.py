@@ -106,8 +106,13 @@ def test_changes_made_outside_the_loss_rebuild_the_gram_matrix():
     full.eval()
     with torch.no_grad():
         step_both(inc, full, 4, "eval mode (no enqueue)")
+    for mod in (inc, full):
+        mod.bank_s.resync()
+    with torch.inference_mode():  # a validation pass rebuilds K_base (stale after resync())
+        step_both(inc, full, 4, "under inference_mode")
     inc.train()
     full.train()
+    step_both(inc, full, 4, "training after inference_mode")  # K_base is updated in place
     for mod in (inc, full):
         mod.to("cpu", torch.float32)
         mod.bank_t.reset()
