@@ -21,29 +21,22 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
 
-from e2e_bench import PeakMemory, pin_glibc_mmap_threshold, sync
+from e2e_bench import PeakMemory, cpu_model, pin_glibc_mmap_threshold, sync
 from icakd_fast import ICAKDLoss
 from icakd_fast._backend import resolve
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model with the threads torch uses (what CPU timings depend on)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'CPU'} ({torch.get_num_threads()} threads)"
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def fill_banks(mod: ICAKDLoss, seed: int) -> None:
@@ -143,7 +136,7 @@ def main(argv=None) -> int:
     # the one-time rebuild of K_base from the banks
     sync(device)
     t0 = time.perf_counter()
-    inc._inter_gram.ensure(inc.bank_s, inc.bank_t, torch.float32)
+    inc._inter_gram.ensure(inc.bank_s, inc.bank_t)
     sync(device)
     rebuild_s = time.perf_counter() - t0
     print(f"  rebuild of the Gram matrix from the banks: {rebuild_s * 1e3:.1f} ms", flush=True)
@@ -178,7 +171,7 @@ def main(argv=None) -> int:
         batch = make_batch(args, device, torch.Generator().manual_seed(99))
         run_step(mod, batch, device)  # the allocation pattern settles under the pinned threshold
         peaks[label].append(step_peak_mib(mod, batch, device))
-    drift = (inc._inter_gram.K - inc._inter_gram._build(inc.bank_s, inc.bank_t, torch.float32)).abs().max().item()
+    drift = (inc._inter_gram.K - inc._inter_gram._build(inc.bank_s, inc.bank_t)).abs().max().item()
 
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     result = {

@@ -167,12 +167,17 @@ def inter_gram_pays(mu_s: torch.Tensor, mu_t: torch.Tensor, device: torch.device
     form = os.environ.get("ICAKD_INTER_FORM", "")
     if form in ("direct", "gram"):
         return form == "gram"
+    return gram_shape_pays(mu_s.shape[0], mu_s.shape[1] + mu_t.shape[1], mu_s.device if device is None else device)
+
+
+def gram_shape_pays(num_classes: int, width: int, device: torch.device) -> bool:
+    """The shape rule of the Gram form (no environment override): ``num_classes >= 2 width``, or
+    ``64 width`` on GPUs without full-rate float64 (``width`` = Ds + Dt)."""
     factor = 2
-    device = mu_s.device if device is None else device
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         factor = 2 if _full_rate_fp64(index) else 64
-    return mu_s.shape[0] >= factor * max(mu_s.shape[1] + mu_t.shape[1], 1)
+    return num_classes >= factor * max(width, 1)
 
 
 def _inter_cuda_order(tensors: tuple, device: torch.device) -> tuple[str, ...]:

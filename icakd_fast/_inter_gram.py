@@ -154,22 +154,21 @@ class InterGramCache:
 
     # ------------------------------------------------------------------ bank rows
 
-    def _key(self, bank_s, bank_t, dtype):
-        return (bank_s._stamp.value, bank_t._stamp.value, dtype, bank_s.sums.device)
+    def _key(self, bank_s, bank_t):
+        return (bank_s._stamp.value, bank_t._stamp.value, bank_s.sums.device)
 
-    def _bank_mu(self, bank, idx, dtype):
-        """Bank centroids ``sums / max(count, 1)`` of the classes ``idx`` (all if None), as
-        ``class_centroids`` computes them for a class without batch rows."""
-        sums, count = bank.sums, bank.count
-        if idx is not None:
-            sums, count = sums.index_select(0, idx), count.index_select(0, idx)
-        return sums.to(dtype) / count.clamp(min=1).unsqueeze(1).to(dtype), count
+    @staticmethod
+    def _bank_mu(bank, idx):
+        """Bank centroids ``sums / max(count, 1)`` of the classes ``idx`` (in the float32 of the
+        sums, as ``class_centroids`` computes them for a class without batch rows) and counts."""
+        sums, count = bank.sums.index_select(0, idx), bank.count.index_select(0, idx)
+        return sums / count.clamp(min=1).unsqueeze(1).to(sums.dtype), count
 
-    def base_rows(self, bank_s, bank_t, idx, keep, dtype):
-        """float64 rows of the bank centroids of ``idx``, zero where ``keep`` is False or the
-        class is not valid on the bank alone."""
-        mu_s, n_s = self._bank_mu(bank_s, idx, dtype)
-        mu_t, n_t = self._bank_mu(bank_t, idx, dtype)
+    def base_rows(self, bank_s, bank_t, idx, keep):
+        """float64 rows of the bank centroids of ``idx``, zero where ``keep`` (if given) is False
+        or the class is not valid on the bank alone."""
+        mu_s, n_s = self._bank_mu(bank_s, idx)
+        mu_t, n_t = self._bank_mu(bank_t, idx)
         valid = (n_s >= self.min_count) & (n_t >= self.min_count)
         if keep is not None:
             valid = valid & keep
@@ -177,57 +176,56 @@ class InterGramCache:
 
     # ------------------------------------------------------------------ K_base
 
-    def ensure(self, bank_s, bank_t, dtype) -> torch.Tensor:
-        """``K_base`` for the banks' current contents, rebuilt (O(C D^2)) if they changed
-        outside ``update``."""
-        key = self._key(bank_s, bank_t, dtype)
+    def ensure(self, bank_s, bank_t) -> None:
+        """Make ``K_base`` (and ``c0``) those of the banks' current contents: rebuilt (O(C D^2))
+        if they changed outside ``update``."""
+        key = self._key(bank_s, bank_t)
         # a None stamp (a bank changed under torch.compile) matches nothing
         if self.K is None or None in key[:2] or self.stamp != key:
             # normal tensors even when called under torch.inference_mode (e.g. a validation
             # pass): the training steps after it update them in place
             with torch.inference_mode(False):
-                self.K = self._build(bank_s, bank_t, dtype)
+                self.K = self._build(bank_s, bank_t)
                 self.c0 = sum_sq(self.K, bank_s.sums.shape[1])
             self.stamp = key
-        return self.K
 
     @torch.no_grad()
-    def _build(self, bank_s, bank_t, dtype) -> torch.Tensor:
+    def _build(self, bank_s, bank_t) -> torch.Tensor:
         C = bank_s.sums.shape[0]
         D = bank_s.sums.shape[1] + bank_t.sums.shape[1]
         K = torch.zeros(D, D, dtype=torch.float64, device=bank_s.sums.device)
         step = max(1, _CHUNK_ELEMS // D)
         for r0 in range(0, C, step):
             idx = torch.arange(r0, min(C, r0 + step), device=K.device)
-            A = self.base_rows(bank_s, bank_t, idx, None, dtype)
+            A = self.base_rows(bank_s, bank_t, idx, None)
             K.addmm_(A.t(), A)
         return K
 
     @torch.no_grad()
-    def update(self, bank_s, bank_t, idx, keep, before: torch.Tensor, dtype) -> None:
+    def update(self, bank_s, bank_t, idx, keep, before: torch.Tensor) -> None:
         """After an enqueue that may have changed only the classes ``idx`` (``keep``: their
         first occurrences), whose rows were ``before``: bring ``K_base`` up to date."""
         if self.K is None:
             return
-        after = self.base_rows(bank_s, bank_t, idx, keep, dtype)
+        after = self.base_rows(bank_s, bank_t, idx, keep)
         # one rank-2n product: [after; before]^T [after; -before]
         self.K.addmm_(torch.cat([after, before]).t(), torch.cat([after, -before]))
         self.c0.copy_(sum_sq(self.K, bank_s.sums.shape[1]))  # in place: CUDA graphs replay it
-        self.stamp = self._key(bank_s, bank_t, dtype)
+        self.stamp = self._key(bank_s, bank_t)
 
     # ------------------------------------------------------------------ loss
 
-    def loss(self, K_base, bank_s, bank_t, mu_s_rows, mu_t_rows, valid_rows, labels, first, n_valid):
-        """Inter loss with the batch's classes live. ``mu_s_rows``/``mu_t_rows`` [B, D*]: this
+    def loss(self, bank_s, bank_t, mu_s_rows, mu_t_rows, valid_rows, labels, first, n_valid):
+        """Inter loss with the batch's classes live, from ``K_base`` (``ensure`` first).
+        ``mu_s_rows``/``mu_t_rows`` [B, D*]: this
         step's centroids of the classes ``labels`` (``mu_s_rows`` carrying gradient),
         ``valid_rows`` [B] their validity, ``first`` [B] the first occurrence of each class,
         ``n_valid`` the number of valid classes (0-dim)."""
-        dtype = mu_s_rows.dtype
         acc = torch.float64 if torch.float64 in (mu_s_rows.dtype, mu_t_rows.dtype) else torch.float32
         with torch.no_grad():
-            old = self.base_rows(bank_s, bank_t, labels, first, dtype)
+            old = self.base_rows(bank_s, bank_t, labels, first)
         cur = rows64(mu_s_rows, mu_t_rows, valid_rows & first, self.eps)
         sign = column_signs(mu_s_rows.shape[1], cur.shape[1], cur.device)
         nv = n_valid.to(torch.float64)
         scale = 1.0 / (nv * nv).clamp(min=1)
-        return _LowRankInter.apply(cur, old, K_base, self.c0, sign, scale).to(acc)
+        return _LowRankInter.apply(cur, old, self.K, self.c0, sign, scale).to(acc)

@@ -11,29 +11,14 @@ from torch import nn
 from . import _validate as V
 from . import functional as IF
 from . import reference
+from ._backend import gram_shape_pays
 from ._inter_gram import InterGramCache, batch_centroids, first_occurrence, first_positions
-from .memory import ClassMemoryBank, FIFOMemoryBank, _distributed, _gather_from_ranks
+from .memory import ClassMemoryBank, FIFOMemoryBank
 
 __all__ = ["ICAKDLoss", "ICAKDOutput", "METHODS"]
 
 METHODS = ("ce", "kd", "cskd", "icakd")
 _AUTO = "auto"
-
-
-_FAST_FP64: dict[tuple[str, int | None], bool] = {}
-
-
-def _fast_fp64(device: torch.device) -> bool:
-    """CPUs and data-centre GPUs (sm_80, sm_90, sm_100: tensor-core float64) run float64 GEMMs
-    at a useful rate; other GPUs at 1/32-1/64 of float32."""
-    key = (device.type, device.index)
-    if key not in _FAST_FP64:
-        fast = True
-        if device.type == "cuda":
-            major, minor = torch.cuda.get_device_capability(device)
-            fast = (major, minor) in ((8, 0), (10, 0)) or major == 9
-        _FAST_FP64[key] = fast
-    return _FAST_FP64[key]
 
 
 @dataclass
@@ -162,8 +147,8 @@ class ICAKDLoss(nn.Module):
             return False
         if self.incremental_inter:
             return True
-        factor = 2 if _fast_fp64(device) else 64
-        return self.num_classes >= factor * 2 * self.teacher_dim
+        # where the backend's inter op would take its full Gram form (Ds = Dt = teacher_dim)
+        return gram_shape_pays(self.num_classes, 2 * self.teacher_dim, device)
 
     def _structure_incremental(self, f_s, f_t, labels, keep_s, keep_t):
         """(intra, inter) with centroids of the batch's classes only ([B, D], no [C, D] tensor)
@@ -180,17 +165,17 @@ class ICAKDLoss(nn.Module):
         rows = torch.arange(labels.shape[0], device=labels.device)
         l_intra = IF._intra_class_loss(f_s, f_t, mu_s, mu_t, rows, valid_rows, self.backend)
         gram = self._inter_gram
-        K_base = gram.ensure(bs, bt, mu_s.dtype)
-        l_inter = gram.loss(K_base, bs, bt, mu_s, mu_t, valid_rows, labels, first, valid.sum())
+        gram.ensure(bs, bt)
+        l_inter = gram.loss(bs, bt, mu_s, mu_t, valid_rows, labels, first, valid.sum())
         return l_intra, l_inter
 
-    def _touched_classes(self, labels: torch.Tensor) -> torch.Tensor:
-        """Every class the coming enqueue may change: the batch's labels (from every rank) and
-        the classes the banks resync."""
-        if _distributed():
-            stub = torch.zeros(labels.shape[0], 1, device=labels.device)
-            _, labels, _ = _gather_from_ranks(stub, labels, torch.ones_like(labels, dtype=torch.bool))
-        return torch.cat([labels, self.bank_s._next_resync_classes(), self.bank_t._next_resync_classes()])
+    def _gram_rows_before(self, all_labels: torch.Tensor):
+        """``(classes, first, rows)`` before the banks' enqueue: every class it may change (the
+        labels of every rank, the classes the banks resync), their first occurrences, and their
+        bank rows as they are now (what ``InterGramCache.update`` replaces afterwards)."""
+        touched = torch.cat([all_labels, self.bank_s._next_resync_classes(), self.bank_t._next_resync_classes()])
+        first = first_occurrence(touched, self.num_classes)
+        return touched, first, self._inter_gram.base_rows(self.bank_s, self.bank_t, touched, first)
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, num_classes={self.num_classes}, bank={self.bank_layout!r}, tau={self.tau}"
@@ -341,15 +326,11 @@ class ICAKDLoss(nn.Module):
             loss = loss + self.w_intra * l_intra + self.w_inter * l_inter
 
             if self.training and self.bank_s is not None:
-                if incremental:
-                    touched = self._touched_classes(labels)
-                    first = first_occurrence(touched, self.num_classes)
-                    gram = self._inter_gram
-                    with torch.no_grad():
-                        before = gram.base_rows(self.bank_s, self.bank_t, touched, first, f_s.dtype)
-                self.bank_s._enqueue(f_s, labels, keep_s)
+                # the incremental form reads the bank rows the enqueue will change, before it
+                # writes (with the labels the bank gathered from every rank)
+                pending = self.bank_s._enqueue(f_s, labels, keep_s, self._gram_rows_before if incremental else None)
                 self.bank_t._enqueue(f_t, labels, keep_t)
                 if incremental:
-                    gram.update(self.bank_s, self.bank_t, touched, first, before, f_s.dtype)
+                    self._inter_gram.update(self.bank_s, self.bank_t, *pending)
 
         return ICAKDOutput(loss=loss, parts={k: v.detach() for k, v in parts.items()})

@@ -136,17 +136,21 @@ class _BankBase(nn.Module):
         self._enqueue(*self._check_enqueue(feats, labels, mask))
 
     @torch.no_grad()
-    def _enqueue(self, feats, labels, mask):
+    def _enqueue(self, feats, labels, mask, before_store=None):
         """``enqueue`` without the argument checks (callers that validated them already): detached
-        features, int64 labels and a mask (all rows if None), gathered from every rank, stored."""
+        features, int64 labels and a mask (all rows if None), gathered from every rank, stored.
+        ``before_store`` (optional): called with the labels of every rank once they are gathered,
+        before anything is written; its result is returned."""
         feats = feats.detach()
         labels = labels.long()
         if mask is None:
             mask = torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
         if _distributed():
             feats, labels, mask = _gather_from_ranks(feats, labels, mask)
+        result = before_store(labels) if before_store is not None else None
         self._store(feats, labels, mask)
         self._renew_stamp()
+        return result
 
     def _store(self, feats, labels, mask):
         raise NotImplementedError

@@ -267,7 +267,7 @@ def test_incremental_inter_matches_the_full_form_on_the_gpu(backend):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-6)
         inc.zero_grad()
         full.zero_grad()
-    fresh = InterGramCache(inc.min_count, R.NORM_EPS)._build(inc.bank_s, inc.bank_t, torch.float32)
+    fresh = InterGramCache(inc.min_count, R.NORM_EPS)._build(inc.bank_s, inc.bank_t)
     torch.testing.assert_close(inc._inter_gram.K, fresh, rtol=0, atol=1e-11)
 
 
@@ -286,7 +286,7 @@ def test_cuda_graph_replays_keep_the_incremental_gram_matrix_up_to_date():
         g.replay()
     torch.cuda.synchronize()
     assert torch.isfinite(loss).all()
-    fresh = InterGramCache(crit.min_count, R.NORM_EPS)._build(crit.bank_s, crit.bank_t, torch.float32)
+    fresh = InterGramCache(crit.min_count, R.NORM_EPS)._build(crit.bank_s, crit.bank_t)
     torch.testing.assert_close(crit._inter_gram.K, fresh, rtol=0, atol=1e-11)
 
 

@@ -34,7 +34,7 @@ def pair(**kw):
 
 def fresh_gram(mod):
     """K_base built from scratch from the module's banks."""
-    return InterGramCache(mod.min_count, reference.NORM_EPS)._build(mod.bank_s, mod.bank_t, torch.float32)
+    return InterGramCache(mod.min_count, reference.NORM_EPS)._build(mod.bank_s, mod.bank_t)
 
 
 def step_both(inc, full, seed, msg=""):
@@ -149,7 +149,7 @@ def test_near_cancellation_is_accurate():
         y = torch.randint(0, C, (B,), generator=g)
         bt.enqueue(f, y)
         bs.enqueue(f + 1e-4 * torch.randn(B, DT, generator=g), y)
-    K = mod._inter_gram.ensure(bs, bt, torch.float32)
+    mod._inter_gram.ensure(bs, bt)
     y = torch.randint(0, C, (B,), generator=g)
     f_t = torch.nn.functional.normalize(torch.randn(B, DT, generator=g), dim=1)
     f_s = f_t + 1e-4 * torch.randn(B, DT, generator=g)
@@ -158,7 +158,7 @@ def test_near_cancellation_is_accurate():
     mu_s, n_s = batch_centroids(bs.sums, bs.count, f_s, y, None, slot)
     mu_t, n_t = batch_centroids(bt.sums, bt.count, f_t, y, None, slot)
     valid = (n_s >= 1) & (n_t >= 1)
-    got = mod._inter_gram.loss(K, bs, bt, mu_s, mu_t, valid[y], y, first, valid.sum())
+    got = mod._inter_gram.loss(bs, bt, mu_s, mu_t, valid[y], y, first, valid.sum())
     full_s, _ = reference.class_centroids(bs.sums, bs.count, f_s, y)
     full_t, _ = reference.class_centroids(bt.sums, bt.count, f_t, y)
     want = reference.inter_class_loss(full_s.double(), full_t.double(), valid)
