@@ -41,6 +41,30 @@ def close(actual, expected, dtype=torch.float32, scale=1.0, msg=""):
     )
 
 
+#: absolute floor of `close_grad`: the rounding noise of a gradient that is zero in exact arithmetic
+#: (one valid class: every cosine is 1), far below every non-zero gradient these tests compare
+GRAD_FLOOR = {torch.float64: 1e-14, torch.float32: 1e-9, torch.bfloat16: 1e-8}
+
+
+def close_grad(actual, expected, dtype=torch.float32, scale=1.0, msg="", nonzero=True):
+    """Gradients [N, D], relative to each row's own size: row i may differ by rtol * max|expected[i]|
+    (plus a floor of rounding noise, `GRAD_FLOOR`), so a zero gradient fails wherever the expected
+    row is not negligible, and the 1/eps-sized gradient of a zero-norm centroid does not loosen
+    the other rows. `nonzero`: the math says the gradient is not zero, so it must not be
+    negligible (else a zero would pass)."""
+    rtol = TOL[dtype]["rtol"] * scale
+    floor = GRAD_FLOOR[dtype]
+    expected = expected.double()
+    if nonzero:
+        assert expected.abs().max() > 1e3 * floor, f"{msg}: the expected gradient is negligible, nothing is checked"
+    row_scale = expected.abs().amax(dim=1, keepdim=True) if expected.dim() > 1 else expected.abs().max()
+    err = (actual.double() - expected).abs()
+    bound = rtol * (expected.abs() + row_scale) + floor
+    worst = (err / bound).max().item()
+    assert worst <= 1, (f"{msg}: gradient off by {worst:.2f}x its bound (rtol {rtol:.0e} of the entry and of its "
+                        f"row's largest entry, floor {floor:.0e}); largest error {err.max().item():.3e}")
+
+
 def noncontig(x: torch.Tensor) -> torch.Tensor:
     """Same values, non-contiguous layout (the last dim strided by 2)."""
     wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
@@ -197,6 +221,31 @@ def test_centroids_gradcheck():
     assert torch.autograd.gradcheck(lambda f: ops.centroids("cpp", sums, counts, f, labels)[0], (feats,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_centroids_gradient_of_the_bank_sums(dtype):
+    """The backward's bank-sums branch (sums that require grad): d mu[c] / d sums[c] = 1 / total[c]
+    (1 for a class with no row), against float64 gradcheck and the reference's autograd."""
+    C, D, B = 6, 5, 9
+    sums = torch.randn(C, D, dtype=torch.float64)
+    counts = torch.tensor([2, 0, 1, 0, 3, 1])
+    labels = torch.tensor([0, 1, 1, 4, 0, 2, 1, 4, 0])  # classes 3 and 5: no batch row; 3: no row at all
+    feats = torch.randn(B, D, dtype=torch.float64)
+    if dtype == torch.float64:
+        s, f = sums.clone().requires_grad_(), feats.clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda a, b: ops.centroids("cpp", a, counts, b, labels)[0], (s, f))
+    g = torch.randn(C, D, dtype=torch.float64)
+    s, f = sums.to(dtype).requires_grad_(), feats.to(dtype).requires_grad_()
+    mu, _ = ops.centroids("cpp", s, counts, f, labels)
+    g_s, g_f = torch.autograd.grad(mu, (s, f), g.to(mu.dtype))
+    s64, f64 = sums.to(dtype).double().requires_grad_(), feats.to(dtype).double().requires_grad_()
+    r_s, r_f = torch.autograd.grad(reference.class_centroids(s64, counts, f64, labels)[0], (s64, f64), g)
+    assert g_s.dtype == dtype and g_f.dtype == dtype
+    close_grad(g_s, r_s, dtype, msg="sums")
+    close_grad(g_f, r_f, dtype, msg="feats")
+    total = torch.tensor([5, 3, 2, 0, 5, 1], dtype=torch.float64)  # counts + the batch's rows
+    close_grad(g_s, g / total.clamp(min=1).unsqueeze(1), dtype, msg="sums, by hand")
+
+
 def _intra_inputs(b, c, d, dtype):
     f_s = torch.randn(b, d).to(dtype)
     f_t = torch.randn(b, d).to(dtype)
@@ -300,11 +349,14 @@ def test_inter_backward(c, ds, dt, use_live, need, dtype, inter_form):
     out = run(lambda s, t: ops.inter_loss("cpp", s, t, valid, live, EPS))
     ref = run(lambda s, t: reference.inter_class_loss(s, t, valid, live))
     close(out[0], ref[0], dtype)
-    for a, r in zip(out[1:], ref[1:]):
+    # the math's gradient is zero with fewer than two valid classes, and for mu_s with no live row
+    several = int(valid.sum()) > 1
+    nonzero = (several and (live is None or bool((live & valid).any())), several)
+    for i, (a, r) in enumerate(zip(out[1:], ref[1:])):
         assert (a is None) == (r is None)
         if a is not None:
             assert a.dtype == r.dtype
-            close(a, r, dtype, scale=10.0)
+            close_grad(a, r, dtype, scale=10.0, msg=("mu_s", "mu_t")[i], nonzero=nonzero[i])
     if use_live and need[0]:
         assert torch.all(out[1][~live] == 0)
 
@@ -405,7 +457,7 @@ def test_inter_bf16_backward(inter_form):
     s2 = mu_s0.clone().requires_grad_()
     reference.inter_class_loss(s2, mu_t0, valid, live).backward()
     assert s1.grad.dtype == torch.bfloat16
-    close(s1.grad, s2.grad, torch.bfloat16, scale=2.0)
+    close_grad(s1.grad, s2.grad, torch.bfloat16, scale=2.0, msg="mu_s")
 
 
 def test_inter_no_valid_class(inter_form):

@@ -1,4 +1,8 @@
-"""The reference ops: float64 gradchecks, independent re-derivations, Grad-CAM on real models."""
+"""The reference ops: float64 gradchecks, independent re-derivations, Grad-CAM on real models.
+
+Every op is called with ``backend="reference"``: the automatic choice would test another backend
+(the C++ one where it is built); the fast backends have their own files.
+"""
 
 import pytest
 import torch
@@ -53,7 +57,7 @@ def test_gradcheck_cam_constraint_loss_same_and_mixed_resolution():
 def test_gradcheck_class_centroids():
     sums, counts = rnd(5, 3), torch.tensor([2, 0, 1, 0, 4])
     feats, labels = rnd(6, 3, grad=True), torch.tensor([0, 1, 1, 4, 0, 2])
-    assert gradcheck(lambda x: IF.class_centroids(sums, counts, x, labels)[0], (feats,))
+    assert gradcheck(lambda x: IF.class_centroids(sums, counts, x, labels, backend="reference")[0], (feats,))
 
 
 def test_gradcheck_intra_class_loss():
@@ -61,13 +65,13 @@ def test_gradcheck_intra_class_loss():
     fs, ft, mt = rnd(7, D, grad=True), rnd(7, D, grad=True), rnd(C, D, grad=True)
     ms = rnd(C, D)
     y, valid = torch.tensor([0, 1, 2, 3, 0, 1, 3]), torch.tensor([True, True, False, True])
-    assert gradcheck(lambda a, b, c: IF.intra_class_loss(a, b, ms, c, y, valid), (fs, ft, mt))
+    assert gradcheck(lambda a, b, c: IF.intra_class_loss(a, b, ms, c, y, valid, backend="reference"), (fs, ft, mt))
 
 
 def test_gradcheck_inter_class_loss_mixed_widths():
     ms, mt = rnd(6, 4, grad=True), rnd(6, 7, grad=True)
     valid = torch.tensor([True, False, True, True, True, False])
-    assert gradcheck(lambda a, b: IF.inter_class_loss(a, b, valid), (ms, mt))
+    assert gradcheck(lambda a, b: IF.inter_class_loss(a, b, valid, backend="reference"), (ms, mt))
 
 
 def test_gradcheck_kd_loss():
@@ -85,11 +89,11 @@ def test_inter_class_loss_matches_loop_definition_and_live_semantics():
     V = [k for k in range(C) if valid[k]]
     cos = lambda a, b: (a @ b) / (a.norm() * b.norm())
     brute = sum((cos(ms[k], ms[l]) - cos(mt[k], mt[l])) ** 2 for k in V for l in V) / len(V) ** 2
-    full = IF.inter_class_loss(ms, mt, valid)
+    full = IF.inter_class_loss(ms, mt, valid, backend="reference")
     torch.testing.assert_close(full, brute)
     g_full = torch.autograd.grad(full, ms)[0]
     live = torch.tensor([False, True, False, False, True])
-    g_live = torch.autograd.grad(IF.inter_class_loss(ms, mt, valid, live=live), ms)[0]
+    g_live = torch.autograd.grad(IF.inter_class_loss(ms, mt, valid, live=live, backend="reference"), ms)[0]
     torch.testing.assert_close(g_live[live], g_full[live])
     assert (g_live[~live] == 0).all()
 
@@ -100,12 +104,12 @@ def test_intra_class_loss_detaches_student_centroid_and_skips_invalid():
     ms, mt = rnd(C, D, grad=True), rnd(C, D)
     y = torch.tensor([0, 0, 1, 2, 2])
     valid = torch.tensor([True, False, True])
-    loss = IF.intra_class_loss(fs, ft, ms, mt, y, valid)
+    loss = IF.intra_class_loss(fs, ft, ms, mt, y, valid, backend="reference")
     rows = [b for b in range(5) if valid[y[b]]]
     brute = sum(((fs[b] - ms[y[b]]) - (ft[b] - mt[y[b]])).pow(2).sum() for b in rows) / len(rows)
     torch.testing.assert_close(loss, brute.detach())
     assert not loss.requires_grad or torch.autograd.grad(loss, ms, allow_unused=True)[0] is None
-    none_valid = IF.intra_class_loss(fs, ft, ms, mt, y, torch.zeros(C, dtype=torch.bool))
+    none_valid = IF.intra_class_loss(fs, ft, ms, mt, y, torch.zeros(C, dtype=torch.bool), backend="reference")
     assert none_valid.item() == 0.0
 
 
@@ -113,7 +117,7 @@ def test_class_centroids_live_rows_and_empty_classes():
     sums = torch.tensor([[2.0, 2.0], [0.0, 0.0], [3.0, 0.0]])
     counts = torch.tensor([2, 0, 1])
     feats = torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.bfloat16)
-    mu, total = IF.class_centroids(sums, counts, feats, torch.tensor([0, 0]))
+    mu, total = IF.class_centroids(sums, counts, feats, torch.tensor([0, 0]), backend="reference")
     assert mu.dtype == torch.float32 and total.tolist() == [4, 0, 1]
     torch.testing.assert_close(mu, torch.tensor([[0.75, 1.5], [0.0, 0.0], [3.0, 0.0]]))
 
@@ -121,14 +125,14 @@ def test_class_centroids_live_rows_and_empty_classes():
 def test_constant_cam_falls_back_to_spatial_mean():
     f = rnd(2, 3, 4, 4)
     w = torch.zeros(2, 3, dtype=D64)  # all-zero CAM
-    cam, pooled = IF.class_activation_features(f, w)
+    cam, pooled = IF.class_activation_features(f, w, backend="reference")
     assert (cam == 0).all()
     torch.testing.assert_close(pooled, f.mean(dim=(2, 3)))
 
 
 def test_class_activation_features_matches_spec_formula():
     f, w = rnd(3, 5, 6, 4), rnd(3, 5)
-    cam, pooled = IF.class_activation_features(f, w)
+    cam, pooled = IF.class_activation_features(f, w, backend="reference")
     for b in range(3):
         s = torch.relu((w[b, :, None, None] * f[b]).sum(0))
         torch.testing.assert_close(cam[b], s)
@@ -154,8 +158,8 @@ def test_kd_loss_includes_temperature_squared():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision_inputs_accumulate_in_float32(dtype):
     f, w = torch.randn(2, 64, 5, 5), torch.randn(2, 64)
-    cam, pooled = IF.class_activation_features(f.to(dtype), w.to(dtype))
-    ref_cam, ref_pooled = IF.class_activation_features(f.to(dtype).double(), w.to(dtype).double())
+    cam, pooled = IF.class_activation_features(f.to(dtype), w.to(dtype), backend="reference")
+    ref_cam, ref_pooled = IF.class_activation_features(f.to(dtype).double(), w.to(dtype).double(), backend="reference")
     assert cam.dtype == dtype and pooled.dtype == dtype
     # only the final rounding to `dtype` separates them
     eps = torch.finfo(dtype).eps
@@ -165,9 +169,9 @@ def test_low_precision_inputs_accumulate_in_float32(dtype):
 
 def test_non_contiguous_inputs_give_identical_results():
     f, w = rnd(3, 4, 5, 6), rnd(3, 4)
-    a = IF.class_activation_features(f, w)
-    b = IF.class_activation_features(noncontig(f), noncontig(w))
-    cl = IF.class_activation_features(f.to(memory_format=torch.channels_last), w)
+    a = IF.class_activation_features(f, w, backend="reference")
+    b = IF.class_activation_features(noncontig(f), noncontig(w), backend="reference")
+    cl = IF.class_activation_features(f.to(memory_format=torch.channels_last), w, backend="reference")
     for x, y, z in zip(a, b, cl):
         torch.testing.assert_close(x, y)
         torch.testing.assert_close(x, z)
@@ -201,7 +205,8 @@ def test_closed_form_grad_cam_equals_autograd(arch, mode):
         logits = model(x)
         feats = tap.features
         grads = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), feats)[0]
-        w_auto = IF.grad_cam_weights(grads)
+        w_auto = IF.grad_cam_weights(grads, backend="reference")
         w_closed = IF.cam_weights_from_linear(tap.fc_weight, y, feats.shape[2] * feats.shape[3])
     torch.testing.assert_close(w_auto, w_closed.detach())
-    torch.testing.assert_close(IF.grad_cam(feats, w_auto), IF.grad_cam(feats, w_closed.detach()))
+    torch.testing.assert_close(IF.grad_cam(feats, w_auto, backend="reference"),
+                               IF.grad_cam(feats, w_closed.detach(), backend="reference"))

@@ -90,6 +90,29 @@ def test_centroids_empty_batch_and_zero_width():
     assert mu.shape == (C, 0) and total.tolist() == [0, 5, 1, 3]
 
 
+def test_centroids_gradient_of_the_bank_sums():
+    """The backward's bank-sums branch (sums that require grad): d mu[c] / d sums[c] = 1 / total[c]
+    (1 for a class with no row), by float64 gradcheck, then float32 rows against the reference."""
+    C, D = 4, 3
+    counts = torch.tensor([2, 0, 1, 0], device=DEV)
+    labels = torch.tensor([0, 1, 1, 0, 2], device=DEV)  # class 3: no row at all
+    sums = torch.randn(C, D, device=DEV, dtype=torch.float64, requires_grad=True)
+    feats = torch.randn(5, D, device=DEV, dtype=torch.float64)
+    # the rows' gradient has its own tests; the interpreter makes each gradcheck point slow
+    assert torch.autograd.gradcheck(lambda s: F.class_centroids(s, counts, feats, labels, backend="triton")[0], (sums,))
+    s32, f32 = sums.detach().float().requires_grad_(), feats.detach().float().requires_grad_()
+    mu, _ = F.class_centroids(s32, counts, f32, labels, backend="triton")
+    go = torch.randn(C, D, device=DEV, dtype=torch.float64)
+    got = torch.autograd.grad(mu, (s32, f32), go.float())
+    s64, f64 = s32.detach().double().requires_grad_(), f32.detach().double().requires_grad_()
+    exp = torch.autograd.grad(R.class_centroids(s64, counts, f64, labels)[0], (s64, f64), go)
+    for name, g, e in zip(("sums", "feats"), got, exp):
+        assert g.dtype == torch.float32
+        assert_close_rel(g, e, torch.float32, name)
+    total = torch.tensor([4, 2, 2, 0], device=DEV, dtype=torch.float64)
+    assert_close_rel(got[0], go / total.clamp(min=1).unsqueeze(1), torch.float32, "sums, by hand")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("C,B,D", [(5, 9, 7), (3, 1, 1), (11, 70, 300)])
 def test_intra_loss(dtype, C, B, D):
