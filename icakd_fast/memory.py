@@ -4,6 +4,12 @@ Both banks keep all state in registered buffers (saved by ``state_dict``, moved 
 never synchronise with the host in ``enqueue`` (single process), validate every argument before
 writing anything, and under ``torch.distributed`` (world size > 1) all-gather the batch from every
 rank in rank order first, so that every rank holds an identical bank.
+
+A row with any non-finite value (or one that overflows the storage dtype) is never stored: it is
+treated as masked, the other rows of the batch are stored as usual, and the bank counts it in its
+``refused`` buffer (int64, 0-dim). The check runs on the device, with no host synchronisation,
+before any backend sees the rows, so nothing a bank keeps (rows, sums, counts, pointers) can
+turn NaN.
 """
 
 from __future__ import annotations
@@ -102,8 +108,16 @@ class _BankBase(nn.Module):
         Gram matrix, are then rebuilt)."""
         self._stamp.value = None if torch.compiler.is_compiling() else next_stamp()
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        key = prefix + "refused"
+        if key not in state_dict:
+            # saved before banks counted refused rows: none counted
+            if key in missing_keys:
+                missing_keys.remove(key)
+            self.refused.zero_()
         self._renew_stamp()
 
     def _apply(self, fn, *args, **kwargs):
@@ -132,13 +146,18 @@ class _BankBase(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, feats: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Store detached ``feats`` [N,D] under ``labels`` [N]; rows with ``mask`` False are skipped."""
+        """Store detached ``feats`` [N,D] under ``labels`` [N]; rows with ``mask`` False are skipped.
+
+        Rows with a non-finite value (in ``feats`` or once cast to the storage dtype) are skipped
+        too, and each such row that ``mask`` offered adds one to ``refused``."""
         self._enqueue(*self._check_enqueue(feats, labels, mask))
 
     @torch.no_grad()
     def _enqueue(self, feats, labels, mask, before_store=None):
         """``enqueue`` without the argument checks (callers that validated them already): detached
         features, int64 labels and a mask (all rows if None), gathered from every rank, stored.
+        Non-finite rows are masked (and counted in ``refused``) after the gather, so every rank
+        counts the refused rows of every rank and all ranks hold identical banks and counts.
         ``before_store`` (optional): called with the labels of every rank once they are gathered,
         before anything is written; its result is returned."""
         feats = feats.detach()
@@ -147,10 +166,23 @@ class _BankBase(nn.Module):
             mask = torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
         if _distributed():
             feats, labels, mask = _gather_from_ranks(feats, labels, mask)
+        feats, mask = self._refuse_non_finite(feats, mask)
         result = before_store(labels) if before_store is not None else None
         self._store(feats, labels, mask)
         self._renew_stamp()
         return result
+
+    def _refuse_non_finite(self, feats, mask):
+        """``(rows, mask)``: the rows cast to the storage dtype with non-finite values zeroed (so
+        that no backend's arithmetic on skipped rows can meet a NaN), and ``mask`` without the
+        rows that held any; those it took from ``mask`` are added to ``refused``. Device work
+        only, no host synchronisation."""
+        stored = feats.to(self.bank.dtype)
+        # x * 0 is 0 for a finite x and NaN for inf or NaN, so a row's sum of them is 0 exactly
+        # when the whole row is finite (a sum, not isfinite().all(), which is slow on CPUs)
+        finite = stored.mul(0).sum(dim=1, dtype=torch.float32) == 0
+        self.refused.add_((mask & ~finite).sum())
+        return stored.nan_to_num(0.0, 0.0, 0.0), mask & finite
 
     def _store(self, feats, labels, mask):
         raise NotImplementedError
@@ -181,6 +213,10 @@ class ClassMemoryBank(_BankBase):
     each enqueue resyncs ``ceil(C / resync_every)`` classes, so every class is recomputed at least
     once every ``resync_every`` enqueues with a fixed, small cost per step and no data-dependent
     branch (``resync_every=0`` turns it off; ``resync()`` recomputes everything now).
+
+    ``refused`` (int64, 0-dim buffer): how many rows ``enqueue`` refused because they held a
+    non-finite value, in the input or in the storage dtype (they are never stored); checkpointed,
+    cleared by ``reset()``.
     """
 
     def __init__(
@@ -210,6 +246,7 @@ class ClassMemoryBank(_BankBase):
         self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.int64, device=device))
         self.register_buffer("sums", torch.zeros(num_classes, dim, dtype=torch.float32, device=device))
         self.register_buffer("resync_pos", torch.zeros((), dtype=torch.int64, device=device))
+        self.register_buffer("refused", torch.zeros((), dtype=torch.int64, device=device))
         chunk = math.ceil(num_classes / resync_every) if resync_every else 0
         self.register_buffer("_resync_offsets", torch.arange(chunk, dtype=torch.int64, device=device), persistent=False)
 
@@ -248,7 +285,7 @@ class ClassMemoryBank(_BankBase):
 
     @torch.no_grad()
     def reset(self) -> None:
-        for buf in (self.bank, self.count, self.ptr, self.sums, self.resync_pos):
+        for buf in (self.bank, self.count, self.ptr, self.sums, self.resync_pos, self.refused):
             buf.zero_()
         self._renew_stamp()
 
@@ -256,7 +293,11 @@ class ClassMemoryBank(_BankBase):
 class FIFOMemoryBank(_BankBase):
     """One ring buffer of ``size`` rows for all classes: ``bank`` [N,D], ``labels`` [N] (-1 =
     empty), ``ptr`` (0-dim). Per-class sums and counts come from a segment sum over the stored
-    labels (O(N*D) per call)."""
+    labels (O(N*D) per call).
+
+    ``refused`` (int64, 0-dim buffer): how many rows ``enqueue`` refused because they held a
+    non-finite value, in the input or in the storage dtype (they are never stored); checkpointed,
+    cleared by ``reset()``."""
 
     def __init__(
         self,
@@ -279,6 +320,7 @@ class FIFOMemoryBank(_BankBase):
         self.register_buffer("bank", torch.zeros(size, dim, dtype=dtype, device=device))
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.int64, device=device))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.int64, device=device))
+        self.register_buffer("refused", torch.zeros((), dtype=torch.int64, device=device))
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, num_classes={self.num_classes}, dtype={self.bank.dtype}"
@@ -296,4 +338,5 @@ class FIFOMemoryBank(_BankBase):
         self.bank.zero_()
         self.labels.fill_(-1)
         self.ptr.zero_()
+        self.refused.zero_()
         self._renew_stamp()

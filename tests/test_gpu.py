@@ -306,3 +306,61 @@ def test_feature_map_over_2_pow_31_elements():
     torch.testing.assert_close(cam[-1:].float(), rc.float(), rtol=2e-2, atol=2e-2)
     mean = F.grad_cam_weights(f, backend="triton")
     torch.testing.assert_close(mean[-1, -8:].float(), f[-1, -8:].float().mean(dim=(1, 2)), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp", "reference"])
+def test_non_finite_rows_never_enter_a_bank_on_the_gpu(backend):
+    """Both bank layouts refuse inf/NaN rows (and bf16 overflow) without a host synchronisation;
+    a CUDA-graph ICAKDLoss step fed one inf teacher row counts it and the next replay is finite."""
+    from icakd_fast import ClassMemoryBank, FIFOMemoryBank, ICAKDLoss
+    from icakd_fast._backend import is_available
+    from icakd_fast._inter_gram import InterGramCache
+
+    if not is_available(backend, "class_bank", DEV):
+        pytest.skip(f"{backend} backend unavailable on the GPU")
+    C, S, D, N = 20, 4, 64, 48
+    x = torch.randn(N, D, device=DEV)
+    y = torch.randint(0, C, (N,), device=DEV)
+    x[-1, 3], x[-2, 0] = float("inf"), float("nan")
+    x64 = x.double()
+    x64[-3, 5] = 1e39  # finite in the float64 input, inf in bfloat16
+    good = torch.ones(N, dtype=torch.bool, device=DEV)
+    good[-3:] = False
+    for make in (lambda: ClassMemoryBank(C, S, D, dtype=torch.bfloat16, backend=backend, device=DEV),
+                 lambda: FIFOMemoryBank(64, D, C, dtype=torch.bfloat16, backend=backend, device=DEV)):
+        bank, clean = make(), make()
+        bank.enqueue(x64, y)  # first call: kernels compiled, workspaces allocated
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            bank.enqueue(x64, y)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        for _ in range(2):
+            clean.enqueue(x64[good], y[good])
+        for (k, a), (_, b) in zip(bank.state_dict().items(), clean.state_dict().items()):
+            if k == "refused":
+                assert a.item() == 6 and b.item() == 0
+            else:
+                assert torch.equal(a, b), k
+    if backend != "triton":
+        return
+    B, C, Ks, Kt = 32, 200, 16, 24
+    crit = ICAKDLoss(C, Ks, Kt, backend="triton", slots_per_class=2, resync_every=7,
+                     incremental_inter=True).to(DEV).train()
+    fs, zs, ft, zt, y, ws, wt = _incremental_batch(0, B, C, Ks, Kt)
+    g, (loss, grads) = _capture_training_step(crit, (fs, zs, ft, zt, y, ws, wt))
+    g.replay()
+    keep = ft[-1, 2, 1, 1].clone()
+    ft[-1, 2, 1, 1] = float("inf")
+    g.replay()  # this step's loss may be non-finite
+    ft[-1, 2, 1, 1] = keep
+    g.replay()
+    torch.cuda.synchronize()
+    assert crit.bank_t.refused.item() == 1 and crit.bank_s.refused.item() == 0
+    assert torch.isfinite(loss).all()
+    assert all(t is None or torch.isfinite(t).all() for t in grads)
+    for bank in (crit.bank_s, crit.bank_t):
+        assert torch.isfinite(bank.bank).all() and torch.isfinite(bank.sums).all()
+    fresh = InterGramCache(crit.min_count, R.NORM_EPS)._build(crit.bank_s, crit.bank_t)
+    torch.testing.assert_close(crit._inter_gram.K, fresh, rtol=0, atol=1e-11)
