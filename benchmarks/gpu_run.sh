@@ -9,7 +9,7 @@
 # Optional: peer packages as wheels in ./.whl (pytorch-metric-learning, grad-cam, ttach) are
 # installed into a private folder first (see benchmarks/README.md). Stage limits (seconds):
 # TRITON_TESTS_TIMEOUT, BENCH_TIMEOUT, HOST_TIMEOUT, E2E_BUDGET, MEMORY_TIMEOUT, INTER_INC_TIMEOUT,
-# CPP_TIMEOUT, NCU_TIMEOUT.
+# STEP_TIMEOUT, CPP_TIMEOUT, NCU_TIMEOUT.
 set -u
 OUT=${1:-${OUT:-gpu-out}}
 mkdir -p "$OUT"
@@ -92,6 +92,14 @@ timeout -s INT ${INTER_INC_TIMEOUT:-45} $PY benchmarks/inter_incremental_bench.p
   --student-dim 2048 --out "$OUT" --name inter_incremental > "$LOGS/inter_incremental.log" 2>&1
 stamp "incremental inter bench rc=$?"
 cat "$OUT/inter_incremental.md" >> "$OUT/summary.txt" 2> /dev/null
+# 4d. one ICAKDLoss training step at tiny host-bound shapes (C=100, B=64, D=8, 2x2 maps): ops and
+#     us per step, ce/kd/cskd/icakd x backends x eager/compiled, interleaved (the budget leaves a
+#     margin under the stage's limit for writing the results)
+STEP_T=${STEP_TIMEOUT:-90}
+timeout -s INT "$STEP_T" $PY benchmarks/step_bench.py --device cuda --backends reference,cpp,triton,auto \
+  --compiled-backends reference,auto --steps 300 --warmup 20 --budget-s $(( STEP_T - 20 )) --out "$OUT" > "$LOGS/step.log" 2>&1
+stamp "step bench rc=$?"
+cat "$OUT"/step_*.md >> "$OUT/summary.txt" 2> /dev/null
 
 # 5. the CUDA extension's tests (GPU-marked ones included)
 timeout -s INT ${CPP_TIMEOUT:-40} $PY -m pytest tests/test_cpp_gpu.py tests/test_cpp_ops.py $XDIST -q -rf --tb=short \

@@ -158,3 +158,63 @@ def test_inter_incremental_bench_small(tmp_path):
     assert data["inter_loss_rel_diff"] < 1e-5
     assert data["gram_drift_after_steps"] < 1e-12
     assert "| ICAKD, incremental inter loss |" in (tmp_path / "t.md").read_text()
+
+
+def _step_bench():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import step_bench
+    finally:
+        sys.path.pop(0)
+    return step_bench
+
+
+def test_step_bench_op_counter_counts_top_level_ops():
+    """The dispatch mode counts each op it sees once: 3 forward ops, 2 backward ones here."""
+    sb = _step_bench()
+    import torch
+    x = torch.randn(4, 3, requires_grad=True)
+    with sb.OpCounter() as fwd:
+        y = (x * 2 + 1).sum()
+    assert dict(fwd.counts) == {"aten.mul": 1, "aten.add": 1, "aten.sum": 1}
+    with sb.OpCounter() as bwd:
+        y.backward()
+    assert x.grad is not None and sum(bwd.counts.values()) >= 2 and "aten.mul" in bwd.counts
+
+
+def test_step_bench_small(tmp_path):
+    """Every method x backend x mode is in the results: reference and cpp measured (ops counted in
+    eager, ICAKD dispatching more ops than KD), triton skipped on CPU with the reason."""
+    script = os.path.join(ROOT, "benchmarks", "step_bench.py")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--shape", "10,8,4,2", "--steps", "3",
+                           "--warmup", "1", "--threads", "1", "--compile-backend", "eager",
+                           "--out", str(tmp_path), "--name", "t"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["shape"] == {"C": 10, "B": 8, "D": 4, "H": 2} and data["device_type"] == "cpu"
+    rows = {(r["method"], r["backend"], r["mode"]): r for r in data["configs"]}
+    backends = ("reference", "cpp", "triton")
+    assert set(rows) == {(m, b, mode) for m in METHODS for b in backends for mode in ("eager", "compiled")}
+    measured = ("reference", "cpp") if _ext.load() else ("reference",)
+    for (m, b, mode), r in rows.items():
+        if b == "triton":
+            assert r["status"].startswith("skipped") and "interpreter" in r["status"], r["status"]
+            continue
+        if b not in measured:
+            continue
+        assert r["status"] == "ok", (m, b, mode, r["status"])
+        assert r["timed_steps"] == 3 and r["us_median"] > 0 and r["cpu_us_median"] > 0
+        if mode == "eager":
+            assert isinstance(r["ops"], int) and not isinstance(r["ops"], bool) and r["ops"] > 0, r["ops"]
+            assert sum(r["ops_by_name"].values()) == r["ops"]
+        else:
+            assert r["ops"] is None and r["compile_s"] > 0
+    for b in measured:
+        assert rows["icakd", b, "eager"]["ops"] > rows["kd", b, "eager"]["ops"] > rows["ce", b, "eager"]["ops"], b
+        ratio = [r for r in data["icakd_over_kd"] if r["backend"] == b and r["mode"] == "eager"]
+        assert len(ratio) == 1
+        assert ratio[0]["ops"] == rows["icakd", b, "eager"]["ops"] / rows["kd", b, "eager"]["ops"]
+    text = (tmp_path / "t.md").read_text()
+    assert "| method | backend | ops (eager) |" in text and "ICAKD / KD" in text
