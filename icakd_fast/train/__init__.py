@@ -10,10 +10,10 @@ from __future__ import annotations
 from .config import METHODS, TrainConfig, parse_args
 from .data import DATASETS, build_datasets
 from .engine import evaluate, load_weights, train
-from .errors import UserError
+from .errors import TrainingDiverged, TrainingStopped, UserError
 from .models import build_model, model_names
 
-__all__ = ["METHODS", "DATASETS", "TrainConfig", "UserError", "parse_args", "train", "evaluate", "load_weights",
+__all__ = ["METHODS", "DATASETS", "TrainConfig", "UserError", "TrainingStopped", "TrainingDiverged", "parse_args", "train", "evaluate", "load_weights",
            "build_datasets", "build_model", "model_names", "run_demo", "main"]
 
 

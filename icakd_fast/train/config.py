@@ -49,6 +49,8 @@ class TrainConfig:
     device: str = "auto"
     out: str = "runs/train"
     resume: str | None = None
+    save_every: int | None = None
+    max_bad_steps: int = 20
     limit_train_batches: int | None = None
     amp: str = "off"
     channels_last: bool = False
@@ -75,6 +77,10 @@ class TrainConfig:
             raise UserError(f"lr must be > 0, got {self.lr}")
         if self.limit_train_batches is not None and self.limit_train_batches < 1:
             raise UserError(f"limit-train-batches must be >= 1, got {self.limit_train_batches}")
+        if self.save_every is not None and self.save_every < 1:
+            raise UserError(f"save-every must be >= 1, got {self.save_every}")
+        if self.max_bad_steps < 0:
+            raise UserError(f"max-bad-steps must be >= 0 (0: never stop), got {self.max_bad_steps}")
         if self.workers is not None and self.workers < 0:
             raise UserError(f"workers must be >= 0, got {self.workers}")
         if not isinstance(self.loss, dict) or not isinstance(self.synthetic, dict):
@@ -225,7 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", metavar="DIR", help="output directory: metrics.csv, last.pt, best.pt "
                    "(default runs/train, runs/demo for the demo)")
     g.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
-                   help="continue from a last.pt (or a directory holding one); without PATH: <out>/last.pt")
+                   help="continue from a last.pt (or a directory holding one); without PATH: <out>/last.pt "
+                   "when there is one, else start fresh")
+    g.add_argument("--save-every", type=int, metavar="N", help="also write <out>/last.pt every N steps "
+                   "(default: at the end of each epoch only)")
+    g.add_argument("--max-bad-steps", type=int, metavar="N", help="stop after N consecutive steps with a "
+                   f"non-finite loss or gradient, which are skipped (0: never stop; default {d.max_bad_steps})")
     g.add_argument("--amp", choices=AMP_MODES, help="mixed precision (default off)")
     g.add_argument("--channels-last", action="store_true", help="use the channels_last memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the student")

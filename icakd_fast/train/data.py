@@ -11,6 +11,7 @@ Real datasets are read from their standard on-disk formats:
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -19,12 +20,13 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import BatchSampler, Dataset, Sampler
 
 from .errors import UserError
 from .synthetic import MEAN as SYN_MEAN, STD as SYN_STD, SyntheticShapes
 
-__all__ = ["DATASETS", "DatasetBundle", "build_datasets", "canonical_dataset", "CifarDataset", "TinyImageNet", "find_cifar_dir"]
+__all__ = ["DATASETS", "DatasetBundle", "build_datasets", "canonical_dataset", "CifarDataset", "TinyImageNet",
+           "find_cifar_dir", "EpochBatches"]
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "tiny-imagenet", "imagenet")
 CIFAR_MEAN = (0.5071, 0.4865, 0.4409)
@@ -272,6 +274,45 @@ def _imagenet(data_dir: str | None, image_size: int | None) -> DatasetBundle:
     train = _FileList(tr_samples, classes, train_tf)
     test = _FileList(va_samples, classes, test_tf)
     return DatasetBundle("imagenet", train, test, len(classes), size, IMAGENET_MEAN, IMAGENET_STD, classes)
+
+
+# ----------------------------------------------------------------------------- data order
+
+class EpochBatches(Sampler[list[int]]):
+    """The batches of one epoch, in an order fixed by the epoch, resumable in the middle.
+
+    ``sampler`` gives the epoch's sample order (a ``DistributedSampler``: a function of its seed
+    and the epoch). ``set_epoch(epoch, start)`` selects the epoch and makes iteration begin at
+    batch ``start``: the first ``start`` batches are skipped as lists of indices, so their
+    samples are never loaded nor augmented. At most ``limit`` batches make an epoch.
+    """
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, *, drop_last: bool = False,
+                 limit: int | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.limit = limit
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        self.start = start
+
+    def __len__(self) -> int:
+        n = len(BatchSampler(self.sampler, self.batch_size, self.drop_last))
+        return n if self.limit is None else min(n, self.limit)
+
+    def __iter__(self):
+        batches = iter(BatchSampler(self.sampler, self.batch_size, self.drop_last))
+        return itertools.islice(batches, self.start, len(self))
 
 
 # ----------------------------------------------------------------------------- entry point

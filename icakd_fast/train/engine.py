@@ -15,9 +15,14 @@ from __future__ import annotations
 import csv
 import math
 import os
+import pickle
 import platform
 import random
+import re
+import signal
+import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +36,12 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from .config import TrainConfig
-from .data import DatasetBundle, build_datasets, canonical_dataset
-from .errors import UserError
+from .data import DatasetBundle, EpochBatches, build_datasets, canonical_dataset
+from .errors import TrainingDiverged, TrainingStopped, UserError
 from .models import build_model, canonical_name
 from .progress import progress_bar
 
-__all__ = ["train", "evaluate", "load_weights", "environment_info", "DistInfo", "resolve_device"]
+__all__ = ["train", "evaluate", "load_weights", "read_checkpoint", "environment_info", "DistInfo", "resolve_device"]
 
 PARTS = ("ce", "kd", "cam", "intra", "inter")
 
@@ -88,7 +93,12 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[DistInfo, torch.device]:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kw = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, **kw)
+        # torchrun keeps its store across restarts (--max-restarts): the keys of each attempt get
+        # a prefix of their own, so new workers never read the addresses of the dead ones
+        store, rank, world = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"icakd_attempt_{attempt}", store),
+                                rank=rank, world_size=world, **kw)
         initialised_here = True
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, initialised_here), device
 
@@ -125,15 +135,27 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The generator states of this process as tensors and plain types (loadable with
+    ``weights_only=True``)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": int(version), "state": [int(v) for v in internal], "gauss": gauss},
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         try:
@@ -242,41 +264,71 @@ def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; problems raise a one-line UserError.
+
+    Only tensors and plain Python types are unpickled: a file that needs anything else (which
+    could run code while loading) is refused, as is a truncated or corrupt one.
+    """
+    p = Path(path)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        m = _GLOBAL_RE.search(text)
+        if m:
+            raise UserError(f"{p}: refused: loading it would unpickle {m.group(1)}, which can run code "
+                            f"(checkpoints are read with torch.load(weights_only=True): tensors and plain "
+                            f"types only)") from None
+        detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else text
+        raise UserError(f"{p}: cannot read checkpoint: corrupt file or not written by torch.save "
+                        f"({_first_line(detail)})") from None
+    except Exception as exc:  # noqa: BLE001 - truncated / corrupt files raise many types
+        raise UserError(f"{p}: cannot read checkpoint: truncated or corrupt file "
+                        f"({exc.__class__.__name__}: {_first_line(str(exc))})") from None
+
+
+def _first_line(text: str, limit: int = 160) -> str:
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 def load_weights(model: nn.Module, path: str, arch: str | None = None) -> dict[str, Any]:
     """Load weights into ``model`` from a checkpoint of this trainer or a plain state_dict.
 
     Returns the checkpoint's metadata (empty for a plain state_dict). ``path == 'torchvision'``
     loads torchvision's default ImageNet weights for ``arch`` (needs internet or a warm cache).
+    Every file is read with ``weights_only=True`` (:func:`read_checkpoint`).
     """
     if path == "torchvision":
         import torchvision
 
         try:
-            ref = torchvision.models.get_model(canonical_name(arch or ""), weights="DEFAULT")
+            weights = torchvision.models.get_model_weights(canonical_name(arch or "")).DEFAULT
+            sd = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - download / name errors
-            raise UserError(f"could not load torchvision weights for {arch}: {exc}") from exc
-        sd, meta = ref.state_dict(), {}
+            raise UserError(f"could not load torchvision weights for {arch}: {_first_line(str(exc))}") from None
+        meta = {}
     else:
         p = Path(path)
         if p.is_dir():
             p = p / "best.pt" if (p / "best.pt").is_file() else p / "last.pt"
         if not p.is_file():
             raise UserError(f"checkpoint not found: {path}")
-        try:
-            ckpt = torch.load(p, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - corrupt files raise many types
-            raise UserError(f"{p}: cannot read checkpoint ({exc.__class__.__name__})") from exc
-        meta = {}
-        if isinstance(ckpt, dict) and any(k in ckpt for k in ("student", "model", "state_dict", "net")):
-            meta = {k: v for k, v in ckpt.items() if not isinstance(v, dict) or k == "config"}
-            for k in ("student", "model", "state_dict", "net"):
-                if k in ckpt and isinstance(ckpt[k], dict):
-                    sd = ckpt[k]
-                    break
-        elif isinstance(ckpt, dict):
-            sd = ckpt
-        else:
+        ckpt = read_checkpoint(p)
+        if not isinstance(ckpt, dict):
             raise UserError(f"{p}: not a state_dict or checkpoint")
+        meta: dict[str, Any] = {}
+        sd = ckpt
+        wrapped = [k for k in ("student", "model", "state_dict", "net") if isinstance(ckpt.get(k), dict)]
+        if wrapped:
+            meta = {k: v for k, v in ckpt.items() if not isinstance(v, dict) or k == "config"}
+            sd = ckpt[wrapped[0]]
+        if not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise UserError(f"{p}: not a state_dict or checkpoint (values other than tensors)")
         if meta.get("arch") and arch and canonical_name(str(meta["arch"])) != canonical_name(arch):
             raise UserError(f"{p} holds a {meta['arch']}, not a {arch}")
     sd = _strip_prefixes(sd)
@@ -351,14 +403,14 @@ def _loaders(cfg: TrainConfig, data: DatasetBundle, di: DistInfo, device: torch.
     common = dict(num_workers=workers, pin_memory=device.type == "cuda")
     if workers > 0:
         common["prefetch_factor"] = 4
-    train_loader = DataLoader(data.train, batch_size=cfg.batch_size, sampler=sampler, drop_last=drop_last,
-                              generator=gen, **common)
+    batches = EpochBatches(sampler, cfg.batch_size, drop_last=drop_last, limit=cfg.limit_train_batches)
+    train_loader = DataLoader(data.train, batch_sampler=batches, generator=gen, **common)
     test = data.test if not di.enabled else Subset(data.test, range(di.rank, len(data.test), di.world))
     test_loader = DataLoader(test, batch_size=cfg.eval_batch_size or max(cfg.batch_size, 128), shuffle=False,
                              **common)
     if len(train_loader) == 0:
         raise UserError(f"the training set of {data.name} is empty")
-    return train_loader, test_loader, sampler, gen
+    return train_loader, test_loader, batches, gen
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -403,24 +455,56 @@ def _autocast(device: torch.device, dtype):
 @dataclass
 class _State:
     epoch: int = 0  # epochs completed
-    step: int = 0  # optimiser steps taken
+    step: int = 0  # training steps taken (skipped bad steps included)
+    batch: int = 0  # batches of epoch ``epoch`` already trained (0 at an epoch boundary)
     best_top1: float = -1.0
+    bad_steps: int = 0  # steps skipped for a non-finite loss or gradient, all epochs
+    bad_streak: int = 0  # consecutive skipped steps up to now
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+CKPT_FORMAT = 2
+
+
 def _save(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """Write ``obj`` to ``path`` atomically: a temporary file, flushed to disk, then renamed over
+    ``path``, so a kill during the save leaves the previous file intact."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def _gather_rng(di: DistInfo) -> list[dict[str, Any]]:
-    state = _rng_state()
+def _gather(di: DistInfo, obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (a collective under DDP)."""
     if not di.enabled:
-        return [state]
+        return [obj]
     out: list[Any] = [None] * di.world
-    dist.all_gather_object(out, state)
+    dist.all_gather_object(out, obj)
     return out
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rewrite ``path`` with ``rows`` (atomically); the columns are the union of the rows' keys.
+    No rows: no file."""
+    if not rows:
+        path.unlink(missing_ok=True)
+        return
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
 
 
 def _append_csv(path: Path, row: dict[str, Any]) -> None:
@@ -436,23 +520,161 @@ def _fmt_parts(parts: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.3f}" for k, v in parts.items())
 
 
+class _StopSignals:
+    """SIGTERM and SIGINT while training: the first one is remembered and the loop stops after
+    the current step, with a checkpoint; a second SIGINT interrupts at once. Installed only in
+    the main thread (Python delivers signals there), restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    foreach_copy = getattr(torch, "_foreach_copy_", None)
+    if foreach_copy is not None and dst:
+        foreach_copy(dst, src)
+    else:
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
+def _grads_finite(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+    """A 0-dim bool tensor on ``device``: every gradient of ``params`` is finite (no host sync)."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.ones((), dtype=torch.bool, device=device)
+    foreach_norm = getattr(torch, "_foreach_norm", None)
+    norms = foreach_norm(grads) if foreach_norm is not None else [torch.linalg.vector_norm(g) for g in grads]
+    return torch.stack([n.float() for n in norms]).isfinite().all()
+
+
+def _refused_rows(loss_module: nn.Module | None) -> int:
+    """Rows the loss module's memory banks refused so far (their ``refused`` buffers)."""
+    if loss_module is None:
+        return 0
+    return int(sum(int(b.sum()) for name, b in loss_module.named_buffers() if name.rsplit(".", 1)[-1] == "refused"))
+
+
+def _resolve_resume(cfg: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint ``--resume`` names; None for ``--resume`` alone when --out has none yet."""
+    if not cfg.resume:
+        return None
+    auto = cfg.resume == "auto"
+    path = out / "last.pt" if auto else Path(cfg.resume)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        if auto:
+            return None
+        raise UserError(f"resume checkpoint not found: {path}")
+    return path
+
+
+def _check_resume(ckpt: Any, path: Path, cfg: TrainConfig) -> None:
+    """One clear UserError when ``ckpt`` cannot continue this run's configuration."""
+    need = ("student", "optimizer", "scheduler", "epoch", "step", "config")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in need):
+        missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
+        raise UserError(f"{path}: not a last.pt written by icakd-train (no {', '.join(repr(k) for k in missing)})")
+    prev = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
+
+    def differs(what: str, old: Any, new: Any) -> None:
+        if old != new:
+            raise UserError(f"{path} was saved with {what} {old!r}, this run has {new!r}")
+
+    def name(fn: Callable[[str], str], value: Any) -> Any:
+        try:
+            return fn(str(value))
+        except (KeyError, UserError):
+            return value
+
+    differs("student", name(canonical_name, prev.get("student", ckpt.get("arch"))), canonical_name(cfg.student))
+    differs("method", prev.get("method"), cfg.method)
+    if cfg.method != "ce":
+        differs("teacher", name(canonical_name, prev.get("teacher")), canonical_name(cfg.teacher))
+    differs("dataset", name(canonical_dataset, prev.get("dataset")), canonical_dataset(cfg.dataset))
+    old_loss, new_loss = prev.get("loss") or {}, cfg.loss or {}
+    def opt(d: dict[str, Any], key: str) -> str:
+        return f"{key}={d[key]!r}" if key in d else f"{key} unset"
+
+    for key in sorted(set(old_loss) | set(new_loss)):
+        if (key in old_loss, old_loss.get(key)) != (key in new_loss, new_loss.get(key)):
+            raise UserError(f"{path} was saved with loss option {opt(old_loss, key)}, this run has "
+                            f"{opt(new_loss, key)}")
+    if (ckpt.get("loss_module") is None) != (cfg.method == "ce"):
+        raise UserError(f"{path}: its loss module does not match method {cfg.method!r}")
+
+
+def _check_resume_data(ckpt: dict[str, Any], path: Path, cfg: TrainConfig, num_classes: int, di: DistInfo,
+                       steps_per_epoch: int) -> None:
+    """One clear UserError when ``ckpt`` does not fit this run's data (class count, data order)."""
+    if "num_classes" in ckpt and ckpt["num_classes"] != num_classes:
+        raise UserError(f"{path} was saved with {ckpt['num_classes']} classes, this run's dataset has {num_classes}")
+    prev = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
+    if int(ckpt.get("batch", 0)) > 0:  # saved in the middle of an epoch: the data order must be the same
+        here = {"ranks": di.world, "batch-size": cfg.batch_size, "steps per epoch": steps_per_epoch}
+        there = {"ranks": ckpt.get("world_size"), "batch-size": prev.get("batch_size"),
+                 "steps per epoch": ckpt.get("steps_per_epoch")}
+        for key in here:
+            if here[key] != there[key]:
+                raise UserError(f"{path} was saved in the middle of epoch {int(ckpt['epoch']) + 1} with "
+                                f"{key} {there[key]}, this run has {here[key]}: resume it with the same "
+                                f"number of processes, --batch-size and --limit-train-batches")
+
+
+def _load_state(what: str, module_or_opt: Any, sd: Any, path: Path) -> None:
+    try:
+        module_or_opt.load_state_dict(sd)
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        text = str(exc)
+        first = next((ln.strip() for ln in text.splitlines() if "size mismatch" in ln or "Missing key" in ln
+                      or "Unexpected key" in ln), _first_line(text))
+        raise UserError(f"{path}: the {what} does not fit this run ({_first_line(first)})") from None
+
+
 def train(cfg: TrainConfig, *, log: Callable[[str], None] | None = None,
           data: DatasetBundle | None = None, desc: str | None = None) -> dict[str, Any]:
     """Train ``cfg.student`` (with ``cfg.method``) and return a summary dict.
 
     ``data`` may pass pre-built datasets (the demo builds the synthetic set once for all runs).
     Writes ``metrics.csv``, ``last.pt`` and ``best.pt`` into ``cfg.out`` (rank 0).
+
+    SIGTERM or SIGINT stops the run after the current step with a checkpoint in ``last.pt`` and
+    raises :class:`TrainingStopped` (its ``summary`` is this dict). :class:`TrainingDiverged` is
+    raised after ``cfg.max_bad_steps`` consecutive skipped steps, with nothing written.
     """
     cfg.validate()
     di, device = _setup_distributed(cfg)
     try:
-        return _train(cfg, di, device, log or print, data, desc)
+        with _StopSignals() as stop:
+            return _train(cfg, di, device, log or print, data, desc, stop)
     finally:
         if di.initialised_here and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, di: DistInfo, device: torch.device, log_fn, data, desc) -> dict[str, Any]:
+def _train(cfg: TrainConfig, di: DistInfo, device: torch.device, log_fn, data, desc,
+           stop: _StopSignals) -> dict[str, Any]:
     def log(msg: str) -> None:
         if di.main:
             log_fn(msg)
@@ -466,18 +688,17 @@ def _train(cfg: TrainConfig, di: DistInfo, device: torch.device, log_fn, data, d
         except KeyError as exc:
             raise UserError(exc.args[0]) from None
     out = Path(cfg.out)
-    resume_path = None
-    if cfg.resume:
-        resume_path = out / "last.pt" if cfg.resume == "auto" else Path(cfg.resume)
-        if resume_path.is_dir():
-            resume_path = resume_path / "last.pt"
-        if not resume_path.is_file():
-            raise UserError(f"resume checkpoint not found: {resume_path}")
+    resume_path = _resolve_resume(cfg, out)
+    if cfg.resume == "auto" and resume_path is None:
+        log(f"--resume: no checkpoint in {out} yet, starting fresh")
     if cfg.method != "ce" and not cfg.teacher_ckpt:
         raise UserError(f"--method {cfg.method} needs --teacher-ckpt (train a teacher first with "
                         f"--method ce --student {cfg.teacher})")
     if cfg.teacher_ckpt and cfg.teacher_ckpt != "torchvision" and not Path(cfg.teacher_ckpt).exists():
         raise UserError(f"teacher checkpoint not found: {cfg.teacher_ckpt}")
+    ckpt = read_checkpoint(resume_path) if resume_path is not None else None
+    if ckpt is not None:
+        _check_resume(ckpt, resume_path, cfg)
 
     seed_everything(cfg.seed)
     if data is None:
@@ -530,10 +751,8 @@ def _train(cfg: TrainConfig, di: DistInfo, device: torch.device, log_fn, data, d
     eval_model = student if di.enabled else fwd
 
     # --- data, optimiser, schedule
-    train_loader, test_loader, sampler, loader_gen = _loaders(cfg, data, di, device)
+    train_loader, test_loader, batches, loader_gen = _loaders(cfg, data, di, device)
     steps_per_epoch = len(train_loader)
-    if cfg.limit_train_batches:
-        steps_per_epoch = min(steps_per_epoch, cfg.limit_train_batches)
     params = list(student.parameters())
     loss_params = [p for p in loss_module.parameters() if p.requires_grad] if loss_module is not None else []
     optimizer = torch.optim.SGD([{"params": params}, {"params": loss_params}] if loss_params else params,
@@ -542,64 +761,102 @@ def _train(cfg: TrainConfig, di: DistInfo, device: torch.device, log_fn, data, d
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     state = _State()
+    n_sums = 2 + len(PARTS)  # loss, correct, parts (sums over the images of good steps)
+    resumed_sums: list[float] | None = None
+    resumed_seen = 0
+    resumed_parts: list[str] = []
+    epoch_bad = 0
 
-    # --- resume
-    if resume_path is not None:
-        try:
-            ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - corrupt files raise many types
-            raise UserError(f"{resume_path}: cannot read checkpoint ({exc.__class__.__name__})") from None
-        if not isinstance(ckpt, dict) or "student" not in ckpt or "optimizer" not in ckpt:
-            raise UserError(f"{resume_path}: not a last.pt written by icakd-train")
-        prev = ckpt.get("config", {})
-        for key in ("student", "method", "dataset"):
-            if key in prev and prev[key] != getattr(cfg, key):
-                raise UserError(f"{resume_path} was trained with {key}={prev[key]!r}, not {getattr(cfg, key)!r}")
-        student.load_state_dict(ckpt["student"])
-        if loss_module is not None and ckpt.get("loss_module"):
-            loss_module.load_state_dict(ckpt["loss_module"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+    # --- resume (checked in full before anything is loaded or written)
+    if ckpt is not None:
+        _check_resume_data(ckpt, resume_path, cfg, data.num_classes, di, steps_per_epoch)
+        _load_state("student", student, ckpt["student"], resume_path)
+        if loss_module is not None:
+            _load_state("loss module", loss_module, ckpt["loss_module"], resume_path)
+        _load_state("optimizer state", optimizer, ckpt["optimizer"], resume_path)
+        _load_state("scheduler state", scheduler, ckpt["scheduler"], resume_path)
         if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        state = _State(ckpt["epoch"], ckpt["step"], ckpt.get("best_top1", -1.0), list(ckpt.get("history", [])))
+            _load_state("gradient scaler state", scaler, ckpt["scaler"], resume_path)
+        state = _State(int(ckpt["epoch"]), int(ckpt["step"]), int(ckpt.get("batch", 0)),
+                       float(ckpt.get("best_top1", -1.0)), int(ckpt.get("bad_steps", 0)),
+                       int(ckpt.get("bad_streak", 0)), list(ckpt.get("history", [])))
         rng = ckpt.get("rng") or []
         if rng:
             _set_rng_state(rng[di.rank % len(rng)])
-        log(f"resumed from {resume_path} at epoch {state.epoch}, step {state.step}")
+        if state.batch:
+            progress = ckpt["epoch_progress"][di.rank]
+            resumed_sums, resumed_seen = list(progress["sums"]), int(progress["seen"])
+            resumed_parts, epoch_bad = list(progress["parts"]), int(progress["bad_steps"])
+        where = f", batch {state.batch}/{steps_per_epoch} of epoch {state.epoch + 1}" if state.batch else ""
+        log(f"resumed from {resume_path} at epoch {state.epoch}, step {state.step}{where}")
     if di.main:
         out.mkdir(parents=True, exist_ok=True)
+        if ckpt is not None:  # the metrics of the epochs the checkpoint holds, no more
+            _write_csv(out / "metrics.csv", state.history)
+    ckpt = None
 
     meter = MemoryMeter(device)
     title = desc or f"{cfg.method} {canonical_name(cfg.student)}"
     log(f"{title}: {data.name} ({len(data.train)} train / {len(data.test)} test, {data.num_classes} classes), "
         f"{cfg.epochs} epochs x {steps_per_epoch} steps, batch {cfg.batch_size}"
         f"{' x ' + str(di.world) + ' ranks' if di.enabled else ''}, device {device}")
+    meta = {"arch": canonical_name(cfg.student), "num_classes": data.num_classes, "dataset": data.name,
+            "method": cfg.method, "config": cfg.to_dict()}
+
+    def checkpoint(sums: torch.Tensor, seen: int, part_keys: set[str], top1: float | None) -> dict[str, Any] | None:
+        """The state to resume from (a collective under DDP; the dict on rank 0, else None)."""
+        per_rank = _gather(di, {"rng": _rng_state(),
+                                "progress": {"sums": sums.tolist(), "seen": seen, "parts": sorted(part_keys),
+                                             "bad_steps": epoch_bad}})
+        if not di.main:
+            return None
+        return {"format": CKPT_FORMAT, "student": student.state_dict(),
+                "loss_module": loss_module.state_dict() if loss_module is not None else None,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": state.epoch, "step": state.step, "batch": state.batch,
+                "steps_per_epoch": steps_per_epoch, "world_size": di.world, "best_top1": state.best_top1,
+                "bad_steps": state.bad_steps, "bad_streak": state.bad_streak, "history": state.history,
+                "rng": [r["rng"] for r in per_rank],
+                "epoch_progress": [r["progress"] for r in per_rank] if state.batch else None,
+                "top1": top1, **meta}
+
+    # bad steps leave the student's buffers (BatchNorm statistics) as they were before the step
+    buffers = [b for b in student.buffers()]
+    buffers_before = [b.detach().clone() for b in buffers]
+    check_grads = cfg.amp != "fp16"  # with fp16 the gradient scaler skips overflowing steps itself
+    grad_params = params + loss_params
     train_time = 0.0
     train_images = 0
     last_eval: dict[str, float] = {}
     peak_mib = 0.0
-    first_epoch = state.epoch
+    first_step = True
+    stopped: str | None = None
     for epoch in range(state.epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
+        start = state.batch
+        batches.set_epoch(epoch, start)
         loader_gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + di.rank)
         student.train()
-        sums = torch.zeros(2 + len(PARTS), dtype=torch.float64, device=device)  # loss, correct, parts
+        sums = torch.zeros(n_sums, dtype=torch.float64, device=device)
         seen = 0
         part_keys: set[str] = set()
-        bar = progress_bar(steps_per_epoch, f"{title} epoch {epoch + 1}/{cfg.epochs}", cfg.progress and di.main)
+        if resumed_sums is not None:
+            sums.copy_(torch.tensor(resumed_sums, dtype=torch.float64))
+            seen, part_keys = resumed_seen, set(resumed_parts)
+            resumed_sums = None
+        else:
+            epoch_bad = 0
+        bar = progress_bar(steps_per_epoch - start, f"{title} epoch {epoch + 1}/{cfg.epochs}", cfg.progress and di.main)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        for i, (x, y) in enumerate(train_loader):
-            if i >= steps_per_epoch:
-                break
+        seen_here = 0
+        for i, (x, y) in enumerate(train_loader, start):
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            measure = meter.saved_tensor_hooks() if (i == 0 and epoch == first_epoch and not meter.cuda) \
-                else nullcontext()
+            _copy_all(buffers_before, buffers)
+            measure = meter.saved_tensor_hooks() if (first_step and not meter.cuda) else nullcontext()
             with measure:
                 with _autocast(device, amp_dtype):
                     logits = fwd(x)
@@ -626,81 +883,152 @@ def _train(cfg: TrainConfig, di: DistInfo, device: torch.device, log_fn, data, d
                 for p in loss_params:
                     p.grad = flat[off:off + p.numel()].view_as(p).clone()
                     off += p.numel()
-            scaler.step(optimizer)
-            scaler.update()
-            if i == 0 and epoch == first_epoch:
+            # one small collective and one host synchronisation per step: every rank takes the
+            # same decision (skip a bad step; stop after a signal on any rank)
+            bad_grad = ~_grads_finite(grad_params, device) if check_grads else torch.zeros((), dtype=torch.bool,
+                                                                                            device=device)
+            got = [float(stop.signum == signal.SIGTERM), float(stop.signum == signal.SIGINT)]
+            flags = torch.cat([torch.stack([(~torch.isfinite(loss.detach().float())).float(), bad_grad.float()]),
+                               torch.tensor(got, device=device)])
+            if di.enabled:
+                dist.all_reduce(flags)
+            n_bad_loss, n_bad_grad, n_term, n_int = flags.tolist()
+            bad = n_bad_loss > 0 or n_bad_grad > 0
+            if bad:
+                _copy_all(buffers, buffers_before)
+                optimizer.zero_grad(set_to_none=True)
+                state.bad_steps += 1
+                state.bad_streak += 1
+                epoch_bad += 1
+                what = (f"non-finite loss on {int(n_bad_loss)} of {di.world} ranks" if di.enabled else
+                        "non-finite loss") if n_bad_loss > 0 else "non-finite gradient"
+                log(f"step {state.step + 1} (epoch {epoch + 1}, batch {i + 1}/{steps_per_epoch}): {what}, "
+                    f"optimiser step skipped ({state.bad_streak} in a row, {state.bad_steps} in all)")
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+                state.bad_streak = 0
+            if first_step:
                 meter.add_static((student, teacher, loss_module), optimizer)
-            scheduler.step()
+                first_step = False
+            with warnings.catch_warnings():  # a skipped first step: the schedule still advances
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+                scheduler.step()
             state.step += 1
+            state.batch = i + 1
             n = y.numel()
-            seen += n
-            sums[0] += loss.detach().double() * n
-            sums[1] += (logits.detach().argmax(1) == y).sum()
-            part_keys.update(parts)
-            for j, k in enumerate(PARTS):
-                if k in parts:
-                    sums[2 + j] += parts[k].double() * n
+            seen_here += n
+            if not bad:
+                seen += n
+                sums[0] += loss.detach().double() * n
+                sums[1] += (logits.detach().argmax(1) == y).sum()
+                part_keys.update(parts)
+                for j, k in enumerate(PARTS):
+                    if k in parts:
+                        sums[2 + j] += parts[k].double() * n
             meter.sample()
             bar.update(1)
-            if i % 10 == 0 and di.main and cfg.progress:
+            if i % 10 == 0 and di.main and cfg.progress and not bad:
                 bar.set_postfix_str(f"loss {loss.item():.3f}")
+            if cfg.max_bad_steps and state.bad_streak >= cfg.max_bad_steps:
+                bar.close()
+                last = out / "last.pt"
+                saved = _saved_step(last) if di.main else None
+                good = state.step - state.bad_streak
+                kept = ("no checkpoint was written" if saved is None else
+                        f"the last checkpoint, {last} (step {saved}), holds the weights of step {min(saved, good)}")
+                raise TrainingDiverged(
+                    f"stopped after {state.bad_streak} consecutive steps with a non-finite loss or gradient "
+                    f"(steps {state.step - state.bad_streak + 1}-{state.step}, --max-bad-steps "
+                    f"{cfg.max_bad_steps}), all skipped; {kept}")
+            if n_term or n_int:
+                stopped = "SIGTERM" if n_term else "SIGINT"
+                break
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.batch < steps_per_epoch:
+                ck = checkpoint(sums, seen, part_keys, None)
+                if di.main:
+                    _save(ck, out / "last.pt")
         bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt_epoch = time.perf_counter() - t0
+        train_time += dt_epoch
+        if stopped is not None:
+            ck = checkpoint(sums, seen, part_keys, None)
+            if di.main:
+                _save(ck, out / "last.pt")
+            if di.enabled:
+                dist.barrier()
+            log(f"{stopped} received: stopped at step {state.step} (epoch {epoch + 1}, batch "
+                f"{state.batch}/{steps_per_epoch}); {out / 'last.pt'} holds it, continue with --resume")
+            break
         if di.enabled:
-            seen_t = torch.tensor([float(seen)], dtype=torch.float64, device=device)
+            seen_t = torch.tensor([float(seen), float(seen_here)], dtype=torch.float64, device=device)
             dist.all_reduce(sums)
             dist.all_reduce(seen_t)
-            seen_all = int(seen_t.item())
+            seen_all, seen_here_all = int(seen_t[0].item()), int(seen_t[1].item())
         else:
-            seen_all = seen
-        train_time += dt_epoch
-        train_images += seen_all
+            seen_all, seen_here_all = seen, seen_here
+        train_images += seen_here_all
         last_eval = evaluate(eval_model, test_loader, device, amp_dtype=amp_dtype, channels_last=cfg.channels_last, di=di)
         state.epoch = epoch + 1
+        state.batch = 0
         peak_mib = max(peak_mib, meter.peak_mib())
         avg = (sums / max(seen_all, 1)).tolist()
         parts_avg = {k: avg[2 + j] for j, k in enumerate(PARTS) if k in part_keys}
         row = {"epoch": state.epoch, "step": state.step, "lr": optimizer.param_groups[0]["lr"],
-               "train_loss": avg[0], "train_top1": 100.0 * avg[1],
+               "train_loss": avg[0] if seen_all else float("nan"), "train_top1": 100.0 * avg[1],
                **{f"loss_{k}": parts_avg.get(k, "") for k in PARTS},
                "test_top1": last_eval["top1"], "test_top5": last_eval["top5"], "test_loss": last_eval["loss"],
-               "images_per_s": seen_all / max(dt_epoch, 1e-9), "epoch_time_s": dt_epoch, "peak_mem_mib": peak_mib}
+               "images_per_s": seen_here_all / max(dt_epoch, 1e-9), "epoch_time_s": dt_epoch, "peak_mem_mib": peak_mib,
+               "bad_steps": epoch_bad, "refused_rows": _refused_rows(loss_module)}
         state.history.append(row)
         improved = last_eval["top1"] > state.best_top1
         if improved:
             state.best_top1 = last_eval["top1"]
-        rng = _gather_rng(di)
+        ck = checkpoint(sums, seen, part_keys, last_eval["top1"])
         if di.main:
+            _save(ck, out / "last.pt")
             _append_csv(out / "metrics.csv", row)
-            meta = {"arch": canonical_name(cfg.student), "num_classes": data.num_classes, "dataset": data.name,
-                    "method": cfg.method, "epoch": state.epoch, "top1": last_eval["top1"],
-                    "config": cfg.to_dict()}
-            _save({"student": student.state_dict(),
-                   "loss_module": loss_module.state_dict() if loss_module is not None else None,
-                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "scaler": scaler.state_dict(), "step": state.step, "best_top1": state.best_top1,
-                   "history": state.history, "rng": rng, **meta}, out / "last.pt")
             if improved:
-                _save({"student": student.state_dict(), **meta}, out / "best.pt")
-        log(f"{title} epoch {state.epoch}/{cfg.epochs}: loss {avg[0]:.3f} ({_fmt_parts(parts_avg)}) "
+                _save({"student": ck["student"], **meta, "epoch": state.epoch, "top1": last_eval["top1"]},
+                      out / "best.pt")
+        ck = None
+        bad_note = f"  {epoch_bad} bad steps skipped" if epoch_bad else ""
+        log(f"{title} epoch {state.epoch}/{cfg.epochs}: loss {row['train_loss']:.3f} ({_fmt_parts(parts_avg)}) "
             f"train@1 {row['train_top1']:.1f}  test@1 {last_eval['top1']:.2f} @5 {last_eval['top5']:.2f}  "
-            f"lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s  {dt_epoch:.1f}s")
+            f"lr {row['lr']:.4g}  {row['images_per_s']:.0f} img/s  {dt_epoch:.1f}s{bad_note}")
 
-    if not last_eval:  # nothing left to train: evaluate what was loaded
+    if stopped is not None:  # no time for an evaluation: the scheduler wants the job gone
+        last_eval = last_eval or {"top1": float("nan"), "top5": float("nan"), "loss": float("nan")}
+    elif not last_eval:  # nothing left to train: evaluate what was loaded
         last_eval = evaluate(eval_model, test_loader, device, amp_dtype=amp_dtype, channels_last=cfg.channels_last, di=di)
     for tap in (s_tap, t_tap):
         if tap is not None:
             tap.remove()
-    return {
+    summary = {
         "method": cfg.method, "student": canonical_name(cfg.student),
         "teacher": canonical_name(cfg.teacher) if cfg.method != "ce" else None,
-        "top1": last_eval["top1"], "top5": last_eval["top5"], "best_top1": max(state.best_top1, last_eval["top1"]),
-        "epochs": state.epoch, "steps": state.step,
+        "top1": last_eval["top1"], "top5": last_eval["top5"], "best_top1": max(state.best_top1, last_eval["top1"])
+        if last_eval["top1"] == last_eval["top1"] else state.best_top1,
+        "epochs": state.epoch, "steps": state.step, "bad_steps": state.bad_steps,
+        "refused_rows": _refused_rows(loss_module), "stopped": stopped,
         "images_per_s": train_images / train_time if train_time > 0 else float("nan"),
         "train_time_s": train_time, "peak_mem_mib": peak_mib, "peak_mem_kind": meter.label,
         "rss_growth_mib": meter.rss_growth_mib(),
         "out": str(out), "history": state.history, "world_size": di.world,
         "env": environment_info(device),
     }
+    if stopped is not None:
+        raise TrainingStopped(f"stopped by {stopped} at step {state.step}", stopped, summary)
+    return summary
+
+
+def _saved_step(path: Path) -> int | None:
+    """The ``step`` of the checkpoint at ``path``; None when there is none (or it is unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        return int(read_checkpoint(path)["step"])
+    except (UserError, KeyError, TypeError, ValueError):
+        return None
