@@ -274,7 +274,9 @@ class ICAKDLoss(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         ce = F.cross_entropy(student_logits.float(), labels)
         parts["ce"] = ce
-        loss = self.w_ce * ce
+        # a weight of 1 is not multiplied in: Inductor (torch 2.14) returns ``1.0 * ce`` without
+        # its autograd edge when ``ce`` itself is an output too (as ``parts["ce"]``)
+        loss = ce if self.w_ce == 1.0 else self.w_ce * ce
         if self.use_kd:
             kd = IF.kd_loss(student_logits, teacher_logits, self.tau)
             parts["kd"] = kd

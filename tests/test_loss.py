@@ -248,3 +248,22 @@ def test_unused_inputs_may_be_none():
     assert "inter" in cskd.parts
     with pytest.raises(ValueError, match="student_fc_weight is required"):
         ICAKDLoss(C, 8, 12, method="icakd")(fs, zs, ft, zt, y, None, torch.randn(C, 12))
+
+
+@pytest.mark.parametrize("w_ce", [1.0, 0.5])
+def test_compiled_ce_loss_keeps_its_gradient_under_inductor(w_ce):
+    """``torch.compile`` (Inductor) of the CE-only loss: the loss keeps its autograd edge and
+    its gradient equals eager's (``1.0 * ce`` beside ``ce`` as a part lost it)."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    mod = ICAKDLoss(C, DS, DT, method="ce", w_ce=w_ce)
+    logits = torch.randn(6, C, requires_grad=True)
+    labels = torch.arange(6) % C
+    out = torch.compile(mod)(None, logits, None, None, labels, None, None)
+    out.loss.backward()
+    expect = logits.detach().clone().requires_grad_(True)
+    (w_ce * torch.nn.functional.cross_entropy(expect, labels)).backward()
+    torch.testing.assert_close(logits.grad, expect.grad)
+    torch.testing.assert_close(out.parts["ce"], torch.nn.functional.cross_entropy(expect.detach(), labels))
+
