@@ -128,4 +128,5 @@ def _extension():
 
 ext_modules, cmdclass = _extension()
 
-setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass,
+      package_data={"icakd_fast.train.presets": ["*.toml"]})

@@ -3,12 +3,14 @@
 * ``icakd_fast.functional`` -- the loss ops (Grad-CAM weighting, CAM-weighted pooling, centroids,
   intra/inter category-structure losses, KD), each with a ``backend=`` choice.
 * ``ClassMemoryBank`` / ``FIFOMemoryBank`` -- incremental feature memory banks.
-* ``ICAKDLoss`` -- the whole objective as one module.
+* ``ICAKDLoss`` -- the whole objective as one module; ``CSKDLoss`` -- CSKD as its official code
+  computes it (a baseline).
 * ``FeatureTap`` -- hooks that capture a model's last feature map and classifier.
 """
 
 from . import functional
 from ._backend import BackendUnavailableError, probe_all
+from .cskd import CSKDLoss
 from .hooks import FeatureTap
 from .loss import ICAKDLoss, ICAKDOutput
 from .memory import ClassMemoryBank, FIFOMemoryBank
@@ -19,6 +21,7 @@ probe_all()
 
 __all__ = [
     "BackendUnavailableError",
+    "CSKDLoss",
     "ClassMemoryBank",
     "FIFOMemoryBank",
     "FeatureTap",

@@ -13,12 +13,30 @@ from . import functional as IF
 from . import reference
 from ._backend import gram_shape_pays
 from ._inter_gram import InterGramCache, batch_centroids, first_occurrence, first_positions
-from .memory import ClassMemoryBank, FIFOMemoryBank
+from .memory import ClassMemoryBank, FIFOMemoryBank, all_gather_rows, is_distributed
 
-__all__ = ["ICAKDLoss", "ICAKDOutput", "METHODS"]
+__all__ = ["ICAKDLoss", "ICAKDOutput", "METHODS", "CAM_LOSSES", "catkd_cam_loss"]
 
 METHODS = ("ce", "kd", "cskd", "icakd")
+CAM_LOSSES = ("at", "catkd")
 _AUTO = "auto"
+
+
+def catkd_cam_loss(student_features: torch.Tensor, teacher_features: torch.Tensor,
+                   student_fc_weight: torch.Tensor, teacher_fc_weight: torch.Tensor, pool: int = 2) -> torch.Tensor:
+    """CAT-KD-style CAM term: the raw class maps of every class (``W[c] . A[:, :, h, w]``, no ReLU),
+    adaptive-average-pooled to ``pool x pool``, each map L2-normalised over its cells (so the scale,
+    and the default ``w_cam``, match the attention-transfer form), then
+    ``mean_{b,c} ||q_S[b,c] - q_T[b,c]||_2^2`` (teacher side constant)."""
+    def maps(a, w):
+        m = torch.einsum("bdhw,cd->bchw", a.float(), w.float())
+        m = F.adaptive_avg_pool2d(m, (pool, pool)).flatten(2)
+        return m / m.norm(dim=2, keepdim=True).clamp(min=reference.NORM_EPS)
+
+    q_s = maps(student_features, student_fc_weight)
+    with torch.no_grad():
+        q_t = maps(teacher_features.detach(), teacher_fc_weight.detach())
+    return (q_s - q_t).pow(2).sum(dim=2).mean()
 
 
 @dataclass
@@ -44,7 +62,9 @@ class ICAKDLoss(nn.Module):
     ``cam_weighting`` (default: True for icakd); ``target`` in ``{"label", "teacher"}`` (Grad-CAM
     target class: label or teacher argmax); ``correct_only=False`` (only correctly classified rows
     enter each network's bank and batch centroids); ``min_count=1``; ``backend=None`` (automatic);
-    ``incremental_inter=None`` (class bank only: keep the float64 Gram matrix of the bank
+    ``cam_loss`` in ``{"at", "catkd"}`` (the CAM term: ``"at"`` the attention-transfer form of the
+    target class's Grad-CAM, ``"catkd"`` :func:`catkd_cam_loss` over every class's raw map pooled
+    to ``cam_pool x cam_pool``, default 2); ``incremental_inter=None`` (class bank only: keep the float64 Gram matrix of the bank
     centroids, ``[2*teacher_dim]^2``, and update it by the few classes each step changes, so the
     inter loss costs O(B*D^2) per step instead of O(C*D^2) or O(C^2*D); None turns it on where
     the full Gram form would be picked, ``num_classes >= 2 * 2*teacher_dim`` on a CPU or a GPU
@@ -59,7 +79,9 @@ class ICAKDLoss(nn.Module):
     parameter: **optimise ``loss_module.parameters()`` together with the student's**. The banks
     are buffers: they are saved by ``state_dict`` and moved by ``.to()``. Under DDP the projector
     lives outside the wrapped student: wrap the loss module too, or all-reduce its gradients.
-    Under autocast the fast backends run their kernels in their own precision.
+    Under DDP every rank's centroids cover the global batch: the banks gather every rank's rows,
+    and without a bank (``bank=None``, as in ``"cskd"``) the other ranks' rows of the step enter
+    the centroids as constants while the rank's own rows carry the gradient. Under autocast the fast backends run their kernels in their own precision.
     """
 
     def __init__(
@@ -86,6 +108,8 @@ class ICAKDLoss(nn.Module):
         min_count: int = 1,
         backend: str | None = None,
         incremental_inter: bool | None = None,
+        cam_loss: str = "at",
+        cam_pool: int = 2,
     ):
         super().__init__()
         for name, value in (("num_classes", num_classes), ("student_dim", student_dim), ("teacher_dim", teacher_dim)):
@@ -103,6 +127,10 @@ class ICAKDLoss(nn.Module):
             raise ValueError(f"tau must be positive, got {tau!r}")
         if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
             raise ValueError(f"min_count must be an int >= 1, got {min_count!r}")
+        if cam_loss not in CAM_LOSSES:
+            raise ValueError(f"cam_loss must be one of {CAM_LOSSES}, got {cam_loss!r}")
+        if isinstance(cam_pool, bool) or not isinstance(cam_pool, int) or cam_pool < 1:
+            raise ValueError(f"cam_pool must be an int >= 1, got {cam_pool!r}")
         if incremental_inter not in (None, True, False):
             raise ValueError(f"incremental_inter must be None, True or False, got {incremental_inter!r}")
         self.num_classes, self.student_dim, self.teacher_dim = num_classes, student_dim, teacher_dim
@@ -115,6 +143,7 @@ class ICAKDLoss(nn.Module):
         self.use_kd = method in ("kd", "cskd", "icakd")
         self.use_structure = method in ("cskd", "icakd")
         self.use_cam_loss = method == "icakd" and self.w_cam != 0.0
+        self.cam_loss, self.cam_pool = cam_loss, cam_pool
         self.bank_layout = bank if self.use_structure else None
 
         self.projector = nn.Linear(student_dim, teacher_dim, bias=False) if self.use_structure else None
@@ -233,9 +262,34 @@ class ICAKDLoss(nn.Module):
                 "move the module with .to(device)"
             )
 
-    def _centroids(self, bank, f, labels, keep):
+    def _other_ranks_batch(self, f_s, f_t, labels, keep_s, keep_t):
+        """Batch-only centroids under DDP: per network ``(sums float32 [C,D], counts [C])`` of the
+        rows the other ranks hold this step (constants, like a bank's contents), so that every
+        rank's centroids cover the global batch; None in a single process or outside training."""
+        if not (self.training and is_distributed()):
+            return None
+        import torch.distributed as dist
+
+        n = labels.shape[0]
+        everyone = torch.ones(n, dtype=torch.bool, device=labels.device)
+        rank = torch.full((n,), dist.get_rank(), dtype=torch.int64, device=labels.device)
+        g_s, g_t, g_y, g_ks, g_kt, g_rank = all_gather_rows(
+            f_s, f_t, labels, everyone if keep_s is None else keep_s, everyone if keep_t is None else keep_t, rank)
+        other = g_rank != dist.get_rank()
+        out = []
+        for rows, keep in ((g_s, g_ks), (g_t, g_kt)):
+            take = keep & other
+            sums = torch.zeros(self.num_classes, rows.shape[1], dtype=torch.float32, device=rows.device)
+            sums.index_add_(0, g_y, rows.float() * take.unsqueeze(1))
+            counts = torch.zeros(self.num_classes, dtype=torch.int64, device=rows.device).index_add_(0, g_y, take.long())
+            out.append((sums, counts))
+        return out
+
+    def _centroids(self, bank, f, labels, keep, others=None):
         if bank is not None:
             sums, counts = bank.sums_counts()
+        elif others is not None:
+            sums, counts = others
         else:
             sums = torch.zeros(self.num_classes, f.shape[1], dtype=torch.float32, device=f.device)
             counts = torch.zeros(self.num_classes, dtype=torch.int64, device=f.device)
@@ -295,7 +349,11 @@ class ICAKDLoss(nn.Module):
                     cam_t, v_t = IF.class_activation_features(teacher_features, alpha_t, backend=self.backend)
                 if self.use_cam_loss:
                     w_cam = self.w_cam if self.w_cam is not None else 1000.0 / (hs * ws_)
-                    l_cam = IF.cam_constraint_loss(cam_s, cam_t)
+                    if self.cam_loss == "at":
+                        l_cam = IF.cam_constraint_loss(cam_s, cam_t)
+                    else:
+                        l_cam = catkd_cam_loss(student_features, teacher_features, student_fc_weight,
+                                               teacher_fc_weight, self.cam_pool)
                     parts["cam"] = l_cam
                     loss = loss + w_cam * l_cam
             if not self.cam_weighting:
@@ -314,9 +372,10 @@ class ICAKDLoss(nn.Module):
             if incremental:
                 l_intra, l_inter = self._structure_incremental(f_s, f_t, labels, keep_s, keep_t)
             else:
-                mu_s, n_s = self._centroids(self.bank_s, f_s, labels, keep_s)
+                others = self._other_ranks_batch(f_s, f_t, labels, keep_s, keep_t) if self.bank_s is None else None
+                mu_s, n_s = self._centroids(self.bank_s, f_s, labels, keep_s, others and others[0])
                 with torch.no_grad():
-                    mu_t, n_t = self._centroids(self.bank_t, f_t, labels, keep_t)
+                    mu_t, n_t = self._centroids(self.bank_t, f_t, labels, keep_t, others and others[1])
                 valid = (n_s >= self.min_count) & (n_t >= self.min_count)
                 live = torch.zeros(self.num_classes, dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
                 l_intra = IF._intra_class_loss(f_s, f_t, mu_s, mu_t, labels, valid, self.backend)

@@ -25,7 +25,7 @@ from ._inter_gram import next_stamp
 from ._backend import implementation, resolve
 from .functional import class_centroids
 
-__all__ = ["ClassMemoryBank", "FIFOMemoryBank"]
+__all__ = ["ClassMemoryBank", "FIFOMemoryBank", "all_gather_rows", "is_distributed"]
 
 _STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -36,28 +36,41 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
-def _gather_from_ranks(feats: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor):
-    """All-gather (feats, labels, mask) in rank order; batch sizes may differ between ranks.
+def all_gather_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every rank's rows of ``tensors`` (all with the same number of rows, any dtypes), each
+    concatenated in rank order; batch sizes may differ between ranks. Detached: no gradient
+    flows back to another rank. A collective: every rank must call it.
 
-    Exchanging the batch sizes is the one host synchronisation of a distributed enqueue.
+    Exchanging the batch sizes is its one host synchronisation.
     """
     import torch.distributed as dist
 
     world = dist.get_world_size()
-    n_local = torch.tensor([feats.shape[0]], dtype=torch.int64, device=feats.device)
+    first = tensors[0]
+    n_local = torch.tensor([first.shape[0]], dtype=torch.int64, device=first.device)
     sizes = [torch.zeros_like(n_local) for _ in range(world)]
     dist.all_gather(sizes, n_local)
     sizes = [int(s.item()) for s in sizes]
     n_max = max(sizes)
 
     def gather(t: torch.Tensor) -> torch.Tensor:
-        pad = torch.zeros((n_max - t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-        padded = torch.cat([t, pad]).contiguous()
+        t = t.detach()
+        wire = t.to(torch.uint8) if t.dtype == torch.bool else t
+        pad = torch.zeros((n_max - wire.shape[0],) + tuple(wire.shape[1:]), dtype=wire.dtype, device=wire.device)
+        padded = torch.cat([wire, pad]).contiguous()
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded)
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+        out = torch.cat([p[:n] for p, n in zip(parts, sizes)])
+        return out.bool() if t.dtype == torch.bool else out
 
-    return gather(feats), gather(labels), gather(mask.to(torch.uint8)).bool()
+    return tuple(gather(t) for t in tensors)
+
+
+def is_distributed() -> bool:
+    """A ``torch.distributed`` process group with more than one rank is running."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @torch.library.custom_op("icakd_fast::bank_snapshot", mutates_args=())
@@ -82,12 +95,6 @@ def _snapshot_if_compiling(sums: torch.Tensor, counts: torch.Tensor):
     if torch.compiler.is_compiling():
         return _bank_snapshot(sums, counts)
     return sums, counts
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class _Stamp:
@@ -164,8 +171,8 @@ class _BankBase(nn.Module):
         labels = labels.long()
         if mask is None:
             mask = torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
-        if _distributed():
-            feats, labels, mask = _gather_from_ranks(feats, labels, mask)
+        if is_distributed():
+            feats, labels, mask = all_gather_rows(feats, labels, mask)
         feats, mask = self._refuse_non_finite(feats, mask)
         result = before_store(labels) if before_store is not None else None
         self._store(feats, labels, mask)

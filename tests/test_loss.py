@@ -267,3 +267,55 @@ def test_compiled_ce_loss_keeps_its_gradient_under_inductor(w_ce):
     torch.testing.assert_close(logits.grad, expect.grad)
     torch.testing.assert_close(out.parts["ce"], torch.nn.functional.cross_entropy(expect.detach(), labels))
 
+
+# ------------------------------------------------------------------ distributed (2-process gloo)
+
+# the inter term alone, so that each rank's feature gradient is comparable with one process's
+_INTER_ONLY = dict(method="cskd", w_ce=0.0, w_kd=0.0, w_intra=0.0)
+_HALVES = ((0, 4), (4, B))  # uneven: rank 0 takes the first 4 rows of the global batch, rank 1 the rest
+
+
+def _rows(args, start, stop):
+    """The rows ``start:stop`` of a batch (features, logits and labels), as leaves."""
+    return [a[start:stop].detach().clone().requires_grad_(a.requires_grad) if i < 5 else a
+            for i, a in enumerate(args)]
+
+
+def _cskd_ddp_worker(rank, world, init_file, out_dir):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.manual_seed(0)
+    mod = ICAKDLoss(C, DS, DT, **_INTER_ONLY)
+    local = _rows(batch(seed=3), *_HALVES[rank])
+    out = mod(*local)
+    out.loss.backward()
+    torch.save({"inter": out.parts["inter"], "grad_fs": local[0].grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # every rank has received all it needs before any rank goes
+    os._exit(0)  # no process-group teardown (it hangs now and then on torch 2.6)
+
+
+def test_ddp_cskd_centroids_cover_the_global_batch(tmp_path):
+    """Without a bank, each rank's centroids include the other ranks' rows of the step: the inter
+    term on every rank equals one process's on the whole batch, and so does the gradient of each
+    rank's own feature rows."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_cskd_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    single = ICAKDLoss(C, DS, DT, **_INTER_ONLY)
+    args = batch(seed=3)
+    whole = single(*args)
+    whole.loss.backward()
+    for rank, (start, stop) in enumerate(_HALVES):
+        res = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(res["inter"], whole.parts["inter"])
+        grad = args[0].grad[start:stop]
+        assert grad.abs().max() > 1e-6
+        torch.testing.assert_close(res["grad_fs"], grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item())
+        # the rank's rows alone give other centroids, so the comparison above can fail
+        assert not torch.allclose(single(*_rows(args, start, stop)).parts["inter"], whole.parts["inter"])

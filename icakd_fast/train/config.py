@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..methods import method_names
 from .errors import UserError
 
 __all__ = ["TrainConfig", "METHODS", "build_parser", "parse_args", "load_toml", "config_from_mapping"]
 
-METHODS = ("ce", "kd", "cskd", "icakd")
+# every method name of icakd_fast.methods (baselines, icakd, its ablations, cskd-official)
+METHODS = method_names()
 AMP_MODES = ("off", "bf16", "fp16")
 SCHEDULES = ("multistep", "cosine")
 
@@ -144,9 +146,16 @@ def config_from_mapping(data: dict[str, Any], origin: str = "config", base: Trai
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file; a name without a file of that name is a preset shipped with the package
+    (``icakd_fast/train/presets/<name>.toml``, e.g. ``manyclass``)."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file not found: {path}")
+        from .presets import preset_path
+
+        preset = preset_path(str(path))
+        if preset is None:
+            raise UserError(f"config file not found: {path}")
+        p = preset
     try:
         with open(p, "rb") as f:
             return tomllib.load(f)

@@ -11,6 +11,9 @@ prints a comparison table and writes into ``runs/demo/`` (or ``--out``):
 * ``curves.png`` -- test top-1 and training loss per epoch;
 * ``teacher/`` (the cached teacher) and one sub-folder of checkpoints per method.
 
+One seed on a toy task: for a comparison of methods over seeds with paired intervals use
+``icakd-study`` (:mod:`icakd_fast.study`, docs/study.md), which runs this budget by default.
+
 Options that apply: ``--out``, ``--epochs`` (student epochs), ``--batch-size``, ``--lr``,
 ``--seed``, ``--device``, ``--amp``, ``--channels-last``, ``--compile``, ``--threads``,
 ``--teacher`` / ``--student``, ``--num-classes``, ``--image-size``, ``--limit-train-batches``.
@@ -38,7 +41,7 @@ from .data import build_datasets
 from .engine import environment_info, load_weights, resolve_device, train
 from .models import build_model, canonical_name
 
-__all__ = ["run_demo", "DEMO_DEFAULTS"]
+__all__ = ["run_demo", "demo_config", "free_cpus", "DEMO_DEFAULTS"]
 
 #: the demo's budget (chosen to finish in a few minutes on a 2-core CPU)
 DEMO_DEFAULTS: dict[str, Any] = {
@@ -61,7 +64,8 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _demo_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+def demo_config(cfg: TrainConfig, given: set[str]) -> TrainConfig:
+    """``cfg`` with the demo's budget for every option not in ``given`` (the synthetic dataset)."""
     cfg = dataclasses.replace(cfg)
     for key, value in DEMO_DEFAULTS.items():
         if key == "synthetic":
@@ -81,12 +85,11 @@ def _fingerprint(cfg: TrainConfig, epochs: int) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _free_cpus() -> int:
+def free_cpus() -> int:
     """CPU threads to use: the cores not already busy (1-minute load average), at least one.
 
     Running more OpenMP threads than there are free cores makes PyTorch's CPU kernels wait on
-    each other: on a 2-core machine with one other busy process, 2 threads train several times
-    slower than 1.
+    each other, which can slow training several-fold.
     """
     cpus = os.cpu_count() or 1
     try:
@@ -141,9 +144,9 @@ def _load(arch: str, num_classes: int, path: Path, device) -> torch.nn.Module:
 def run_demo(cfg: TrainConfig | None = None, given: set[str] | None = None) -> dict[str, Any]:
     """Run the demo; returns what it writes to ``summary.json``."""
     t_start = time.perf_counter()
-    cfg = _demo_config(cfg or TrainConfig(), given or set())
+    cfg = demo_config(cfg or TrainConfig(), given or set())
     if cfg.threads is None:
-        cfg.threads = _free_cpus()
+        cfg.threads = free_cpus()
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -729,7 +729,7 @@ def _train(cfg: TrainConfig, di: DistInfo, device: torch.device, log_fn, data, d
         s_tap = _feature_tap(student)
         ds = _probe_dims(student, s_tap, data.image_size, device)
         dt = _probe_dims(teacher, t_tap, data.image_size, device)
-        from icakd_fast import ICAKDLoss
+        from icakd_fast.methods import build_loss
 
         opts = dict(cfg.loss)
         if isinstance(opts.get("bank_dtype"), str):
@@ -738,7 +738,7 @@ def _train(cfg: TrainConfig, di: DistInfo, device: torch.device, log_fn, data, d
                 raise UserError(f"unknown bank_dtype {opts['bank_dtype']!r}")
             opts["bank_dtype"] = getattr(torch, name)
         try:
-            loss_module = ICAKDLoss(data.num_classes, ds, dt, method=cfg.method, **opts).to(device)
+            loss_module = build_loss(cfg.method, data.num_classes, ds, dt, **opts).to(device)
         except (TypeError, ValueError) as exc:
             raise UserError(f"bad loss option: {exc}") from None
     model = student
