@@ -373,6 +373,21 @@ def run_study(cfg, methods: Sequence[str], seeds: Sequence[int], out: str | Path
                                       synthetic=scfg.synthetic, image_size=scfg.image_size)
             return data
 
+        def ensure_run(rcfg, rdir, epochs, fp, key, name, what):
+            """The run's top-1: read when it finished earlier, else trained now (None when it has
+            not finished and the study only collects)."""
+            top1 = finished_top1(rdir, epochs, fp if train_missing else None)
+            if top1 is not None:
+                log(f"{name}: {what}top-1 {top1:.2f} (done earlier)")
+            elif not train_missing:
+                log(f"{name}: not finished")
+            else:
+                t0 = time.perf_counter()
+                top1 = _run_one(rcfg, rdir, fp, get_data(), quiet_runs)
+                times[key] = time.perf_counter() - t0
+                log(f"{name}: {what}top-1 {top1:.2f} ({times[key]:.0f}s)")
+            return top1
+
         if shared_teacher:
             teacher_ckpt, teacher_fp = shared_teacher, shared_teacher
         else:
@@ -380,16 +395,8 @@ def run_study(cfg, methods: Sequence[str], seeds: Sequence[int], out: str | Path
             tcfg = dataclasses.replace(scfg, method="ce", student=cfg.teacher, epochs=teacher_epochs,
                                        teacher_ckpt=None, loss={})
             teacher_fp = _fingerprint(tcfg)
-            top1 = finished_top1(tdir, teacher_epochs, teacher_fp if train_missing else None)
-            if top1 is None and not train_missing:
-                log(f"teacher seed {seed}: not finished")
-            elif top1 is None:
-                t0 = time.perf_counter()
-                top1 = _run_one(tcfg, tdir, teacher_fp, get_data(), quiet_runs)
-                times[f"teacher/seed{seed}"] = time.perf_counter() - t0
-                log(f"teacher seed {seed}: {cfg.teacher} top-1 {top1:.2f} ({times[f'teacher/seed{seed}']:.0f}s)")
-            else:
-                log(f"teacher seed {seed}: {cfg.teacher} top-1 {top1:.2f} (done earlier)")
+            top1 = ensure_run(tcfg, tdir, teacher_epochs, teacher_fp, f"teacher/seed{seed}",
+                              f"teacher seed {seed}", f"{cfg.teacher} ")
             if top1 is not None:
                 teachers[seed] = {"dir": str(tdir), "top1": top1, "epochs": teacher_epochs}
             teacher_ckpt = str(tdir / "last.pt")
@@ -398,17 +405,10 @@ def run_study(cfg, methods: Sequence[str], seeds: Sequence[int], out: str | Path
             rdir = out / method / f"seed{seed}"
             rcfg = dataclasses.replace(scfg, method=method, teacher_ckpt=None if method == "ce" else teacher_ckpt)
             fp = _fingerprint(rcfg, None if method == "ce" else teacher_fp)
-            top1 = finished_top1(rdir, cfg.epochs, fp if train_missing else None)
-            if top1 is None and not train_missing:
-                log(f"[{k}/{n_total}] {method} seed {seed}: not finished")
-                continue
+            top1 = ensure_run(rcfg, rdir, cfg.epochs, fp, f"{method}/seed{seed}",
+                              f"[{k}/{n_total}] {method} seed {seed}", "")
             if top1 is None:
-                t0 = time.perf_counter()
-                top1 = _run_one(rcfg, rdir, fp, get_data(), quiet_runs)
-                times[f"{method}/seed{seed}"] = time.perf_counter() - t0
-                log(f"[{k}/{n_total}] {method} seed {seed}: top-1 {top1:.2f} ({times[f'{method}/seed{seed}']:.0f}s)")
-            else:
-                log(f"[{k}/{n_total}] {method} seed {seed}: top-1 {top1:.2f} (done earlier)")
+                continue
             runs.append({"method": method, "seed": seed, "top1": top1, "dir": str(rdir)})
             summary = summarize(runs, methods)
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
