@@ -1414,7 +1414,7 @@ def main(argv=None) -> int:
     if deferred:
         log("\n== compiled (torch.compile of the reference)")
     for kind, base, fn in deferred:
-        default = 40.0 if kind.startswith("e2e") else 20.0  # one compilation (~10-20 s on an H200) + steps
+        default = 40.0 if kind.startswith("e2e") else 20.0  # one compilation + steps
         if dev.type == "cpu":
             default *= 4
         bench.run(kind, default, base, fn, metric="images_per_s" if kind.startswith("e2e") else "ms")

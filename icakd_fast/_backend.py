@@ -131,12 +131,11 @@ def implementation(name: str):
     return mod
 
 
-#: automatic order on CUDA tensors, per op, from the H200 measurements recorded in
-#: benchmarks/results (gpu_bench_H200_run3-run7, e2e_H200*): in a full ImageNet training step the
-#: Triton CAM kernels gave the fastest ICAKD step (their GPU time is 0.22 ms vs 0.54 ms for the C++
-#: kernels; the C++ op has less host overhead, which a GPU-bound step hides); the C++ bank enqueue
-#: was fastest (0.25 ms, 0.04 ms in a CUDA graph); for centroids + intra plain PyTorch was fastest.
-#: The inter loss depends on shapes and precision: ``_inter_cuda_order``.
+#: automatic order on CUDA tensors, per op: the backend that gave the fastest training step in
+#: the GPU benchmarks (figures and results files: docs/performance.md, "Why the automatic choice
+#: is what it is"). CAM: triton (less GPU time; the C++ op's lower host overhead is hidden in a
+#: GPU-bound step); banks: cpp; centroids + intra: plain PyTorch. The inter loss depends on
+#: shapes and precision: ``_inter_cuda_order``.
 _CUDA_ORDER = {
     "cam": ("triton", "cpp", "reference"),
     "class_bank": ("cpp", "triton", "reference"),
@@ -183,9 +182,9 @@ def gram_shape_pays(num_classes: int, width: int, device: torch.device) -> bool:
 def _inter_cuda_order(tensors: tuple, device: torch.device) -> tuple[str, ...]:
     """The inter loss on CUDA: the C++ op's float64 Gram form (O(C D^2)) beats the Triton tiles
     (O(C^2 D)) when C is large against D = Ds + Dt and float32 products must keep float32
-    accuracy (H200, C=21841, D=2560: 10.0 ms vs 19.7 ms); with TF32 allowed the Triton tiles win
-    (6.4 ms), and so they do below the C++ op's own threshold (``inter_use_gram``), where it
-    would take its slower direct form."""
+    accuracy; with TF32 allowed the Triton tiles win, and so they do below the C++ op's own
+    threshold (``inter_use_gram``), where it would take its slower direct form (figures:
+    docs/performance.md)."""
     mu_s, mu_t = tensors[0], tensors[1]
     if not (isinstance(mu_s, torch.Tensor) and isinstance(mu_t, torch.Tensor) and mu_s.dim() == 2 and mu_t.dim() == 2):
         return ("triton", "cpp", "reference")

@@ -33,7 +33,7 @@ def _plan_kernel(
     SINGLE_CLASS: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     # the O(N^2) comparisons in int32 (labels < C and row indices < N fit): int64 [BLOCK_I, BLOCK_J]
-    # tiles needed every register and spilled (benchmarks/kernel_static.py)
+    # tiles spill registers (benchmarks/kernel_static.py --bank)
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     imask = i < N
     li = tl.load(lab_ptr + i, mask=imask, other=-1).to(tl.int32)

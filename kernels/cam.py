@@ -617,9 +617,9 @@ _FUSE_PARTIALS = 8192
 _BWD_WARPS = 4
 
 #: forward strategy: "split" (channel blocks across programs, partial sums) or "image" (one
-#: program per image, one launch, second read from L2). On an H200 at B=256, K=2048, 7x7 bf16 the
-#: split kernels took 33 + 74 us and the image kernel 120 us (Nsight Compute, locked clocks), so
-#: "auto" is "split"; "image" saves a launch where the host is the bottleneck.
+#: program per image, one launch, second read from L2). "auto" is "split", the faster on the GPU
+#: at ImageNet shapes (figures: docs/kernels.md, section 1); "image" saves a launch where the
+#: host is the bottleneck.
 CAM_FWD_MODE = "auto"
 #: tunables of the GPU launches, read at each call (the benchmark may override entries)
 CAM_CFG: dict = {"image_tile": 4096, "image_warps": 8,

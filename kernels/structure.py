@@ -508,7 +508,7 @@ def centroids_fwd(sums, counts, feats, labels):
         return mu, total
     if D == 0:  # nothing to average: only the counts (no launch whose every store is masked off)
         return mu, counts.to(torch.int64).index_add(0, labels, torch.ones_like(labels, dtype=torch.int64))
-    # [32, 128] tiles: 54 registers and no spills for sm_90 (a [128, 512] tile spilled; kernel_static.py --structure)
+    # [32, 128] tiles: no spills on sm_90, where [128, 512] tiles spill (kernel_static.py --structure)
     bd = min(next_pow2(D), 128)
     bb = CENTROID_BLOCK_B or max(16, min(next_pow2(B), 32))
     launch(_centroids_kernel)[(C, cdiv(D, bd))](

@@ -65,8 +65,8 @@ def _plain_eager(args) -> bool:
     """True when calling an op's body directly is the same as calling the registered op: no
     compilation, no dispatch mode (fake tensors, functionalization), no functorch transform,
     plain tensors, and nothing for autograd to record. The dispatcher round trip of a Python
-    custom op costs tens of microseconds of host time per call (about 50 us on the H200 machine's
-    CPU), which small training-step ops cannot hide."""
+    custom op costs tens of microseconds of host time per call, which small training-step ops
+    cannot hide (figures: docs/performance.md)."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or _functorch_active():
         return False
     grad = torch.is_grad_enabled()
