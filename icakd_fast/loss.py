@@ -64,9 +64,9 @@ class ICAKDLoss(nn.Module):
     enter each network's bank and batch centroids); ``min_count=1``; ``backend=None`` (automatic);
     ``cam_loss`` in ``{"at", "catkd"}`` (the CAM term: ``"at"`` the attention-transfer form of the
     target class's Grad-CAM, ``"catkd"`` :func:`catkd_cam_loss` over every class's raw map pooled
-    to ``cam_pool x cam_pool``, default 2); ``incremental_inter=None`` (class bank only: keep the float64 Gram matrix of the bank
-    centroids, ``[2*teacher_dim]^2``, and update it by the few classes each step changes, so the
-    inter loss costs O(B*D^2) per step instead of O(C*D^2) or O(C^2*D); None turns it on where
+    to ``cam_pool x cam_pool``, default 2); ``incremental_inter=None`` (class bank only: keep the
+    float64 Gram matrix of the bank centroids, ``[2*teacher_dim]^2``, and update it by the few
+    classes each step changes, so the inter loss costs O(B*D^2) per step instead of O(C*D^2) or O(C^2*D); None turns it on where
     the full Gram form would be picked, ``num_classes >= 2 * 2*teacher_dim`` on a CPU or a GPU
     with fast float64, 64x that on other GPUs; never under ``torch.compile``, which takes the
     backend's op).
@@ -81,7 +81,8 @@ class ICAKDLoss(nn.Module):
     lives outside the wrapped student: wrap the loss module too, or all-reduce its gradients.
     Under DDP every rank's centroids cover the global batch: the banks gather every rank's rows,
     and without a bank (``bank=None``, as in ``"cskd"``) the other ranks' rows of the step enter
-    the centroids as constants while the rank's own rows carry the gradient. Under autocast the fast backends run their kernels in their own precision.
+    the centroids as constants while the rank's own rows carry the gradient. Under autocast the
+    fast backends run their kernels in their own precision.
     """
 
     def __init__(

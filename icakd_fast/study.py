@@ -37,7 +37,6 @@ import hashlib
 import json
 import math
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -495,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from .train.config import build_parser as train_parser
     from .train.config import parse_args
-    from .train.errors import TrainingStopped, UserError
+    from .train.__main__ import run_command
+    from .train.errors import UserError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -508,7 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nicakd-train options:\n")
         print(train_parser().format_help())
         return 0
-    try:
+
+    def study() -> int:
         if ns.seeds is not None and ns.seeds < 1:
             raise UserError(f"--seeds must be >= 1, got {ns.seeds}")
         if ns.teacher_epochs is not None and ns.teacher_epochs < 1:
@@ -538,16 +539,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{cfg.threads} CPU threads, output {cfg.out}/", flush=True)
         run_study(cfg, ns.methods, seeds, cfg.out, teacher_epochs=ns.teacher_epochs,
                   log=lambda m: print(m, flush=True), quiet_runs=not ns.verbose, train_missing=not ns.collect)
-    except TrainingStopped as exc:  # the run in progress wrote its checkpoint: running the study again goes on
-        sys.stderr.write(f"{PROG}: stopped by {exc.signal_name}; run the same command again to continue\n")
-        return 128 + int(getattr(signal, exc.signal_name))
-    except UserError as exc:
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted\n")
-        return 130
-    return 0
+        return 0
+
+    return run_command(PROG, study, "run the same command again to continue")
 
 
 if __name__ == "__main__":

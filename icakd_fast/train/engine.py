@@ -821,7 +821,7 @@ def _train(cfg: TrainConfig, di: DistInfo, device: torch.device, log_fn, data, d
                 "top1": top1, **meta}
 
     # bad steps leave the student's buffers (BatchNorm statistics) as they were before the step
-    buffers = [b for b in student.buffers()]
+    buffers = list(student.buffers())
     buffers_before = [b.detach().clone() for b in buffers]
     check_grads = cfg.amp != "fp16"  # with fp16 the gradient scaler skips overflowing steps itself
     grad_params = params + loss_params
@@ -1009,8 +1009,8 @@ def _train(cfg: TrainConfig, di: DistInfo, device: torch.device, log_fn, data, d
     summary = {
         "method": cfg.method, "student": canonical_name(cfg.student),
         "teacher": canonical_name(cfg.teacher) if cfg.method != "ce" else None,
-        "top1": last_eval["top1"], "top5": last_eval["top5"], "best_top1": max(state.best_top1, last_eval["top1"])
-        if last_eval["top1"] == last_eval["top1"] else state.best_top1,
+        "top1": last_eval["top1"], "top5": last_eval["top5"],
+        "best_top1": state.best_top1 if math.isnan(last_eval["top1"]) else max(state.best_top1, last_eval["top1"]),
         "epochs": state.epoch, "steps": state.step, "bad_steps": state.bad_steps,
         "refused_rows": _refused_rows(loss_module), "stopped": stopped,
         "images_per_s": train_images / train_time if train_time > 0 else float("nan"),
