@@ -11,4 +11,14 @@ TORCH_LIBRARY_FRAGMENT(icakd_fast_C, m) {
       "fifo_bank_enqueue_(Tensor(a!) bank, Tensor(b!) bank_labels, Tensor(c!) ptr, Tensor feats, "
       "Tensor labels, Tensor mask) -> ()");
   m.def("fifo_bank_sums(Tensor bank, Tensor bank_labels, int num_classes) -> (Tensor, Tensor)");
+  // One step's whole update of a bank (docs/backend_contract.md, "bank_update"): rows with a
+  // non-finite value once cast to the storage dtype are skipped and, where mask offered them,
+  // counted in `refused` (mask undefined: every row offered); the others are enqueued; the class bank then resyncs resync_chunk
+  // classes from resync_pos on and advances it.
+  m.def(
+      "class_bank_update_(Tensor(a!) bank, Tensor(b!) count, Tensor(c!) ptr, Tensor(d!) sums, "
+      "Tensor(e!) resync_pos, Tensor(f!) refused, Tensor feats, Tensor labels, Tensor? mask, int resync_chunk) -> ()");
+  m.def(
+      "fifo_bank_update_(Tensor(a!) bank, Tensor(b!) bank_labels, Tensor(c!) ptr, Tensor(d!) refused, "
+      "Tensor feats, Tensor labels, Tensor? mask) -> ()");
 }

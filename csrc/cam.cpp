@@ -9,4 +9,10 @@ TORCH_LIBRARY_FRAGMENT(icakd_fast_C, m) {
       "cam_bwd(Tensor? grad_cam, Tensor? grad_pooled, Tensor features, Tensor weights, Tensor cam, "
       "Tensor pool_w, bool need_features, bool need_weights) -> (Tensor, Tensor)");
   m.def("spatial_mean(Tensor grads) -> Tensor");
+  // CAM constraint (attention-transfer form) of maps of one resolution: mean_b |q_s[b] - q_t[b]|^2
+  // with q = vec(cam) / max(|vec(cam)|, eps); the teacher map is a constant. Returns (loss,
+  // q_s [B, H*W], norm_s [B]) in float32 (float64 for float64 maps); the backward takes q_s, q_t's
+  // map and norm_s and gives dL/dcam_s in cam_s's dtype.
+  m.def("cam_loss_fwd(Tensor cam_s, Tensor cam_t, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("cam_loss_bwd(Tensor grad_out, Tensor cam_s, Tensor cam_t, Tensor q_s, Tensor norm_s, float eps) -> Tensor");
 }

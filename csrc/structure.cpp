@@ -21,4 +21,17 @@ TORCH_LIBRARY_FRAGMENT(icakd_fast_C, m) {
   m.def(
       "inter_gram_bwd(Tensor grad_out, Tensor gram, Tensor mu_s, Tensor mu_t, Tensor valid, Tensor? live, "
       "bool need_s, bool need_t, float eps, int max_live=-1) -> (Tensor, Tensor)");
+  // The whole structure term of one step (docs/backend_contract.md, "structure"): both networks'
+  // centroids over bank sums + the batch rows kept by keep_* (undefined: every row), the valid
+  // classes (both totals >= min_count), the intra loss and the inter loss with the batch's classes
+  // live. Returns (intra, inter, mu_s, mu_t, valid, total_s, gram); gram is the float64 K of the
+  // Gram form, or an empty tensor when the direct form ran. The teacher side is a constant.
+  m.def(
+      "structure_fwd(Tensor sums_s, Tensor count_s, Tensor sums_t, Tensor count_t, Tensor f_s, Tensor f_t, "
+      "Tensor labels, Tensor? keep_s, Tensor? keep_t, int min_count, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // dL/df_s of structure_fwd from the gradients of its two losses (in f_s's dtype).
+  m.def(
+      "structure_bwd(Tensor grad_intra, Tensor grad_inter, Tensor f_s, Tensor f_t, Tensor mu_s, Tensor mu_t, "
+      "Tensor valid, Tensor total_s, Tensor labels, Tensor? keep_s, Tensor gram, float eps) -> Tensor");
 }

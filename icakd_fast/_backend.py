@@ -26,10 +26,13 @@ from typing import Iterable
 
 import torch
 
+from ._inter_form import gram_shape_pays, inter_gram_pays  # noqa: F401  (public names kept here too)
+
 BACKENDS = ("reference", "triton", "cpp")
 
 #: ops that a fast backend may implement (a backend module lists its own in ``OPS``)
-OPS = ("cam", "grad_cam_weights", "class_bank", "fifo_bank", "centroids", "intra", "inter")
+OPS = ("cam", "cam_loss", "grad_cam_weights", "class_bank", "fifo_bank", "bank_update", "centroids", "intra",
+       "inter", "structure")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -116,6 +119,10 @@ def not_supported_reasons(name: str, op: str | None = None, device: torch.device
         if dev.type not in _PROBES[name][2]:
             extra = " (set TRITON_INTERPRET=1 before importing triton to run it on CPU tensors)" if name == "triton" and dev.type == "cpu" else ""
             reasons.append(f"{name} does not run on {dev.type} tensors{extra}")
+    # the backend's own rules (an op it implements on some devices only)
+    own = getattr(mod, "not_supported_reasons", None)
+    if own is not None and op is not None and not reasons:
+        reasons.extend(own(op, None if device is None else torch.device(device)))
     return reasons
 
 
@@ -145,53 +152,17 @@ _CUDA_ORDER = {
 }
 
 
-_FULL_RATE_FP64: dict[int, bool] = {}
-
-
-@torch.compiler.assume_constant_result
-def _full_rate_fp64(index: int) -> bool:
-    """GPUs with full-rate float64 tensor cores (A100, H100/H200, B200): mirrors the C++ check."""
-    hit = _FULL_RATE_FP64.get(index)
-    if hit is None:
-        major, minor = torch.cuda.get_device_capability(index)
-        hit = _FULL_RATE_FP64[index] = (major, minor) in ((8, 0), (10, 0)) or major == 9
-    return hit
-
-
-def inter_gram_pays(mu_s: torch.Tensor, mu_t: torch.Tensor, device: torch.device | None = None) -> bool:
-    """Whether the C++ inter loss takes its float64 Gram form for these operands (the rule of
-    ``inter_use_gram`` in csrc/inter_gram.h): ``ICAKD_INTER_FORM=direct|gram`` if set, else
-    C >= 2 (Ds + Dt) -- 64 (Ds + Dt) on GPUs without full-rate float64. ``device``: the
-    operands' device unless given."""
-    form = os.environ.get("ICAKD_INTER_FORM", "")
-    if form in ("direct", "gram"):
-        return form == "gram"
-    return gram_shape_pays(mu_s.shape[0], mu_s.shape[1] + mu_t.shape[1], mu_s.device if device is None else device)
-
-
-def gram_shape_pays(num_classes: int, width: int, device: torch.device) -> bool:
-    """The shape rule of the Gram form (no environment override): ``num_classes >= 2 width``, or
-    ``64 width`` on GPUs without full-rate float64 (``width`` = Ds + Dt)."""
-    factor = 2
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        factor = 2 if _full_rate_fp64(index) else 64
-    return num_classes >= factor * max(width, 1)
-
-
 def _inter_cuda_order(tensors: tuple, device: torch.device) -> tuple[str, ...]:
-    """The inter loss on CUDA: the C++ op's float64 Gram form (O(C D^2)) beats the Triton tiles
-    (O(C^2 D)) when C is large against D = Ds + Dt and float32 products must keep float32
-    accuracy; with TF32 allowed the Triton tiles win, and so they do below the C++ op's own
-    threshold (``inter_use_gram``), where it would take its slower direct form (figures:
-    docs/performance.md)."""
-    mu_s, mu_t = tensors[0], tensors[1]
-    if not (isinstance(mu_s, torch.Tensor) and isinstance(mu_t, torch.Tensor) and mu_s.dim() == 2 and mu_t.dim() == 2):
-        return ("triton", "cpp", "reference")
-    exact = mu_s.dtype == torch.float64 or (mu_s.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
-    if exact and inter_gram_pays(mu_s, mu_t, device):
-        return ("cpp", "triton", "reference")
-    return ("triton", "cpp", "reference")
+    """The inter loss on CUDA: the Triton tiles unless a backend asks to go first for these
+    operands (``preferred``: the C++ float64 Gram form when C is large against Ds + Dt and
+    float32 products must keep float32 accuracy; figures: docs/performance.md)."""
+    order = ("triton", "cpp", "reference")
+    for name in order:
+        mod = _probe(name)[0]
+        prefers = getattr(mod, "preferred", None)
+        if prefers is not None and prefers("inter", device, *tensors):
+            return (name,) + tuple(n for n in order if n != name)
+    return order
 
 
 def _auto_order(device: torch.device, op: str | None = None, tensors: tuple = ()) -> tuple[str, ...]:

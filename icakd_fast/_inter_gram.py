@@ -29,17 +29,7 @@ with ``K_base``. Writing a bank's buffers by hand bypasses the stamps (call ``in
 
 from __future__ import annotations
 
-import itertools
-
 import torch
-
-#: unique bank stamps (a counter never repeats, so an old stamp never matches a new state)
-_STAMPS = itertools.count(1)
-
-
-def next_stamp() -> int:
-    return next(_STAMPS)
-
 
 #: float64 elements per row chunk of the full rebuild (32 MiB)
 _CHUNK_ELEMS = 1 << 22
@@ -155,7 +145,7 @@ class InterGramCache:
     # ------------------------------------------------------------------ bank rows
 
     def _key(self, bank_s, bank_t):
-        return (bank_s._stamp.value, bank_t._stamp.value, bank_s.sums.device)
+        return (bank_s.stamp, bank_t.stamp, bank_s.sums.device)
 
     @staticmethod
     def _bank_mu(bank, idx):

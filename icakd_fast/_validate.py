@@ -69,12 +69,19 @@ def label_range(name: str, labels: torch.Tensor, num_classes: int, mask: torch.T
     """Labels must lie in [0, num_classes) (rows with mask False are not checked)."""
     if labels.numel() == 0:
         return
-    bad = (labels < 0) | (labels >= num_classes)
-    if mask is not None:
-        bad = bad & mask
     if labels.device.type == "cpu" and not _compiling():
+        if mask is None:
+            lo, hi = torch.aminmax(labels)
+            if lo.item() >= 0 and hi.item() < num_classes:
+                return
+        bad = (labels < 0) | (labels >= num_classes)
+        if mask is not None:
+            bad = bad & mask
         if bool(bad.any()):
             first = labels[bad][0].item()
             raise ValueError(f"{name} must lie in [0, {num_classes}), found {first}")
-    else:
-        torch._assert_async(~bad.any(), f"{name} must lie in [0, {num_classes})")
+        return
+    bad = (labels < 0) | (labels >= num_classes)
+    if mask is not None:
+        bad = bad & mask
+    torch._assert_async(~bad.any(), f"{name} must lie in [0, {num_classes})")

@@ -47,10 +47,7 @@ def cam_weights_from_linear(fc_weight: torch.Tensor, targets: torch.Tensor, spat
 def grad_cam_weights(grads: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Generic Grad-CAM weights: spatial mean of ``grads`` [B,K,H,W] -> [B,K] (a constant)."""
     V.floating("grads", grads, 4)
-    name = resolve(backend, "grad_cam_weights", grads)
-    if name == "reference":
-        return reference.grad_cam_weights(grads.detach())
-    return ops.spatial_mean(name, grads)
+    return ops.spatial_mean(resolve(backend, "grad_cam_weights", grads), grads)
 
 
 def _check_cam_inputs(features, weights):
@@ -69,10 +66,7 @@ def _check_cam_inputs(features, weights):
 def grad_cam(features: torch.Tensor, weights: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Class activation map ``ReLU(sum_k weights[b,k] * features[b,k])`` -> [B,H,W]."""
     _check_cam_inputs(features, weights)
-    name = resolve(backend, "cam", features)
-    if name == "reference":
-        return reference.grad_cam(features, weights)
-    return ops.cam_features(name, features, weights, with_pooled=False)[0]
+    return ops.cam_features(resolve(backend, "cam", features), features, weights, with_pooled=False)[0]
 
 
 def class_activation_features(
@@ -84,10 +78,7 @@ def class_activation_features(
     all-zero normalised CAM falls back to the plain spatial mean.
     """
     _check_cam_inputs(features, weights)
-    name = resolve(backend, "cam", features)
-    if name == "reference":
-        return reference.class_activation_features(features, weights)
-    return ops.cam_features(name, features, weights, with_pooled=True)
+    return ops.cam_features(resolve(backend, "cam", features), features, weights, with_pooled=True)
 
 
 def cam_constraint_loss(cam_s: torch.Tensor, cam_t: torch.Tensor) -> torch.Tensor:
@@ -127,15 +118,7 @@ def class_centroids(
     if feats.shape[1] != sums.shape[1]:
         raise ValueError(f"feats has dim {feats.shape[1]} but sums has dim {sums.shape[1]}")
     _check_labels("labels", labels, feats.shape[0], sums.shape[0], feats.device, "feats")
-    return _class_centroids(sums, counts, feats, labels, backend)
-
-
-def _class_centroids(sums, counts, feats, labels, backend):
-    """``class_centroids`` without the argument checks (callers that validated them already)."""
-    name = resolve(backend, "centroids", feats)
-    if name == "reference":
-        return reference.class_centroids(sums, counts, feats, labels)
-    return ops.centroids(name, sums, counts.long(), feats, labels.long())
+    return ops.centroids(resolve(backend, "centroids", feats), sums, counts, feats, labels)
 
 
 def intra_class_loss(
@@ -164,15 +147,7 @@ def intra_class_loss(
         )
     V.length("valid", valid, mu_s.shape[0], "mu_s")
     _check_labels("labels", labels, f_s.shape[0], mu_s.shape[0], f_s.device, "f_s")
-    return _intra_class_loss(f_s, f_t, mu_s, mu_t, labels, valid, backend)
-
-
-def _intra_class_loss(f_s, f_t, mu_s, mu_t, labels, valid, backend):
-    """``intra_class_loss`` without the argument checks (callers that validated them already)."""
-    name = resolve(backend, "intra", f_s)
-    if name == "reference":
-        return reference.intra_class_loss(f_s, f_t, mu_s, mu_t, labels, valid)
-    return ops.intra_loss(name, f_s, f_t, mu_s, mu_t, labels.long(), valid)
+    return ops.intra_loss(resolve(backend, "intra", f_s), f_s, f_t, mu_s, mu_t, labels, valid)
 
 
 def inter_class_loss(
@@ -209,17 +184,8 @@ def inter_class_loss(
             raise ValueError(f"max_live must be an int >= 0, got {max_live!r}")
         if live is None:
             raise ValueError("max_live bounds the rows of live: give live too")
-    return _inter_class_loss(mu_s, mu_t, valid, live, backend, max_live, check_bound=True)
-
-
-def _inter_class_loss(mu_s, mu_t, valid, live, backend, max_live=None, check_bound=False):
-    """``inter_class_loss`` without the argument checks (callers that validated them);
-    ``check_bound``: check ``max_live`` on the device (callers whose bound holds by construction
-    skip it)."""
     name = resolve(backend, "inter", mu_s, mu_t)
-    if name == "reference":
-        return reference.inter_class_loss(mu_s, mu_t, valid, live)
-    if check_bound and max_live is not None and max_live < mu_s.shape[0]:
+    if name != "reference" and max_live is not None and max_live < mu_s.shape[0]:
         torch._assert_async((valid & live).sum() <= max_live,
                             f"max_live={max_live} is below the number of rows both live and valid")
     return ops.inter_loss(name, mu_s, mu_t, valid, live, reference.NORM_EPS, max_live)

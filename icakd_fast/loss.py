@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _validate as V
-from . import functional as IF
-from . import reference
-from ._backend import gram_shape_pays
+from . import ops, reference
+from ._backend import BackendUnavailableError, resolve
+from ._inter_form import gram_shape_pays
 from ._inter_gram import InterGramCache, batch_centroids, first_occurrence, first_positions
 from .memory import ClassMemoryBank, FIFOMemoryBank, all_gather_rows, is_distributed
+from .ops import StructurePlan
 
 __all__ = ["ICAKDLoss", "ICAKDOutput", "METHODS", "CAM_LOSSES", "catkd_cam_loss"]
 
@@ -39,6 +40,13 @@ def catkd_cam_loss(student_features: torch.Tensor, teacher_features: torch.Tenso
     return (q_s - q_t).pow(2).sum(dim=2).mean()
 
 
+def _weighted(weight: float, term: torch.Tensor) -> torch.Tensor:
+    """``weight * term``; a weight of 1 is not multiplied in (one op and its backward fewer, and
+    Inductor (torch 2.14) returns ``1.0 * ce`` without its autograd edge when ``ce`` itself is an
+    output too, as ``parts["ce"]``)."""
+    return term if weight == 1.0 else weight * term
+
+
 @dataclass
 class ICAKDOutput:
     """``loss``: the weighted total (scalar, differentiable); ``parts``: each term alone, detached."""
@@ -61,15 +69,17 @@ class ICAKDLoss(nn.Module):
     ``C * slots_per_class``), ``bank_dtype=torch.float32``, ``resync_every=1000``;
     ``cam_weighting`` (default: True for icakd); ``target`` in ``{"label", "teacher"}`` (Grad-CAM
     target class: label or teacher argmax); ``correct_only=False`` (only correctly classified rows
-    enter each network's bank and batch centroids); ``min_count=1``; ``backend=None`` (automatic);
-    ``cam_loss`` in ``{"at", "catkd"}`` (the CAM term: ``"at"`` the attention-transfer form of the
-    target class's Grad-CAM, ``"catkd"`` :func:`catkd_cam_loss` over every class's raw map pooled
-    to ``cam_pool x cam_pool``, default 2); ``incremental_inter=None`` (class bank only: keep the
-    float64 Gram matrix of the bank centroids, ``[2*teacher_dim]^2``, and update it by the few
-    classes each step changes, so the inter loss costs O(B*D^2) per step instead of O(C*D^2) or O(C^2*D); None turns it on where
-    the full Gram form would be picked, ``num_classes >= 2 * 2*teacher_dim`` on a CPU or a GPU
-    with fast float64, 64x that on other GPUs; never under ``torch.compile``, which takes the
-    backend's op).
+    enter each network's bank and batch centroids); ``min_count=1``; ``backend=None`` (automatic:
+    each op's backend is resolved once per device, at the module's first step there, reading
+    ``ICAKD_BACKEND`` then); ``cam_loss`` in ``{"at", "catkd"}`` (the CAM term: ``"at"`` the
+    attention-transfer form of the target class's Grad-CAM, ``"catkd"`` :func:`catkd_cam_loss`
+    over every class's raw map pooled to ``cam_pool x cam_pool``, default 2);
+    ``incremental_inter=None`` (class bank only: keep the float64 Gram matrix of the bank
+    centroids, ``[2*teacher_dim]^2``, and update it by the few classes each step changes, so the
+    inter loss costs O(B*D^2) per step instead of O(C*D^2) or O(C^2*D); None turns it on where the
+    full Gram form would be picked, ``num_classes >= 2 * 2*teacher_dim`` on a CPU or a GPU with
+    fast float64, 64x that on other GPUs, and the classes number at least 4x the batch; never
+    under ``torch.compile``, which takes the backend's op).
 
     Call ``forward(student_features, student_logits, teacher_features, teacher_logits, labels,
     student_fc_weight, teacher_fc_weight)``; in training mode it then enqueues the batch's
@@ -161,6 +171,8 @@ class ICAKDLoss(nn.Module):
             raise ValueError("incremental_inter=True needs the class bank (bank='class' with method 'cskd' or 'icakd')")
         self.incremental_inter = incremental_inter
         self._inter_gram = InterGramCache(min_count, reference.NORM_EPS) if self.bank_layout == "class" else None
+        # backends resolved once per device (and constants such as empty bank sums)
+        self._per_device: dict = {}
 
     def reset_inter_cache(self) -> None:
         """Drop the incremental inter loss's Gram matrix; the next step rebuilds it from the banks.
@@ -169,7 +181,7 @@ class ICAKDLoss(nn.Module):
         if self._inter_gram is not None:
             self._inter_gram.invalidate()
 
-    def _incremental(self, device: torch.device) -> bool:
+    def _incremental(self, device: torch.device, batch: int) -> bool:
         """Whether this step takes the incremental Gram form of the inter loss."""
         if self._inter_gram is None or self.incremental_inter is False:
             return False
@@ -177,8 +189,62 @@ class ICAKDLoss(nn.Module):
             return False
         if self.incremental_inter:
             return True
-        # where the backend's inter op would take its full Gram form (Ds = Dt = teacher_dim)
-        return gram_shape_pays(self.num_classes, 2 * self.teacher_dim, device)
+        # where the backend's inter op would take its full Gram form (Ds = Dt = teacher_dim) and the
+        # rows one step changes (about 2B) are a small part of the C rows that form rebuilds
+        return gram_shape_pays(self.num_classes, 2 * self.teacher_dim, device) and self.num_classes >= 4 * batch
+
+    def _backend_of(self, op: str, device: torch.device, optional: bool = False) -> str:
+        """The backend of ``op`` on ``device``, resolved once (``ICAKD_BACKEND`` is read then).
+        ``optional``: a one-op form that a backend named by the user may lack (then the
+        reference form of it runs)."""
+        key = (op, device)
+        # traced code resolves while tracing: a cache filled then would only add guards
+        name = None if torch.compiler.is_compiling() else self._per_device.get(key)
+        if name is None:
+            try:
+                name = resolve(self.backend, op, torch.empty(0, device=device))
+            except BackendUnavailableError:
+                if not optional:
+                    raise
+                name = "reference"
+            if not torch.compiler.is_compiling():
+                self._per_device[key] = name
+        return name
+
+    def _structure_plan(self, device: torch.device) -> StructurePlan:
+        """The structure term's backends on ``device``, resolved once (per TF32 setting on CUDA,
+        which the automatic choice of the inter loss reads)."""
+        key = ("structure", device, device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+        plan = None if torch.compiler.is_compiling() else self._per_device.get(key)
+        if plan is None:
+            probe = torch.empty(self.num_classes, self.teacher_dim, device=device)
+            try:
+                fused = resolve(self.backend, "structure", probe)
+            except BackendUnavailableError:  # a backend named by the user without the one-op form
+                fused = None
+            plan = StructurePlan(
+                None if fused == "reference" else fused,
+                resolve(self.backend, "centroids", probe),
+                resolve(self.backend, "intra", probe),
+                resolve(self.backend, "inter", probe, probe),
+            )
+            if not torch.compiler.is_compiling():
+                self._per_device[key] = plan
+        return plan
+
+    def _empty_state(self, device: torch.device, dim: int):
+        """``(sums, counts)`` of an empty bank (constants, made once per device)."""
+        if torch.compiler.is_compiling():
+            return (torch.zeros(self.num_classes, dim, dtype=torch.float32, device=device),
+                    torch.zeros(self.num_classes, dtype=torch.int64, device=device))
+        key = ("empty", device, dim)
+        hit = self._per_device.get(key)
+        if hit is None:
+            with torch.inference_mode(False):
+                hit = self._per_device[key] = (
+                    torch.zeros(self.num_classes, dim, dtype=torch.float32, device=device),
+                    torch.zeros(self.num_classes, dtype=torch.int64, device=device))
+        return hit
 
     def _structure_incremental(self, f_s, f_t, labels, keep_s, keep_t):
         """(intra, inter) with centroids of the batch's classes only ([B, D], no [C, D] tensor)
@@ -193,7 +259,7 @@ class ICAKDLoss(nn.Module):
         valid_rows = valid.index_select(0, labels)
         # intra over row-indexed centroids: row b of mu_* is the centroid of class labels[b]
         rows = torch.arange(labels.shape[0], device=labels.device)
-        l_intra = IF._intra_class_loss(f_s, f_t, mu_s, mu_t, rows, valid_rows, self.backend)
+        l_intra = ops.intra_loss(self._structure_plan(labels.device).intra, f_s, f_t, mu_s, mu_t, rows, valid_rows)
         gram = self._inter_gram
         gram.ensure(bs, bt)
         l_inter = gram.loss(bs, bt, mu_s, mu_t, valid_rows, labels, first, valid.sum())
@@ -203,7 +269,7 @@ class ICAKDLoss(nn.Module):
         """``(classes, first, rows)`` before the banks' enqueue: every class it may change (the
         labels of every rank, the classes the banks resync), their first occurrences, and their
         bank rows as they are now (what ``InterGramCache.update`` replaces afterwards)."""
-        touched = torch.cat([all_labels, self.bank_s._next_resync_classes(), self.bank_t._next_resync_classes()])
+        touched = torch.cat([all_labels, self.bank_s.next_resync_classes(), self.bank_t.next_resync_classes()])
         first = first_occurrence(touched, self.num_classes)
         return touched, first, self._inter_gram.base_rows(self.bank_s, self.bank_t, touched, first)
 
@@ -286,22 +352,16 @@ class ICAKDLoss(nn.Module):
             out.append((sums, counts))
         return out
 
-    def _centroids(self, bank, f, labels, keep, others=None):
-        if bank is not None:
-            sums, counts = bank.sums_counts()
-        elif others is not None:
-            sums, counts = others
-        else:
-            sums = torch.zeros(self.num_classes, f.shape[1], dtype=torch.float32, device=f.device)
-            counts = torch.zeros(self.num_classes, dtype=torch.int64, device=f.device)
-        if keep is None:
-            return IF._class_centroids(sums, counts, f, labels, self.backend)
-        # correct_only: masked rows drop out of the batch part without changing any shape
-        out = torch.promote_types(sums.dtype, f.dtype)
-        batch = torch.zeros(self.num_classes, f.shape[1], dtype=out, device=f.device)
-        batch = batch.index_add(0, labels, f.to(out) * keep.unsqueeze(1).to(out))
-        total = counts + torch.zeros_like(counts).index_add_(0, labels, keep.long())
-        return (sums.to(out) + batch) / total.clamp(min=1).unsqueeze(1).to(out), total
+    def _bank_state(self, f_s, f_t, labels, keep_s, keep_t):
+        """``(sums_s, count_s, sums_t, count_t)`` the centroids add the batch to: the banks'
+        contents (previous batches), the other ranks' rows of this step under DDP without a bank,
+        or nothing."""
+        if self.bank_s is not None:
+            return self.bank_s.sums_counts() + self.bank_t.sums_counts()
+        others = self._other_ranks_batch(f_s, f_t, labels, keep_s, keep_t)
+        if others is not None:
+            return others[0] + others[1]
+        return self._empty_state(f_s.device, f_s.shape[1]) + self._empty_state(f_t.device, f_t.shape[1])
 
     def forward(
         self,
@@ -329,34 +389,33 @@ class ICAKDLoss(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         ce = F.cross_entropy(student_logits.float(), labels)
         parts["ce"] = ce
-        # a weight of 1 is not multiplied in: Inductor (torch 2.14) returns ``1.0 * ce`` without
-        # its autograd edge when ``ce`` itself is an output too (as ``parts["ce"]``)
-        loss = ce if self.w_ce == 1.0 else self.w_ce * ce
+        loss = _weighted(self.w_ce, ce)
         if self.use_kd:
-            kd = IF.kd_loss(student_logits, teacher_logits, self.tau)
+            # the module's arguments were checked once, above: the ops below are called unchecked
+            kd = reference.kd_loss(student_logits, teacher_logits, self.tau)
             parts["kd"] = kd
-            loss = loss + self.w_kd * kd
+            loss = loss + _weighted(self.w_kd, kd)
 
         if self.use_structure:
+            device = labels.device
             hs, ws_ = student_features.shape[-2:]
             if self.cam_weighting or self.use_cam_loss:
                 targets = labels if self.target == "label" else teacher_logits.argmax(dim=1)
-                # inputs checked by _check (labels in range; argmax targets are in range)
-                alpha_s = reference.cam_weights_from_linear(student_fc_weight, targets, hs * ws_)
-                alpha_t = reference.cam_weights_from_linear(
-                    teacher_fc_weight, targets, teacher_features.shape[-2] * teacher_features.shape[-1])
-                cam_s, v_s = IF.class_activation_features(student_features, alpha_s, backend=self.backend)
+                cam = self._backend_of("cam", device)
                 with torch.no_grad():
-                    cam_t, v_t = IF.class_activation_features(teacher_features, alpha_t, backend=self.backend)
+                    cam_t, v_t, _ = ops.class_activation(cam, teacher_features, teacher_fc_weight, targets)
+                at_loss = self.use_cam_loss and self.cam_loss == "at"
+                # the one-op CAM loss where the CAM backend has it (else the reference form)
+                fused = at_loss and self._backend_of("cam_loss", device, optional=True) == cam
+                _, v_s, l_cam = ops.class_activation(cam, student_features, student_fc_weight, targets,
+                                                     cam_t if at_loss else None, fused=fused)
                 if self.use_cam_loss:
                     w_cam = self.w_cam if self.w_cam is not None else 1000.0 / (hs * ws_)
-                    if self.cam_loss == "at":
-                        l_cam = IF.cam_constraint_loss(cam_s, cam_t)
-                    else:
+                    if not at_loss:
                         l_cam = catkd_cam_loss(student_features, teacher_features, student_fc_weight,
                                                teacher_fc_weight, self.cam_pool)
                     parts["cam"] = l_cam
-                    loss = loss + w_cam * l_cam
+                    loss = loss + _weighted(w_cam, l_cam)
             if not self.cam_weighting:
                 v_s = student_features.mean(dim=(2, 3))
                 v_t = teacher_features.mean(dim=(2, 3))
@@ -369,29 +428,23 @@ class ICAKDLoss(nn.Module):
             if self.correct_only:
                 keep_s = student_logits.detach().argmax(dim=1) == labels
                 keep_t = teacher_logits.argmax(dim=1) == labels
-            incremental = self._incremental(labels.device)
+            incremental = self._incremental(device, labels.shape[0])
             if incremental:
                 l_intra, l_inter = self._structure_incremental(f_s, f_t, labels, keep_s, keep_t)
             else:
-                others = self._other_ranks_batch(f_s, f_t, labels, keep_s, keep_t) if self.bank_s is None else None
-                mu_s, n_s = self._centroids(self.bank_s, f_s, labels, keep_s, others and others[0])
-                with torch.no_grad():
-                    mu_t, n_t = self._centroids(self.bank_t, f_t, labels, keep_t, others and others[1])
-                valid = (n_s >= self.min_count) & (n_t >= self.min_count)
-                live = torch.zeros(self.num_classes, dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
-                l_intra = IF._intra_class_loss(f_s, f_t, mu_s, mu_t, labels, valid, self.backend)
-                # live marks the batch's labels, so at most B rows are live: the C++ Gram form's
-                # backward then takes B rows, not C (no device-side check needed)
-                l_inter = IF._inter_class_loss(mu_s, mu_t, valid, live, self.backend, max_live=labels.shape[0])
+                state = self._bank_state(f_s, f_t, labels, keep_s, keep_t)
+                l_intra, l_inter = ops.structure(self._structure_plan(device), *state, f_s, f_t, labels, keep_s,
+                                                 keep_t, self.min_count, reference.NORM_EPS)
             parts["intra"] = l_intra
             parts["inter"] = l_inter
-            loss = loss + self.w_intra * l_intra + self.w_inter * l_inter
+            loss = loss + _weighted(self.w_intra, l_intra) + _weighted(self.w_inter, l_inter)
 
             if self.training and self.bank_s is not None:
-                # the incremental form reads the bank rows the enqueue will change, before it
+                # the incremental form reads the bank rows the update will change, before it
                 # writes (with the labels the bank gathered from every rank)
-                pending = self.bank_s._enqueue(f_s, labels, keep_s, self._gram_rows_before if incremental else None)
-                self.bank_t._enqueue(f_t, labels, keep_t)
+                pending = self.bank_s.enqueue(f_s, labels, keep_s, check=False,
+                                              before_write=self._gram_rows_before if incremental else None)
+                self.bank_t.enqueue(f_t, labels, keep_t, check=False)
                 if incremental:
                     self._inter_gram.update(self.bank_s, self.bank_t, *pending)
 

@@ -19,15 +19,20 @@ import math
 import torch
 from torch import nn
 
+import itertools
+
 from . import _validate as V
-from . import reference
-from ._inter_gram import next_stamp
-from ._backend import implementation, resolve
+from ._backend import resolve
 from .functional import class_centroids
+from .ops import bank as bank_ops
 
 __all__ = ["ClassMemoryBank", "FIFOMemoryBank", "all_gather_rows", "is_distributed"]
 
 _STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+#: unique content stamps (a counter never repeats, so an old stamp never matches a new state)
+_STAMPS = itertools.count(1)
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -103,7 +108,7 @@ class _Stamp:
     made under ``torch.compile``: unknown, matches nothing."""
 
     def __init__(self):
-        self.value: int | None = next_stamp()
+        self.value: int | None = next(_STAMPS)
 
 
 class _BankBase(nn.Module):
@@ -113,7 +118,7 @@ class _BankBase(nn.Module):
     def _renew_stamp(self) -> None:
         """Mark the contents as changed (caches built from them, e.g. ``ICAKDLoss``'s inter-loss
         Gram matrix, are then rebuilt)."""
-        self._stamp.value = None if torch.compiler.is_compiling() else next_stamp()
+        self._stamp.value = None if torch.compiler.is_compiling() else next(_STAMPS)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -151,53 +156,60 @@ class _BankBase(nn.Module):
         V.label_range("labels", labels, self.num_classes, mask)
         return feats, labels, mask
 
+    @property
+    def stamp(self) -> int | None:
+        """The contents' stamp: renewed by every change made through the bank's methods,
+        ``load_state_dict`` and ``.to()``, so a cache built from the contents (e.g. ``ICAKDLoss``'s
+        inter-loss Gram matrix) knows when to rebuild. ``None`` after a change made under
+        ``torch.compile``: unknown, equal to no stamp."""
+        return self._stamp.value
+
     @torch.no_grad()
-    def enqueue(self, feats: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    def enqueue(self, feats: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None, *,
+                check: bool = True, before_write=None):
         """Store detached ``feats`` [N,D] under ``labels`` [N]; rows with ``mask`` False are skipped.
 
         Rows with a non-finite value (in ``feats`` or once cast to the storage dtype) are skipped
-        too, and each such row that ``mask`` offered adds one to ``refused``."""
-        self._enqueue(*self._check_enqueue(feats, labels, mask))
+        too, and each such row that ``mask`` offered adds one to ``refused``. Under
+        ``torch.distributed`` every rank's rows are gathered first (every rank must call it).
 
-    @torch.no_grad()
-    def _enqueue(self, feats, labels, mask, before_store=None):
-        """``enqueue`` without the argument checks (callers that validated them already): detached
-        features, int64 labels and a mask (all rows if None), gathered from every rank, stored.
-        Non-finite rows are masked (and counted in ``refused``) after the gather, so every rank
-        counts the refused rows of every rank and all ranks hold identical banks and counts.
-        ``before_store`` (optional): called with the labels of every rank once they are gathered,
-        before anything is written; its result is returned."""
-        feats = feats.detach()
+        ``check=False``: skip the argument checks (callers that validated them already).
+        ``before_write`` (optional): called with the int64 labels of every rank once they are
+        gathered, before anything is written; its result is returned (``ICAKDLoss`` reads the bank
+        rows the update will change with it)."""
+        if check:
+            feats, labels, mask = self._check_enqueue(feats, labels, mask)
         labels = labels.long()
-        if mask is None:
-            mask = torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
         if is_distributed():
+            if mask is None:
+                mask = torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
             feats, labels, mask = all_gather_rows(feats, labels, mask)
-        feats, mask = self._refuse_non_finite(feats, mask)
-        result = before_store(labels) if before_store is not None else None
-        self._store(feats, labels, mask)
+        result = before_write(labels) if before_write is not None else None
+        self._update(feats, labels, mask)
         self._renew_stamp()
         return result
 
-    def _refuse_non_finite(self, feats, mask):
-        """``(rows, mask)``: the rows cast to the storage dtype with non-finite values zeroed (so
-        that no backend's arithmetic on skipped rows can meet a NaN), and ``mask`` without the
-        rows that held any; those it took from ``mask`` are added to ``refused``. Device work
-        only, no host synchronisation."""
-        stored = feats.to(self.bank.dtype)
-        # x * 0 is 0 for a finite x and NaN for inf or NaN, so a row's sum of them is 0 exactly
-        # when the whole row is finite (a sum, not isfinite().all(), which is slow on CPUs)
-        finite = stored.mul(0).sum(dim=1, dtype=torch.float32) == 0
-        self.refused.add_((mask & ~finite).sum())
-        return stored.nan_to_num(0.0, 0.0, 0.0), mask & finite
-
-    def _store(self, feats, labels, mask):
+    def _update(self, feats, labels, mask):
         raise NotImplementedError
+
+    def _backend_of(self, op: str) -> tuple[str, bool]:
+        """``(backend, fused update available)`` for ``op`` on the bank's device, resolved once per
+        device and ``backend`` setting (``ICAKD_BACKEND`` is read then)."""
+        device = self.bank.device
+        if torch.compiler.is_compiling():
+            # traced: resolved while tracing, and a cache filled then would only add guards
+            name = resolve(self.backend, op, self.bank)
+            return name, bank_ops.fused_update(name, device)
+        key = (op, device, self.backend)
+        hit = self._resolved.get(key)
+        if hit is None:
+            name = resolve(self.backend, op, self.bank)
+            hit = self._resolved[key] = (name, bank_ops.fused_update(name, device))
+        return hit
 
     def _impl(self, op: str):
         """The module implementing ``op`` for this bank's backend and device."""
-        name = resolve(self.backend, op, self.bank)
-        return reference if name == "reference" else implementation(name)
+        return bank_ops.impl_of(self._backend_of(op)[0])
 
     def centroids(self, feats: torch.Tensor | None = None, labels: torch.Tensor | None = None):
         """Class centroids over the bank plus (optionally) a live batch -> ``(centroids [C,D], counts [C])``."""
@@ -239,6 +251,7 @@ class ClassMemoryBank(_BankBase):
     ):
         super().__init__()
         self._stamp = _Stamp()
+        self._resolved: dict = {}
         self.num_classes = _positive_int("num_classes", num_classes)
         self.slots_per_class = _positive_int("slots_per_class", slots_per_class)
         self.dim = _positive_int("dim", dim)
@@ -263,17 +276,14 @@ class ClassMemoryBank(_BankBase):
             f"dtype={self.bank.dtype}, resync_every={self.resync_every}"
         )
 
-    def _next_resync_classes(self) -> torch.Tensor:
+    def next_resync_classes(self) -> torch.Tensor:
         """The classes the next enqueue resyncs (int64, possibly empty)."""
         return (self.resync_pos + self._resync_offsets).remainder(self.num_classes)
 
-    def _store(self, feats, labels, mask):
-        impl = self._impl("class_bank")
-        impl.class_bank_enqueue_(self.bank, self.count, self.ptr, self.sums, feats, labels, mask)
-        if self._resync_offsets.numel():
-            classes = self._next_resync_classes()
-            impl.class_bank_resync_(self.bank, self.count, self.sums, classes)
-            self.resync_pos.copy_((self.resync_pos + self._resync_offsets.numel()).remainder(self.num_classes))
+    def _update(self, feats, labels, mask):
+        name, fused = self._backend_of("class_bank")
+        bank_ops.class_bank_update_(name, fused, self.bank, self.count, self.ptr, self.sums, self.resync_pos,
+                                    self.refused, feats, labels, mask, self._resync_offsets)
 
     @torch.no_grad()
     def resync(self) -> None:
@@ -318,6 +328,7 @@ class FIFOMemoryBank(_BankBase):
     ):
         super().__init__()
         self._stamp = _Stamp()
+        self._resolved: dict = {}
         self.size = _positive_int("size", size)
         self.dim = _positive_int("dim", dim)
         self.num_classes = _positive_int("num_classes", num_classes)
@@ -332,8 +343,9 @@ class FIFOMemoryBank(_BankBase):
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, num_classes={self.num_classes}, dtype={self.bank.dtype}"
 
-    def _store(self, feats, labels, mask):
-        self._impl("fifo_bank").fifo_bank_enqueue_(self.bank, self.labels, self.ptr, feats, labels, mask)
+    def _update(self, feats, labels, mask):
+        name, fused = self._backend_of("fifo_bank")
+        bank_ops.fifo_bank_update_(name, fused, self.bank, self.labels, self.ptr, self.refused, feats, labels, mask)
 
     def sums_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         # new tensors made by a segment sum (index_add or a custom op, neither of which the

@@ -469,9 +469,9 @@ def _name_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train.config import _Parser
+    from .train.config import OneLineErrorParser
 
-    p = _Parser(prog=PROG, add_help=False,
+    p = OneLineErrorParser(prog=PROG, add_help=False,
                 description="Run methods x seeds under one budget and report paired differences with 95% t "
                             "intervals. Every other option is an icakd-train option (see icakd-train --help); "
                             "without one the budget is the embedded demo's. --config also takes a preset name "

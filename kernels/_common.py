@@ -48,9 +48,10 @@ def interpreter_kernel(kernel) -> bool:
 
 
 try:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode as current_dispatch_mode
 except ImportError:  # pragma: no cover
-    def _get_current_dispatch_mode():
+    def current_dispatch_mode():
+        """The active TorchDispatchMode (unknown on this torch: assume one)."""
         return True
 
 
@@ -63,7 +64,7 @@ def launch(kernel):
     """
     if interpreter_kernel(kernel):
         return _InterpretedLaunch(kernel)
-    if _get_current_dispatch_mode() is None and not torch.compiler.is_compiling():
+    if current_dispatch_mode() is None and not torch.compiler.is_compiling():
         return kernel
     return _wrap_triton(kernel)
 

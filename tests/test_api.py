@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import icakd_fast
-from icakd_fast import _backend, functional as IF
+from icakd_fast import _backend, _inter_form, functional as IF
 
 f4 = torch.randn(2, 3, 4, 4)
 w2 = torch.randn(2, 3)
@@ -97,7 +97,7 @@ def test_cuda_inter_order_follows_shape_precision_and_device(monkeypatch, set_al
     cap = {"v": (9, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: cap["v"])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(_backend, "_FULL_RATE_FP64", {})
+    monkeypatch.setattr(_inter_form, "_FULL_RATE_FP64", {})
     set_allow_tf32(False)
     monkeypatch.delenv("ICAKD_INTER_FORM", raising=False)
     cuda = torch.device("cuda")
@@ -115,7 +115,7 @@ def test_cuda_inter_order_follows_shape_precision_and_device(monkeypatch, set_al
     assert first(600) == "triton"
     monkeypatch.delenv("ICAKD_INTER_FORM")
     cap["v"] = (8, 9)  # consumer GPU: float64 at 1/64 rate
-    _backend._FULL_RATE_FP64.clear()
+    _inter_form._FULL_RATE_FP64.clear()
     assert first(600) == "triton" and first(64 * 300) == "cpp"
     # other ops keep their fixed order
     assert _backend._auto_order(cuda, "cam", (torch.zeros(600, 100),)) == _backend._CUDA_ORDER["cam"]

@@ -504,6 +504,18 @@ def test_inter_is_deterministic_and_tiles_exactly(inter_form):
 # ---------------------------------------------------------------------------------------------
 
 
+def _step_op_inputs(cam, sums, count, feats, labels):
+    """Inputs of the training step's one-op forms: a teacher map and ``cam_loss_fwd``'s outputs, a
+    batch with a NaN row, a keep mask and ``structure_fwd``'s outputs (for the backwards)."""
+    cam_t = torch.rand_like(cam)
+    bad = feats.clone()
+    bad[1, 2] = float("nan")
+    keep = torch.tensor([True, False, True, True, True, False, True])
+    fwd = cpp.structure_fwd(sums.float(), count, sums.float() * 0.5, count, feats, feats.flip(0), labels, keep, None,
+                            1, EPS)
+    return cam_t, cpp.cam_loss_fwd(cam, cam_t, EPS), bad, keep, fwd
+
+
 def _opcheck_cases():
     f = torch.randn(2, 5, 3, 4)
     w = torch.randn(2, 5)
@@ -522,7 +534,31 @@ def _opcheck_cases():
     K = cpp.inter_gram_fwd(mu_s, mu_t, valid, EPS)[1]
     f_s, f_t, m_s, m_t, lab, val = _intra_inputs(6, 4, 5, torch.float32)
     g = torch.tensor(1.3)
+    cam_t, loss_q_norm, bad, keep, fwd_small = _step_op_inputs(cam, sums, count, feats, labels)
+    s_sums, s_count = sums.float(), count
+    big_c = 300  # past the small loop form: the BLAS-backed forms
+    big = (torch.randn(big_c, 32), torch.randint(0, 3, (big_c,)), torch.randn(7, 32), torch.randint(0, big_c, (7,)))
+    fwd_big = cpp.structure_fwd(big[0], big[1], big[0], big[1], big[2], big[2] * 2, big[3], None, None, 1, EPS)
     return {
+        "cam_loss_fwd": [(cam, cam_t, EPS)],
+        "cam_loss_bwd": [(g, cam, cam_t, loss_q_norm[1], loss_q_norm[2], EPS)],
+        "class_bank_update_": [
+            (bank.clone(), count.clone(), ptr.clone(), sums.clone(), torch.tensor(4), torch.tensor(0), bad, labels, mask,
+             2),
+            (bank.clone(), count.clone(), ptr.clone(), sums.clone(), torch.tensor(0), torch.tensor(0), feats, labels,
+             None, 0),
+        ],
+        "fifo_bank_update_": [(fifo.clone(), fifo_labels.clone(), torch.tensor(3), torch.tensor(0), bad, labels, mask)],
+        "structure_fwd": [
+            (s_sums, s_count, s_sums * 0.5, s_count, feats, feats.flip(0), labels, keep, None, 1, EPS),
+            (big[0], big[1], big[0], big[1], big[2], big[2] * 2, big[3], None, None, 1, EPS),
+        ],
+        "structure_bwd": [
+            (g, g * 2, feats, feats.flip(0), fwd_small[2], fwd_small[3], fwd_small[4], fwd_small[5], labels, keep,
+             fwd_small[6], EPS),
+            (g, g * 2, big[2], big[2] * 2, fwd_big[2], fwd_big[3], fwd_big[4], fwd_big[5], big[3], None, fwd_big[6],
+             EPS),
+        ],
         "cam_fwd": [(f, w, True), (f, w, False), (f.to(memory_format=torch.channels_last), w, True)],
         "cam_bwd": [
             (torch.randn_like(cam), torch.randn_like(pooled), f, w, cam, pool_w, True, True),
@@ -577,7 +613,17 @@ def _good_args():
     mu_s, mu_t, valid = _inter_inputs(9, 4, 6, torch.float32)
     live = torch.rand(9) < 0.5
     g = torch.tensor(1.3)
+    cam_t, loss_q_norm, bad, keep, fwd_small = _step_op_inputs(cam, sums, count, feats, labels)
+    s_sums, s_count = sums.float(), count
     return {
+        "cam_loss_fwd": [cam, cam_t, EPS],
+        "cam_loss_bwd": [g, cam, cam_t, loss_q_norm[1], loss_q_norm[2], EPS],
+        "class_bank_update_": [bank.clone(), count.clone(), ptr.clone(), sums.clone(), torch.tensor(4), torch.tensor(0),
+                               bad, labels, mask, 2],
+        "fifo_bank_update_": [fifo.clone(), fifo_labels.clone(), torch.tensor(3), torch.tensor(0), bad, labels, mask],
+        "structure_fwd": [s_sums, s_count, s_sums * 0.5, s_count, feats, feats.flip(0), labels, keep, keep, 1, EPS],
+        "structure_bwd": [g, g * 2, feats, feats.flip(0), fwd_small[2], fwd_small[3], fwd_small[4], fwd_small[5], labels,
+                          keep, fwd_small[6], EPS],
         "cam_fwd": [f, w, True],
         "cam_bwd": [torch.randn_like(cam), torch.randn_like(pooled), f, w, cam, pool_w, True, True],
         "spatial_mean": [f],
@@ -717,6 +763,27 @@ def _no_gradient_asked(args):
 
 _no_gradient_asked.value_check = False
 BAD.append(("inter_bwd", "live", _no_gradient_asked))
+# the training step's one-op forms
+BAD += [
+    ("cam_loss_fwd", "cam_t", _set("cam_loss_fwd", "cam_t", lambda t: t[:, :1])),
+    ("cam_loss_fwd", "cam_s", _set("cam_loss_fwd", "cam_s", lambda t: t.long())),
+    ("cam_loss_bwd", "q_s", _set("cam_loss_bwd", "q_s", lambda t: t[:1])),
+    ("cam_loss_bwd", "norm_s", _set("cam_loss_bwd", "norm_s", lambda t: t[:1])),
+    ("class_bank_update_", "refused", _set("class_bank_update_", "refused", lambda t: t.float())),
+    ("class_bank_update_", "resync_pos", _set("class_bank_update_", "resync_pos", lambda t: t.expand(2))),
+    ("class_bank_update_", "mask", _set("class_bank_update_", "mask", lambda t: t[:3])),
+    ("class_bank_update_", "labels", _set("class_bank_update_", "labels", lambda t: t.float())),
+    ("fifo_bank_update_", "mask", _set("fifo_bank_update_", "mask", lambda t: t.long())),
+    ("structure_fwd", "f_t", _set("structure_fwd", "f_t", lambda t: t[:, :2])),
+    ("structure_fwd", "labels", _set("structure_fwd", "labels", lambda t: t[:3])),
+    ("structure_fwd", "labels", _set("structure_fwd", "labels", lambda t: t + 100, value_check=True)),
+    ("structure_fwd", "keep_s", _set("structure_fwd", "keep_s", lambda t: t[:2])),
+    ("structure_fwd", "count_t", _set("structure_fwd", "count_t", lambda t: t[:2])),
+    ("structure_fwd", "sums_s", _set("structure_fwd", "sums_s", lambda t: t.long())),
+    ("structure_bwd", "grad_inter", _set("structure_bwd", "grad_inter", lambda t: t.expand(2))),
+    ("structure_bwd", "gram", _set("structure_bwd", "gram", lambda t: t.float())),
+    ("structure_bwd", "total_s", _set("structure_bwd", "total_s", lambda t: t[:2])),
+]
 
 
 def _call(op, args, keyset=None):

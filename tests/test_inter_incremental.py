@@ -212,11 +212,14 @@ def test_first_occurrence():
 
 
 def test_automatic_choice_and_arguments():
-    assert not ICAKDLoss(C, DS, DT)._incremental(torch.device("cpu"))  # 13 < 2 * 2 * 5
-    assert ICAKDLoss(40, DS, DT)._incremental(torch.device("cpu"))  # 40 >= 20
-    assert not ICAKDLoss(40, DS, DT, incremental_inter=False)._incremental(torch.device("cpu"))
-    assert not ICAKDLoss(40, DS, DT, bank="fifo")._incremental(torch.device("cpu"))
-    assert not ICAKDLoss(40, DS, DT, method="cskd")._incremental(torch.device("cpu"))
+    cpu = torch.device("cpu")
+    assert not ICAKDLoss(C, DS, DT)._incremental(cpu, 2)  # 13 < 2 * 2 * 5
+    assert ICAKDLoss(40, DS, DT)._incremental(cpu, 10)  # 40 >= 20 and 40 >= 4 * 10
+    assert not ICAKDLoss(40, DS, DT)._incremental(cpu, 11)  # 40 < 4 * 11: the batch is too large a part
+    assert ICAKDLoss(40, DS, DT, incremental_inter=True)._incremental(cpu, 11)
+    assert not ICAKDLoss(40, DS, DT, incremental_inter=False)._incremental(cpu, 10)
+    assert not ICAKDLoss(40, DS, DT, bank="fifo")._incremental(cpu, 10)
+    assert not ICAKDLoss(40, DS, DT, method="cskd")._incremental(cpu, 10)
     with pytest.raises(ValueError, match="incremental_inter"):
         ICAKDLoss(C, DS, DT, bank="fifo", incremental_inter=True)
     with pytest.raises(ValueError, match="incremental_inter"):
@@ -239,7 +242,7 @@ def test_compiled_steps_take_the_op_and_eager_steps_after_them_rebuild():
             o2.loss.backward()
             inc.zero_grad()
             full.zero_grad()
-    assert inc.bank_s._stamp.value is None  # changed under compile: unknown
+    assert inc.bank_s.stamp is None  # changed under compile: unknown
     for step in range(4, 7):  # eager again: K_base is rebuilt, then kept up to date
         step_both(inc, full, step, msg=f"eager step {step}")
         torch.testing.assert_close(inc._inter_gram.K, fresh_gram(inc), rtol=0, atol=1e-12)

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "../checks.h"
@@ -181,6 +182,76 @@ std::tuple<Tensor, Tensor> fifo_bank_sums_cpu(const Tensor& bank_, const Tensor&
   return {sums, counts};
 }
 
+// ---------------------------------------------------------------------------------------------
+// update: refusal of non-finite rows + enqueue (+ resync for the class bank), one op per step
+// ---------------------------------------------------------------------------------------------
+
+// (rows in the storage dtype, mask without the rows holding a non-finite value); adds the rows
+// that `mask` offered and were refused to `refused`
+std::tuple<Tensor, Tensor> refuse_non_finite_cpu(const Tensor& feats_, const std::optional<Tensor>& mask_,
+                                                 at::ScalarType storage, const Tensor& refused) {
+  TORCH_CHECK(refused.scalar_type() == at::kLong && refused.numel() == 1,
+              "refused must be a one-element int64 tensor, got ", refused.scalar_type(), " ", refused.sizes());
+  check_float(feats_, "feats");
+  check_dim(feats_, 2, "feats");
+  const Tensor feats = feats_.to(storage).contiguous();
+  const int64_t N = feats.size(0), D = feats.size(1);
+  const bool has_mask = mask_.has_value() && mask_->defined();
+  Tensor mask;
+  if (has_mask) {
+    check_dtype(*mask_, at::kBool, "mask");
+    check_vector(*mask_, N, "mask", "N");
+    mask = mask_->contiguous();
+  }
+  Tensor keep = at::empty({N}, feats.options().dtype(at::kBool));
+  const bool* m = has_mask ? mask.const_data_ptr<bool>() : nullptr;
+  bool* k = keep.data_ptr<bool>();
+  int64_t n_refused = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, storage, "icakd_refuse_non_finite_cpu", [&] {
+    const scalar_t* f = feats.const_data_ptr<scalar_t>();
+    for (int64_t n = 0; n < N; ++n) {
+      bool finite = true;
+      const scalar_t* row = f + n * D;
+      for (int64_t d = 0; d < D && finite; ++d) finite = std::isfinite(static_cast<float>(row[d]));
+      const bool offered = m == nullptr || m[n];
+      k[n] = offered && finite;
+      n_refused += (offered && !finite) ? 1 : 0;
+    }
+  });
+  if (n_refused) refused.add_(n_refused);
+  return {feats, keep};
+}
+
+void class_bank_update_cpu(const Tensor& bank, const Tensor& count, const Tensor& ptr, const Tensor& sums,
+                           const Tensor& resync_pos, const Tensor& refused, const Tensor& feats, const Tensor& labels,
+                           const std::optional<Tensor>& mask, int64_t resync_chunk) {
+  check_devices(c10::DeviceType::CPU, {{&bank, "bank"}, {&count, "count"}, {&ptr, "ptr"}, {&sums, "sums"},
+                                       {&resync_pos, "resync_pos"}, {&refused, "refused"}, {&feats, "feats"},
+                                       {&labels, "labels"}, {mask.has_value() ? &*mask : nullptr, "mask"}});
+  check_float(bank, "bank");
+  TORCH_CHECK(resync_chunk >= 0, "resync_chunk must be >= 0, got ", resync_chunk);
+  TORCH_CHECK(resync_pos.scalar_type() == at::kLong && resync_pos.numel() == 1,
+              "resync_pos must be a one-element int64 tensor, got ", resync_pos.scalar_type(), " ", resync_pos.sizes());
+  const auto rows = refuse_non_finite_cpu(feats, mask, bank.scalar_type(), refused);
+  class_bank_enqueue_cpu(bank, count, ptr, sums, std::get<0>(rows), labels, std::get<1>(rows));
+  if (resync_chunk == 0) return;
+  const int64_t C = bank.size(0);
+  const int64_t pos = resync_pos.item<int64_t>();
+  const Tensor classes = at::arange(pos, pos + resync_chunk, labels.options()).remainder_(C);
+  class_bank_resync_cpu(bank, count, sums, classes);
+  resync_pos.fill_((pos + resync_chunk) % C);
+}
+
+void fifo_bank_update_cpu(const Tensor& bank, const Tensor& bank_labels, const Tensor& ptr, const Tensor& refused,
+                          const Tensor& feats, const Tensor& labels, const std::optional<Tensor>& mask) {
+  check_devices(c10::DeviceType::CPU, {{&bank, "bank"}, {&bank_labels, "bank_labels"}, {&ptr, "ptr"},
+                                       {&refused, "refused"}, {&feats, "feats"}, {&labels, "labels"},
+                                       {mask.has_value() ? &*mask : nullptr, "mask"}});
+  check_float(bank, "bank");
+  const auto rows = refuse_non_finite_cpu(feats, mask, bank.scalar_type(), refused);
+  fifo_bank_enqueue_cpu(bank, bank_labels, ptr, std::get<0>(rows), labels, std::get<1>(rows));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(icakd_fast_C, CPU, m) {
@@ -188,6 +259,8 @@ TORCH_LIBRARY_IMPL(icakd_fast_C, CPU, m) {
   m.impl("class_bank_resync_", &class_bank_resync_cpu);
   m.impl("fifo_bank_enqueue_", &fifo_bank_enqueue_cpu);
   m.impl("fifo_bank_sums", &fifo_bank_sums_cpu);
+  m.impl("class_bank_update_", &class_bank_update_cpu);
+  m.impl("fifo_bank_update_", &fifo_bank_update_cpu);
 }
 
 }  // namespace icakd

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -452,12 +453,115 @@ Tensor spatial_mean_cpu(const Tensor& grads) {
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// CAM constraint loss
+// ---------------------------------------------------------------------------------------------
+
+void check_cam_pair(const Tensor& cam_s, const Tensor& cam_t) {
+  check_float(cam_s, "cam_s");
+  check_float(cam_t, "cam_t");
+  check_dim(cam_s, 3, "cam_s");
+  TORCH_CHECK(cam_t.sizes() == cam_s.sizes(), "cam_t must have the shape of cam_s ", cam_s.sizes(), ", got ",
+              cam_t.sizes(), " (maps of different resolutions: use the reference form)");
+  check_devices(c10::DeviceType::CPU, {{&cam_s, "cam_s"}, {&cam_t, "cam_t"}});
+}
+
+at::ScalarType cam_loss_acc(const Tensor& cam_s, const Tensor& cam_t) {
+  return (cam_s.scalar_type() == at::kDouble || cam_t.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+// q = x / max(|x|, eps) row by row; returns the norms
+template <typename acc_t>
+void unit_rows(const acc_t* x, acc_t* q, acc_t* norm, int64_t B, int64_t P, double eps) {
+  for (int64_t b = 0; b < B; ++b) {
+    const acc_t n = std::sqrt(sumsq_acc<acc_t>(x + b * P, P));
+    const acc_t den = std::max<acc_t>(n, static_cast<acc_t>(eps));
+    if (norm) norm[b] = n;
+    for (int64_t p = 0; p < P; ++p) q[b * P + p] = x[b * P + p] / den;
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> cam_loss_fwd_cpu(const Tensor& cam_s_, const Tensor& cam_t_, double eps) {
+  check_cam_pair(cam_s_, cam_t_);
+  const auto acc = cam_loss_acc(cam_s_, cam_t_);
+  const int64_t B = cam_s_.size(0), P = cam_s_.size(1) * cam_s_.size(2);
+  const Tensor cs = cam_s_.to(acc).contiguous();
+  const Tensor ct = cam_t_.to(acc).contiguous();
+  Tensor q_s = at::empty({B, P}, cs.options());
+  Tensor norm_s = at::empty({B}, cs.options());
+  Tensor loss = at::empty({}, cs.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "icakd_cam_loss_fwd_cpu", [&] {
+    std::vector<scalar_t> q_t(B * P);
+    unit_rows<scalar_t>(cs.const_data_ptr<scalar_t>(), q_s.data_ptr<scalar_t>(), norm_s.data_ptr<scalar_t>(), B, P,
+                        eps);
+    unit_rows<scalar_t>(ct.const_data_ptr<scalar_t>(), q_t.data(), nullptr, B, P, eps);
+    const scalar_t* qs = q_s.const_data_ptr<scalar_t>();
+    scalar_t total = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      scalar_t row = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        const scalar_t d = qs[b * P + p] - q_t[b * P + p];
+        row += d * d;
+      }
+      total += row;
+    }
+    loss.fill_(total / static_cast<scalar_t>(std::max<int64_t>(B, 1)));
+  });
+  return {loss, q_s, norm_s};
+}
+
+// d = 2 g (q_s - q_t) / B; through q = x / max(|x|, eps): (d - q (q . d)) / |x| where |x| > eps,
+// d / eps elsewhere
+Tensor cam_loss_bwd_cpu(const Tensor& grad_out, const Tensor& cam_s, const Tensor& cam_t_, const Tensor& q_s_,
+                        const Tensor& norm_s_, double eps) {
+  check_devices(c10::DeviceType::CPU, {{&grad_out, "grad_out"}, {&cam_s, "cam_s"}, {&cam_t_, "cam_t"},
+                                       {&q_s_, "q_s"}, {&norm_s_, "norm_s"}});
+  check_cam_pair(cam_s, cam_t_);
+  check_float(grad_out, "grad_out");
+  check_one_element(grad_out, "grad_out");
+  const auto acc = cam_loss_acc(cam_s, cam_t_);
+  const int64_t B = cam_s.size(0), P = cam_s.size(1) * cam_s.size(2);
+  TORCH_CHECK(q_s_.dim() == 2 && q_s_.size(0) == B && q_s_.size(1) == P, "q_s must be [B, H*W] = [", B, ", ", P,
+              "], got ", q_s_.sizes());
+  TORCH_CHECK(norm_s_.dim() == 1 && norm_s_.size(0) == B, "norm_s must be [B] = [", B, "], got ", norm_s_.sizes());
+  const Tensor ct = cam_t_.to(acc).contiguous();
+  const Tensor q_s = q_s_.to(acc).contiguous();
+  const Tensor norm_s = norm_s_.to(acc).contiguous();
+  Tensor out = at::empty({B, P}, q_s.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "icakd_cam_loss_bwd_cpu", [&] {
+    const scalar_t g = static_cast<scalar_t>(grad_out.item<double>());
+    const scalar_t scale = 2 * g / static_cast<scalar_t>(std::max<int64_t>(B, 1));
+    std::vector<scalar_t> q_t(B * P);
+    unit_rows<scalar_t>(ct.const_data_ptr<scalar_t>(), q_t.data(), nullptr, B, P, eps);
+    const scalar_t* qs = q_s.const_data_ptr<scalar_t>();
+    const scalar_t* ns = norm_s.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      const scalar_t* q = qs + b * P;
+      scalar_t* ob = o + b * P;
+      scalar_t qd = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        ob[p] = scale * (q[p] - q_t[b * P + p]);
+        qd += q[p] * ob[p];
+      }
+      if (ns[b] > static_cast<scalar_t>(eps)) {
+        for (int64_t p = 0; p < P; ++p) ob[p] = (ob[p] - q[p] * qd) / ns[b];
+      } else {
+        for (int64_t p = 0; p < P; ++p) ob[p] = ob[p] / static_cast<scalar_t>(eps);
+      }
+    }
+  });
+  return out.view(cam_s.sizes()).to(cam_s.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(icakd_fast_C, CPU, m) {
   m.impl("cam_fwd", &cam_fwd_cpu);
   m.impl("cam_bwd", &cam_bwd_cpu);
   m.impl("spatial_mean", &spatial_mean_cpu);
+  m.impl("cam_loss_fwd", &cam_loss_fwd_cpu);
+  m.impl("cam_loss_bwd", &cam_loss_bwd_cpu);
 }
 
 }  // namespace icakd

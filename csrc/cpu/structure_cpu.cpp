@@ -144,7 +144,7 @@ Tensor intra_bwd_cpu(const Tensor& grad_out, const Tensor& f_s, const Tensor& f_
   const IntraArgs a = intra_args(f_s, f_t, mu_s, mu_t, labels, valid, c10::DeviceType::CPU);
   Tensor gd = at::empty({a.B, a.D}, f_s.options().dtype(a.acc));
   AT_DISPATCH_FLOATING_TYPES(a.acc, "icakd_intra_bwd_cpu", [&] {
-    const scalar_t g = grad_out.to(at::kDouble).item<double>();
+    const scalar_t g = grad_out.item<double>();
     const scalar_t scale = 2 * g / static_cast<scalar_t>(std::max<int64_t>(intra_nvalid(a), 1));
     intra_rows<scalar_t>(a, nullptr, gd.data_ptr<scalar_t>(), scale);
   });
@@ -227,7 +227,7 @@ CpuRows cpu_rows(const Tensor& valid, const std::optional<Tensor>& live, bool ne
 // 4 grad_out / |V|^2 on the host
 double inter_scale(const Tensor& grad_out, const Tensor& valid) {
   const double nv = static_cast<double>(valid.sum().item<int64_t>());
-  return 4.0 * grad_out.to(at::kDouble).item<double>() / std::max(nv * nv, 1.0);
+  return 4.0 * grad_out.item<double>() / std::max(nv * nv, 1.0);
 }
 
 // The Gram form's backward from K for the rows of `r` (all rows: slices instead of an index list)
@@ -328,6 +328,305 @@ std::tuple<Tensor, Tensor> inter_bwd_cpu(const Tensor& grad_out, const Tensor& m
   return {gs, gt};
 }
 
+// ---------------------------------------------------------------------------------------------
+// structure: both networks' centroids, the valid classes, intra and inter in one op
+// ---------------------------------------------------------------------------------------------
+
+bool has(const std::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+// (mu [C, D] in promote(sums, feats), total [C]): bank sums and counts plus the batch rows that
+// `keep` (undefined: every row) marks, each class's rows summed in batch order before the bank
+// sum is added (as class_centroids computes them)
+// `names`: the arguments (sums, counts, feats, keep) of the network's side, for the messages
+struct SideNames {
+  const char *sums, *counts, *feats, *keep;
+};
+
+std::tuple<Tensor, Tensor> kept_centroids_cpu(const Tensor& sums_, const Tensor& counts_, const Tensor& feats_,
+                                              const Tensor& labels, const std::optional<Tensor>& keep_,
+                                              const SideNames& names) {
+  check_float(sums_, names.sums);
+  check_dim(sums_, 2, names.sums);
+  const int64_t C = sums_.size(0), D = sums_.size(1), B = feats_.size(0);
+  TORCH_CHECK(feats_.size(1) == D, names.feats, " must have the width of ", names.sums, " (", D, "), got shape ",
+              feats_.sizes());
+  check_dtype(counts_, at::kLong, names.counts);
+  check_vector(counts_, C, names.counts, "C");
+  const auto out_dt = at::promote_types(sums_.scalar_type(), feats_.scalar_type());
+  const Tensor sums = sums_.to(out_dt).contiguous();
+  const Tensor feats = feats_.to(out_dt).contiguous();
+  const Tensor counts = counts_.contiguous();
+  const int64_t* cnt = counts.const_data_ptr<int64_t>();
+  Tensor keep;
+  const bool* kp = nullptr;
+  if (has(keep_)) {
+    check_dtype(*keep_, at::kBool, names.keep);
+    check_vector(*keep_, B, names.keep, "B");
+    keep = keep_->contiguous();
+    kp = keep.const_data_ptr<bool>();
+  }
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  Tensor mu = at::zeros({C, D}, sums.options());
+  Tensor total = at::empty({C}, counts_.options());
+  int64_t* tot = total.data_ptr<int64_t>();
+  for (int64_t c = 0; c < C; ++c) tot[c] = cnt[c];
+  AT_DISPATCH_FLOATING_TYPES(out_dt, "icakd_structure_centroids_cpu", [&] {
+    const scalar_t* f = feats.const_data_ptr<scalar_t>();
+    const scalar_t* sm = sums.const_data_ptr<scalar_t>();
+    scalar_t* m = mu.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      if (kp != nullptr && !kp[b]) continue;
+      const int64_t c = lab[b];
+      tot[c] += 1;
+      for (int64_t d = 0; d < D; ++d) m[c * D + d] += f[b * D + d];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t den = static_cast<scalar_t>(std::max<int64_t>(tot[c], 1));
+      for (int64_t d = 0; d < D; ++d) m[c * D + d] = (sm[c * D + d] + m[c * D + d]) / den;
+    }
+  });
+  return {mu, total};
+}
+
+// Small problems (C (Ds + Dt)^2 up to kSmallStructure multiply-adds, centroids of one dtype) take
+// plain loops (the fake kernel in icakd_fast/ops/_cpp_impl.py mirrors this rule) for the
+// inter loss: its Gram form, K = A^T A with A = [v n_s, v n_t] in float64, as inter_gram.h defines
+// it, and only the batch's classes' rows of the gradient. A step's structure term then costs
+// microseconds instead of the dozens of tensor ops the BLAS-backed forms dispatch.
+constexpr int64_t kSmallStructure = int64_t(1) << 18;
+
+bool small_structure(int64_t C, int64_t width) { return C * width * width <= kSmallStructure; }
+
+// row c of n = mu / max(|mu|, eps) in float64 into out; returns |mu[c]|
+template <typename mu_t>
+double unit_row(const mu_t* mu, int64_t D, double eps, double* out) {
+  double ss = 0.0;
+  for (int64_t d = 0; d < D; ++d) ss += static_cast<double>(mu[d]) * static_cast<double>(mu[d]);
+  const double norm = std::sqrt(ss);
+  const double den = std::max(norm, eps);
+  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<double>(mu[d]) / den;
+  return norm;
+}
+
+// K [W, W] float64 (W = Ds + Dt) of the valid rows
+template <typename mu_t>
+void small_gram(const mu_t* ms, const mu_t* mt, const bool* valid, int64_t C, int64_t Ds, int64_t Dt, double eps,
+                double* K) {
+  const int64_t W = Ds + Dt;
+  std::fill(K, K + W * W, 0.0);
+  std::vector<double> a(W);
+  for (int64_t c = 0; c < C; ++c) {
+    if (!valid[c]) continue;
+    unit_row<mu_t>(ms + c * Ds, Ds, eps, a.data());
+    unit_row<mu_t>(mt + c * Dt, Dt, eps, a.data() + Ds);
+    for (int64_t i = 0; i < W; ++i) {
+      const double ai = a[i];
+      double* Ki = K + i * W;
+      for (int64_t j = 0; j < W; ++j) Ki[j] += ai * a[j];
+    }
+  }
+}
+
+double gram_sum_sq_host(const double* K, int64_t Ds, int64_t W) {
+  double total = 0.0;
+  for (int64_t i = 0; i < W; ++i)
+    for (int64_t j = 0; j < W; ++j) {
+      const double k2 = K[i * W + j] * K[i * W + j];
+      total += ((i < Ds) == (j < Ds)) ? k2 : -k2;
+    }
+  return total;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> structure_fwd_cpu(
+    const Tensor& sums_s, const Tensor& count_s, const Tensor& sums_t, const Tensor& count_t, const Tensor& f_s,
+    const Tensor& f_t, const Tensor& labels_, const std::optional<Tensor>& keep_s,
+    const std::optional<Tensor>& keep_t, int64_t min_count, double eps) {
+  check_devices(c10::DeviceType::CPU, {{&sums_s, "sums_s"}, {&count_s, "count_s"}, {&sums_t, "sums_t"},
+                                       {&count_t, "count_t"}, {&f_s, "f_s"}, {&f_t, "f_t"}, {&labels_, "labels"},
+                                       {keep_s.has_value() ? &*keep_s : nullptr, "keep_s"},
+                                       {keep_t.has_value() ? &*keep_t : nullptr, "keep_t"}});
+  check_float(f_s, "f_s");
+  check_float(f_t, "f_t");
+  check_dim(f_s, 2, "f_s");
+  TORCH_CHECK(f_t.sizes() == f_s.sizes(), "f_t must have the shape of f_s ", f_s.sizes(), ", got ", f_t.sizes());
+  check_dtype(labels_, at::kLong, "labels");
+  check_vector(labels_, f_s.size(0), "labels", "B");
+  TORCH_CHECK(sums_t.sizes() == sums_s.sizes(), "sums_t must have the shape of sums_s ", sums_s.sizes(), ", got ",
+              sums_t.sizes());
+  const Tensor labels = labels_.contiguous();
+  check_index_range(labels, 0, sums_s.size(0), "labels");
+  auto st = kept_centroids_cpu(sums_s, count_s, f_s, labels, keep_s, {"sums_s", "count_s", "f_s", "keep_s"});
+  auto tt = kept_centroids_cpu(sums_t, count_t, f_t, labels, keep_t, {"sums_t", "count_t", "f_t", "keep_t"});
+  const Tensor& mu_s = std::get<0>(st);
+  const Tensor& mu_t = std::get<0>(tt);
+  const int64_t C = mu_s.size(0), Ds = mu_s.size(1), Dt = mu_t.size(1), W = Ds + Dt;
+  Tensor valid = at::empty({C}, labels.options().dtype(at::kBool));
+  {
+    const int64_t* ts = std::get<1>(st).const_data_ptr<int64_t>();
+    const int64_t* tt_ = std::get<1>(tt).const_data_ptr<int64_t>();
+    bool* vp = valid.data_ptr<bool>();
+    for (int64_t c = 0; c < C; ++c) vp[c] = ts[c] >= min_count && tt_[c] >= min_count;
+  }
+  if (small_structure(C, W) && mu_s.scalar_type() == mu_t.scalar_type()) {
+    // everything in loops: intra (as intra_fwd_cpu, in the dtype of the centroids) and the Gram
+    // form of inter
+    const bool* vp = valid.const_data_ptr<bool>();
+    int64_t nv = 0;
+    for (int64_t c = 0; c < C; ++c) nv += vp[c] ? 1 : 0;
+    Tensor gram = at::empty({W, W}, mu_s.options().dtype(at::kDouble));
+    double* K = gram.data_ptr<double>();
+    const auto acc = mu_s.scalar_type();
+    Tensor intra = at::empty({}, mu_s.options());
+    Tensor inter = at::empty({}, mu_s.options());
+    const Tensor fs_c = f_s.to(acc).contiguous(), ft_c = f_t.to(acc).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(acc, "icakd_structure_small", [&] {
+      const scalar_t* ms = mu_s.const_data_ptr<scalar_t>();
+      const scalar_t* mt = mu_t.const_data_ptr<scalar_t>();
+      const scalar_t* xs = fs_c.const_data_ptr<scalar_t>();
+      const scalar_t* xt = ft_c.const_data_ptr<scalar_t>();
+      const int64_t* lab = labels.const_data_ptr<int64_t>();
+      const int64_t B = labels.size(0);
+      scalar_t total = 0;
+      int64_t rows = 0;
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t c = lab[b];
+        if (!vp[c]) continue;
+        ++rows;
+        scalar_t row = 0;
+        for (int64_t d = 0; d < Ds; ++d) {
+          const scalar_t x = (xs[b * Ds + d] - ms[c * Ds + d]) - (xt[b * Ds + d] - mt[c * Ds + d]);
+          row += x * x;
+        }
+        total += row;
+      }
+      intra.fill_(total / static_cast<scalar_t>(std::max<int64_t>(rows, 1)));
+      small_gram<scalar_t>(ms, mt, vp, C, Ds, Dt, eps, K);
+      const double den = std::max(static_cast<double>(nv) * static_cast<double>(nv), 1.0);
+      inter.fill_(static_cast<scalar_t>(gram_sum_sq_host(K, Ds, W) / den));
+    });
+    return {intra, inter, mu_s, mu_t, valid, std::get<1>(st), gram};
+  }
+  const Tensor intra = intra_fwd_cpu(f_s, f_t, mu_s, mu_t, labels, valid);
+  const InterDims d = check_inter(mu_s, mu_t, valid, eps, nullptr, c10::DeviceType::CPU);
+  Tensor inter, gram;
+  if (inter_use_gram(d.C, d.Ds + d.Dt, /*slow_fp64=*/false)) {
+    std::tie(inter, gram) = gram_forward(mu_s, mu_t, valid, eps, d.acc);
+  } else {
+    inter = inter_fwd_cpu(mu_s, mu_t, valid, eps);
+    gram = at::empty({0}, mu_s.options().dtype(at::kDouble));
+  }
+  return {intra, inter, mu_s, mu_t, valid, std::get<1>(st), gram};
+}
+
+// dL/dmu_s [C, Ds] (float64, row-major) of the inter loss from K, for the classes in `labels`
+// (other rows 0):
+// with A S = [n_s, -n_t], dL/dn_s[c] = 4 g / |V|^2 ((A S)[c] K)[:Ds], then through the
+// normalisation (as F.normalize: (g - n (n . g)) / |mu| where |mu| > eps, g / eps elsewhere)
+std::vector<double> small_inter_grad(const Tensor& grad_inter, const Tensor& gram, const Tensor& mu_s,
+                                     const Tensor& mu_t, const Tensor& valid_, const Tensor& labels, double eps) {
+  const int64_t C = mu_s.size(0), Ds = mu_s.size(1), Dt = mu_t.size(1), W = Ds + Dt, B = labels.size(0);
+  check_float(grad_inter, "grad_inter");
+  check_one_element(grad_inter, "grad_inter");
+  const Tensor valid = valid_.contiguous();
+  const bool* vp = valid.const_data_ptr<bool>();
+  int64_t nv = 0;
+  for (int64_t c = 0; c < C; ++c) nv += vp[c] ? 1 : 0;
+  const double scale = 4.0 * grad_inter.item<double>() / std::max(static_cast<double>(nv) * nv, 1.0);
+  const Tensor K_ = gram.contiguous();
+  const double* K = K_.const_data_ptr<double>();
+  const Tensor ms_c = mu_s.contiguous(), mt_c = mu_t.contiguous();
+  std::vector<double> out(C * Ds, 0.0);
+  double* o = out.data();
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  std::vector<char> done(C, 0);
+  std::vector<double> a(W), g(Ds);
+  AT_DISPATCH_FLOATING_TYPES(mu_s.scalar_type(), "icakd_structure_small_inter_grad", [&] {
+    const scalar_t* ms = ms_c.const_data_ptr<scalar_t>();
+    const scalar_t* mt = mt_c.const_data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t c = lab[b];
+      if (done[c] || !vp[c]) continue;
+      done[c] = 1;
+      const double norm = unit_row<scalar_t>(ms + c * Ds, Ds, eps, a.data());
+      unit_row<scalar_t>(mt + c * Dt, Dt, eps, a.data() + Ds);
+      for (int64_t j = 0; j < Ds; ++j) {
+        double acc = 0.0;
+        for (int64_t i = 0; i < W; ++i) acc += (i < Ds ? a[i] : -a[i]) * K[i * W + j];
+        g[j] = scale * acc;
+      }
+      double* oc = o + c * Ds;
+      if (norm > eps) {
+        double ng = 0.0;
+        for (int64_t j = 0; j < Ds; ++j) ng += a[j] * g[j];
+        for (int64_t j = 0; j < Ds; ++j) oc[j] = (g[j] - a[j] * ng) / norm;
+      } else {
+        for (int64_t j = 0; j < Ds; ++j) oc[j] = g[j] / eps;
+      }
+    }
+  });
+  return out;
+}
+
+Tensor structure_bwd_cpu(const Tensor& grad_intra, const Tensor& grad_inter, const Tensor& f_s, const Tensor& f_t,
+                         const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, const Tensor& total_s,
+                         const Tensor& labels_, const std::optional<Tensor>& keep_s, const Tensor& gram, double eps) {
+  check_devices(c10::DeviceType::CPU, {{&grad_intra, "grad_intra"}, {&grad_inter, "grad_inter"}, {&f_s, "f_s"},
+                                       {&f_t, "f_t"}, {&mu_s, "mu_s"}, {&mu_t, "mu_t"}, {&valid, "valid"},
+                                       {&total_s, "total_s"}, {&labels_, "labels"},
+                                       {keep_s.has_value() ? &*keep_s : nullptr, "keep_s"}, {&gram, "gram"}});
+  check_float(grad_intra, "grad_intra");
+  check_one_element(grad_intra, "grad_intra");
+  check_float(grad_inter, "grad_inter");
+  check_one_element(grad_inter, "grad_inter");
+  check_dtype(labels_, at::kLong, "labels");
+  check_dtype(gram, at::kDouble, "gram");
+  TORCH_CHECK(mu_s.dim() == 2 && mu_t.dim() == 2 && mu_t.size(0) == mu_s.size(0),
+              "mu_s and mu_t must be [C, D] of one C, got ", mu_s.sizes(), " and ", mu_t.sizes());
+  const Tensor labels = labels_.contiguous();
+  const int64_t B = labels.size(0), C = mu_s.size(0), D = mu_s.size(1);
+  check_dtype(total_s, at::kLong, "total_s");
+  check_vector(total_s, C, "total_s", "C");
+  Tensor out = intra_bwd_cpu(grad_intra, f_s, f_t, mu_s, mu_t, labels, valid);  // [B, D], dL/df_s of intra
+  const int64_t Dt = mu_t.size(1), W = D + Dt;
+  Tensor gm;  // dL/dmu_s [C, D] in out's dtype
+  std::vector<double> small;
+  if (small_structure(C, W) && gram.numel() == W * W && mu_s.scalar_type() == mu_t.scalar_type()) {
+    small = small_inter_grad(grad_inter, gram, mu_s, mu_t, valid, labels, eps);
+  } else {
+    const Tensor live = at::zeros({C}, valid.options()).index_fill_(0, labels, true);
+    const Tensor g_mu =
+        gram.numel() > 0
+            ? std::get<0>(inter_gram_bwd_cpu(grad_inter, gram, mu_s, mu_t, valid, live, true, false, eps, B))
+            : std::get<0>(inter_bwd_cpu(grad_inter, mu_s, mu_t, valid, live, true, false, eps));
+    gm = g_mu.to(out.scalar_type()).contiguous();
+  }
+  // each kept row's share of its class's centroid gradient: g_mu[y] / total_s[y]
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  const Tensor tot_c = total_s.contiguous();
+  const int64_t* tot = tot_c.const_data_ptr<int64_t>();
+  Tensor keep;
+  const bool* kp = nullptr;
+  if (has(keep_s)) {
+    keep = keep_s->contiguous();
+    kp = keep.const_data_ptr<bool>();
+  }
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "icakd_structure_bwd_cpu", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t* g = gm.defined() ? gm.const_data_ptr<scalar_t>() : nullptr;
+    for (int64_t b = 0; b < B; ++b) {
+      if (kp != nullptr && !kp[b]) continue;
+      const int64_t c = lab[b];
+      const scalar_t den = static_cast<scalar_t>(std::max<int64_t>(tot[c], 1));
+      if (g != nullptr) {
+        for (int64_t d = 0; d < D; ++d) o[b * D + d] += g[c * D + d] / den;
+      } else {
+        for (int64_t d = 0; d < D; ++d) o[b * D + d] += static_cast<scalar_t>(small[c * D + d]) / den;
+      }
+    }
+  });
+  return out.to(f_s.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(icakd_fast_C, CPU, m) {
@@ -338,6 +637,8 @@ TORCH_LIBRARY_IMPL(icakd_fast_C, CPU, m) {
   m.impl("inter_bwd", &inter_bwd_cpu);
   m.impl("inter_gram_fwd", &inter_gram_fwd_cpu);
   m.impl("inter_gram_bwd", &inter_gram_bwd_cpu);
+  m.impl("structure_fwd", &structure_fwd_cpu);
+  m.impl("structure_bwd", &structure_bwd_cpu);
 }
 
 }  // namespace icakd

@@ -7,7 +7,9 @@ are backend-agnostic: the same Function runs the Triton kernels or the C++ kerne
 checked against the same reference by the same tests.
 """
 
-from .cam import cam_features, spatial_mean
-from .structure import centroids, inter_loss, intra_loss
+from . import bank
+from .cam import cam_features, cam_loss, class_activation, spatial_mean
+from .structure import StructurePlan, centroids, inter_loss, intra_loss, kept_centroids, structure
 
-__all__ = ["cam_features", "centroids", "inter_loss", "intra_loss", "spatial_mean"]
+__all__ = ["StructurePlan", "bank", "cam_features", "cam_loss", "class_activation", "centroids", "inter_loss", "intra_loss", "kept_centroids",
+           "spatial_mean", "structure"]

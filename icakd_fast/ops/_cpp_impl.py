@@ -15,16 +15,37 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from .._backend import inter_gram_pays
+from .._inter_form import inter_gram_pays
 
 if not _ext.load():
     raise ImportError(f"icakd_fast._C is unavailable: {_ext.reason()}")
 
-OPS = ("cam", "grad_cam_weights", "class_bank", "fifo_bank", "centroids", "intra", "inter")
+#: the compiled operators behind each op group of the registry (``icakd_fast._backend.OPS``)
+KERNELS = {
+    "cam": ("cam_fwd", "cam_bwd"),
+    "cam_loss": ("cam_loss_fwd", "cam_loss_bwd"),
+    "grad_cam_weights": ("spatial_mean",),
+    "class_bank": ("class_bank_enqueue_", "class_bank_resync_"),
+    "fifo_bank": ("fifo_bank_enqueue_", "fifo_bank_sums"),
+    "bank_update": ("class_bank_update_", "fifo_bank_update_"),
+    "centroids": ("centroids_fwd",),
+    "intra": ("intra_fwd", "intra_bwd"),
+    "inter": ("inter_fwd", "inter_bwd", "inter_gram_fwd", "inter_gram_bwd"),
+    "structure": ("structure_fwd", "structure_bwd"),
+}
+OPS = tuple(KERNELS)
 UNAVAILABLE_REASONS: tuple = ()
+
+#: C (Ds + Dt)^2 up to this: structure_fwd's small loop form (kSmallStructure in csrc/cpu/structure_cpu.cpp)
+_SMALL_STRUCTURE = 1 << 18
 
 _C = getattr(torch.ops, _ext.NAMESPACE)
 _NS = _ext.NAMESPACE
+
+#: (op group, device type) -> the group's operators without a kernel for that device type, read
+#: once here: resolution (also while torch.compile traces) is then a dictionary lookup
+_MISSING = {(op, device_type): tuple(name for name in names if not _ext.has_kernel(name, key))
+            for op, names in KERNELS.items() for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
 
 
 def device_types() -> tuple:
@@ -32,6 +53,31 @@ def device_types() -> tuple:
     if _ext.with_cuda() and torch.cuda.is_available():
         return ("cpu", "cuda")
     return ("cpu",)
+
+
+def not_supported_reasons(op: str, device: torch.device | None) -> list[str]:
+    """What this backend cannot do beyond its device list: an op group whose operators the
+    library registered no kernel for on that device (the one-op forms of the training step
+    have CPU kernels only)."""
+    if device is None:
+        return []
+    missing = _MISSING.get((op, device.type), ())
+    if missing:
+        return [f"the compiled library has no {device.type} kernel for {', '.join(missing)}"]
+    return []
+
+
+def preferred(op: str, device: torch.device, *tensors) -> bool:
+    """Whether this backend should go first in the automatic order on CUDA tensors: the inter loss
+    where the float64 Gram form pays and float32 products must keep float32 accuracy (with TF32
+    allowed, or below the threshold, the Triton tiles are faster)."""
+    if op != "inter" or len(tensors) < 2:
+        return False
+    mu_s, mu_t = tensors[0], tensors[1]
+    if not (isinstance(mu_s, torch.Tensor) and isinstance(mu_t, torch.Tensor) and mu_s.dim() == 2 and mu_t.dim() == 2):
+        return False
+    exact = mu_s.dtype == torch.float64 or (mu_s.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    return exact and inter_gram_pays(mu_s, mu_t, device)
 
 
 def _acc(*dtypes: torch.dtype) -> torch.dtype:
@@ -131,6 +177,48 @@ def _inter_gram_bwd_fake(grad_out, gram, mu_s, mu_t, valid, live, need_s, need_t
     return _inter_bwd_fake(grad_out, mu_s, mu_t, valid, live, need_s, need_t, eps)
 
 
+@_fake(f"{_NS}::cam_loss_fwd")
+def _cam_loss_fwd_fake(cam_s, cam_t, eps):
+    acc = _acc(cam_s.dtype, cam_t.dtype)
+    b = cam_s.shape[0]
+    return (cam_s.new_empty((), dtype=acc), cam_s.new_empty((b, cam_s.shape[1] * cam_s.shape[2]), dtype=acc),
+            cam_s.new_empty((b,), dtype=acc))
+
+
+@_fake(f"{_NS}::cam_loss_bwd")
+def _cam_loss_bwd_fake(grad_out, cam_s, cam_t, q_s, norm_s, eps):
+    return cam_s.new_empty(cam_s.shape)
+
+
+@_fake(f"{_NS}::class_bank_update_")
+def _class_bank_update_fake(bank, count, ptr, sums, resync_pos, refused, feats, labels, mask, resync_chunk):
+    return None
+
+
+@_fake(f"{_NS}::fifo_bank_update_")
+def _fifo_bank_update_fake(bank, bank_labels, ptr, refused, feats, labels, mask):
+    return None
+
+
+@_fake(f"{_NS}::structure_fwd")
+def _structure_fwd_fake(sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t, min_count, eps):
+    mu_s, _ = _centroids_fwd_fake(sums_s, count_s, f_s, labels)
+    mu_t, _ = _centroids_fwd_fake(sums_t, count_t, f_t, labels)
+    intra = _intra_fwd_fake(f_s, f_t, mu_s, mu_t, labels, None)
+    inter = _inter_fwd_fake(mu_s, mu_t, None, eps)
+    # the Gram matrix exists where the C++ op takes its small loop form or the Gram form
+    d = mu_s.shape[1] + mu_t.shape[1]
+    small = mu_s.shape[0] * d * d <= _SMALL_STRUCTURE and mu_s.dtype == mu_t.dtype
+    gram = mu_s.new_empty((d, d) if small or inter_gram_pays(mu_s, mu_t) else (0,), dtype=torch.float64)
+    valid = count_s.new_empty(count_s.shape, dtype=torch.bool)
+    return intra, inter, mu_s, mu_t, valid, count_s.new_empty(count_s.shape, dtype=torch.int64), gram
+
+
+@_fake(f"{_NS}::structure_bwd")
+def _structure_bwd_fake(grad_intra, grad_inter, f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram, eps):
+    return f_s.new_empty(f_s.shape)
+
+
 # ----------------------------------------------------------------------------------------------
 # the contract functions (thin: map "not asked for" outputs to None, fill optional arguments)
 # ----------------------------------------------------------------------------------------------
@@ -211,3 +299,35 @@ def inter_gram_bwd(grad_out, gram, mu_s, mu_t, valid, live, need_s: bool, need_t
 def inter_bwd(grad_out, mu_s, mu_t, valid, live, need_s: bool, need_t: bool, eps: float):
     g_s, g_t = _C.inter_bwd(grad_out, mu_s.detach(), mu_t.detach(), valid, live, bool(need_s), bool(need_t), float(eps))
     return (g_s if need_s else None), (g_t if need_t else None)
+
+
+# The one-op forms below are called where autograd records nothing (inside an autograd
+# Function, or under no_grad): their tensors are passed as they are, without detach().
+
+
+def cam_loss_fwd(cam_s, cam_t, eps: float):
+    """``(loss, q_s, norm_s)``; see csrc/cam.cpp."""
+    return _C.cam_loss_fwd(cam_s, cam_t, float(eps))
+
+
+def cam_loss_bwd(grad_out, cam_s, cam_t, q_s, norm_s, eps: float):
+    return _C.cam_loss_bwd(grad_out, cam_s, cam_t, q_s, norm_s, float(eps))
+
+
+def class_bank_update_(bank, count, ptr, sums, resync_pos, refused, feats, labels, mask, resync_chunk: int) -> None:
+    _C.class_bank_update_(bank, count, ptr, sums, resync_pos, refused, feats, labels, mask, int(resync_chunk))
+
+
+def fifo_bank_update_(bank, bank_labels, ptr, refused, feats, labels, mask) -> None:
+    _C.fifo_bank_update_(bank, bank_labels, ptr, refused, feats, labels, mask)
+
+
+def structure_fwd(sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t, min_count: int, eps: float):
+    """``(intra, inter, mu_s, mu_t, valid, total_s, gram)``; see csrc/structure.cpp."""
+    return _C.structure_fwd(sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t, int(min_count),
+                            float(eps))
+
+
+def structure_bwd(grad_intra, grad_inter, f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram, eps: float):
+    return _C.structure_bwd(grad_intra, grad_inter, f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram,
+                            float(eps))

@@ -18,7 +18,7 @@ import torch
 from icakd_fast.kernels import bank as _bank
 from icakd_fast.kernels import cam as _cam
 from icakd_fast.kernels import structure as _st
-from icakd_fast.kernels._common import _get_current_dispatch_mode, interpreter_problem  # noqa: F401
+from icakd_fast.kernels._common import current_dispatch_mode, interpreter_problem  # noqa: F401
 
 OPS = ("cam", "grad_cam_weights", "class_bank", "fifo_bank", "centroids", "intra", "inter")
 UNAVAILABLE_REASONS: tuple = ()
@@ -67,7 +67,7 @@ def _plain_eager(args) -> bool:
     plain tensors, and nothing for autograd to record. The dispatcher round trip of a Python
     custom op costs tens of microseconds of host time per call, which small training-step ops
     cannot hide (figures: docs/performance.md)."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or _functorch_active():
+    if torch.compiler.is_compiling() or current_dispatch_mode() is not None or _functorch_active():
         return False
     grad = torch.is_grad_enabled()
     for a in args:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from .. import reference
 from .._backend import implementation
 from ._precision import exact as _exact
 
@@ -34,7 +37,10 @@ class CentroidsFunction(torch.autograd.Function):
 
 
 def centroids(backend, sums, counts, feats, labels):
-    return CentroidsFunction.apply(backend, sums, counts, feats, labels)
+    """``(mu [C, D], total [C])`` on ``backend`` (the reference included); not checked."""
+    if backend == "reference":
+        return reference.class_centroids(sums, counts, feats, labels)
+    return CentroidsFunction.apply(backend, sums, counts.long(), feats, labels.long())
 
 
 class IntraFunction(torch.autograd.Function):
@@ -64,7 +70,10 @@ class IntraFunction(torch.autograd.Function):
 
 
 def intra_loss(backend, f_s, f_t, mu_s, mu_t, labels, valid):
-    return IntraFunction.apply(backend, f_s, f_t, mu_s, mu_t, labels, valid)
+    """The intra loss on ``backend`` (the reference included); arguments are not checked."""
+    if backend == "reference":
+        return reference.intra_class_loss(f_s, f_t, mu_s, mu_t, labels, valid)
+    return IntraFunction.apply(backend, f_s, f_t, mu_s, mu_t, labels.long(), valid)
 
 
 class InterFunction(torch.autograd.Function):
@@ -109,4 +118,81 @@ class InterFunction(torch.autograd.Function):
 
 
 def inter_loss(backend, mu_s, mu_t, valid, live, eps, max_live=None):
+    """The inter loss on ``backend`` (the reference included); arguments are not checked, and
+    ``max_live`` must bound the rows both live and valid."""
+    if backend == "reference":
+        return reference.inter_class_loss(mu_s, mu_t, valid, live, eps)
     return InterFunction.apply(backend, mu_s, mu_t, valid, live, eps, max_live)
+
+
+class StructureFunction(torch.autograd.Function):
+    """The structure term of one step in one backend call each way: ``(intra, inter)`` from both
+    networks' bank sums and counts and the batch (the teacher side is a constant); the backward
+    gives dL/df_s only."""
+
+    @staticmethod
+    def forward(ctx, backend, sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t, min_count, eps):
+        with _exact(f_s):
+            intra, inter, mu_s, mu_t, valid, total_s, gram = implementation(backend).structure_fwd(
+                sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t, min_count, eps)
+        ctx.backend, ctx.eps = backend, eps
+        ctx.save_for_backward(f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram)
+        return intra, inter
+
+    @staticmethod
+    def backward(ctx, grad_intra, grad_inter):
+        f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram = ctx.saved_tensors
+        grad_f_s = None
+        if ctx.needs_input_grad[5]:
+            zero = None
+            if grad_intra is None or grad_inter is None:
+                zero = torch.zeros((), dtype=torch.float32, device=f_s.device)
+            with _exact(f_s):
+                grad_f_s = implementation(ctx.backend).structure_bwd(
+                    zero if grad_intra is None else grad_intra, zero if grad_inter is None else grad_inter,
+                    f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram, ctx.eps)
+        return (None,) * 5 + (grad_f_s,) + (None,) * 6
+
+
+class StructurePlan(NamedTuple):
+    """The backends of one step's structure term: ``fused`` runs it as one op each way (None:
+    the composition of the ``centroids``, ``intra`` and ``inter`` backends' ops)."""
+
+    fused: str | None
+    centroids: str
+    intra: str
+    inter: str
+
+
+def kept_centroids(backend, sums, counts, feats, labels, keep):
+    """Centroids over a bank's ``(sums, counts)`` plus the batch rows that ``keep`` marks (None:
+    every row): ``(mu [C, D], total [C])``; masked rows drop out without changing any shape."""
+    if keep is None:
+        return centroids(backend, sums, counts, feats, labels)
+    out = torch.promote_types(sums.dtype, feats.dtype)
+    batch = torch.zeros(sums.shape[0], feats.shape[1], dtype=out, device=feats.device)
+    batch = batch.index_add(0, labels, feats.to(out) * keep.unsqueeze(1).to(out))
+    total = counts + torch.zeros_like(counts).index_add_(0, labels, keep.long())
+    return (sums.to(out) + batch) / total.clamp(min=1).unsqueeze(1).to(out), total
+
+
+def structure(plan: StructurePlan, sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t,
+              min_count: int, eps: float):
+    """``(intra, inter)`` of one step: both networks' centroids over the banks' ``(sums, counts)``
+    and the batch rows kept by ``keep_*`` (None: every row), the classes valid in both
+    (``total >= min_count``), the intra loss and the inter loss with the batch's classes live.
+    The bank sums and ``f_t`` are constants. Arguments are not checked (``ICAKDLoss`` validated them): int64
+    ``labels`` and ``counts``, bool ``keep_*``."""
+    if plan.fused is not None:
+        return StructureFunction.apply(plan.fused, sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t,
+                                       int(min_count), float(eps))
+    sums_s, sums_t, f_t = sums_s.detach(), sums_t.detach(), f_t.detach()
+    mu_s, n_s = kept_centroids(plan.centroids, sums_s, count_s, f_s, labels, keep_s)
+    with torch.no_grad():
+        mu_t, n_t = kept_centroids(plan.centroids, sums_t, count_t, f_t, labels, keep_t)
+    valid = (n_s >= min_count) & (n_t >= min_count)
+    live = torch.zeros(valid.shape[0], dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
+    # live marks the batch's labels, so at most B rows are live: the C++ Gram form's backward then
+    # takes B rows, not C (no device-side check needed)
+    return (intra_loss(plan.intra, f_s, f_t, mu_s, mu_t, labels, valid),
+            inter_loss(plan.inter, mu_s, mu_t, valid, live, eps, labels.shape[0]))

@@ -163,7 +163,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: invalid TOML: {exc}") from exc
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are a single ``icakd-train: error: ...`` line (exit 2)."""
 
     def error(self, message: str):  # type: ignore[override]
@@ -191,7 +191,7 @@ def _milestones(text: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = _Parser(
+    p = OneLineErrorParser(
         prog="icakd-train",
         description=(
             "Distil a student from a teacher with ICAKD (or the ce / kd / cskd baselines). "
