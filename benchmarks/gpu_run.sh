@@ -9,7 +9,7 @@
 # Optional: peer packages as wheels in ./.whl (pytorch-metric-learning, grad-cam, ttach) are
 # installed into a private folder first (see benchmarks/README.md). Stage limits (seconds):
 # TRITON_TESTS_TIMEOUT, BENCH_TIMEOUT, HOST_TIMEOUT, E2E_BUDGET, MEMORY_TIMEOUT, INTER_INC_TIMEOUT,
-# STEP_TIMEOUT, CPP_TIMEOUT, NCU_TIMEOUT.
+# STEP_TIMEOUT, CPP_TIMEOUT, STEP_TESTS_TIMEOUT, NCU_TIMEOUT.
 set -u
 OUT=${1:-${OUT:-gpu-out}}
 mkdir -p "$OUT"
@@ -106,6 +106,15 @@ timeout -s INT ${CPP_TIMEOUT:-40} $PY -m pytest tests/test_cpp_gpu.py tests/test
   -p no:cacheprovider -m "not slow" > "$LOGS/tests_cpp_gpu.log" 2>&1
 stamp "cpp tests rc=$? : $(tail -n 1 "$LOGS/tests_cpp_gpu.log")"
 grep -E "^FAILED|^ERROR" "$LOGS/tests_cpp_gpu.log" | head -20 | tee -a "$OUT/summary.txt"
+
+# 5b. the training step on CUDA tensors: every backend's ops against the float64 reference (the
+#     conformance suite), the step's ops, and ICAKDLoss with its banks (the composed CUDA path of
+#     the step ops, never run on a GPU before)
+timeout -s INT ${STEP_TESTS_TIMEOUT:-120} $PY -m pytest tests/test_conformance.py tests/test_step_ops.py \
+  tests/test_loss.py tests/test_bank_nonfinite.py $XDIST -q -rf --tb=short -p no:cacheprovider -m "not slow" \
+  > "$LOGS/tests_step_gpu.log" 2>&1
+stamp "step tests rc=$? : $(tail -n 1 "$LOGS/tests_step_gpu.log")"
+grep -E "^FAILED|^ERROR" "$LOGS/tests_step_gpu.log" | head -20 | tee -a "$OUT/summary.txt"
 # 6. hardware counters of the CAM and inter kernels (when Nsight Compute is present and can read them)
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2> /dev/null | head -n 1)
 if [ -n "$NCU" ] && [ "${NCU_TIMEOUT:-40}" -gt 0 ]; then
