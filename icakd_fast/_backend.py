@@ -204,6 +204,18 @@ def resolve(backend: str | None, op: str, *tensors: object) -> str:
     return backend
 
 
+def cached(cache: dict, key, make):
+    """``cache[key]``, made by ``make()`` the first time. While ``torch.compile`` traces, ``make()``
+    runs and nothing is stored: the graph keeps what it gave, and a cache filled then would only
+    add guards (and recompiles) on its contents."""
+    if torch.compiler.is_compiling():
+        return make()
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = make()
+    return hit
+
+
 def status() -> dict[str, list[str]]:
     """{backend: reasons it cannot run at all} (empty list = usable on at least one device)."""
     return {name: list(_probe(name)[1]) for name in BACKENDS}

@@ -69,19 +69,18 @@ def label_range(name: str, labels: torch.Tensor, num_classes: int, mask: torch.T
     """Labels must lie in [0, num_classes) (rows with mask False are not checked)."""
     if labels.numel() == 0:
         return
-    if labels.device.type == "cpu" and not _compiling():
-        if mask is None:
-            lo, hi = torch.aminmax(labels)
-            if lo.item() >= 0 and hi.item() < num_classes:
-                return
-        bad = (labels < 0) | (labels >= num_classes)
-        if mask is not None:
-            bad = bad & mask
+    on_host = labels.device.type == "cpu" and not _compiling()
+    if on_host and mask is None:
+        # the common case in two reads; the masked or failing case finds the first bad label below
+        lo, hi = torch.aminmax(labels)
+        if lo.item() >= 0 and hi.item() < num_classes:
+            return
+    bad = (labels < 0) | (labels >= num_classes)
+    if mask is not None:
+        bad = bad & mask
+    if on_host:
         if bool(bad.any()):
             first = labels[bad][0].item()
             raise ValueError(f"{name} must lie in [0, {num_classes}), found {first}")
         return
-    bad = (labels < 0) | (labels >= num_classes)
-    if mask is not None:
-        bad = bad & mask
     torch._assert_async(~bad.any(), f"{name} must lie in [0, {num_classes})")

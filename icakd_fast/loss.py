@@ -10,7 +10,7 @@ from torch import nn
 
 from . import _validate as V
 from . import ops, reference
-from ._backend import BackendUnavailableError, resolve
+from ._backend import BackendUnavailableError, cached, resolve
 from ._inter_form import gram_shape_pays
 from ._inter_gram import InterGramCache, batch_centroids, first_occurrence, first_positions
 from .memory import ClassMemoryBank, FIFOMemoryBank, all_gather_rows, is_distributed
@@ -197,54 +197,49 @@ class ICAKDLoss(nn.Module):
         """The backend of ``op`` on ``device``, resolved once (``ICAKD_BACKEND`` is read then).
         ``optional``: a one-op form that a backend named by the user may lack (then the
         reference form of it runs)."""
-        key = (op, device)
-        # traced code resolves while tracing: a cache filled then would only add guards
-        name = None if torch.compiler.is_compiling() else self._per_device.get(key)
-        if name is None:
+        def make():
             try:
-                name = resolve(self.backend, op, torch.empty(0, device=device))
+                return resolve(self.backend, op, torch.empty(0, device=device))
             except BackendUnavailableError:
                 if not optional:
                     raise
-                name = "reference"
-            if not torch.compiler.is_compiling():
-                self._per_device[key] = name
-        return name
+                return "reference"
+
+        return cached(self._per_device, (op, device), make)
 
     def _structure_plan(self, device: torch.device) -> StructurePlan:
         """The structure term's backends on ``device``, resolved once (per TF32 setting on CUDA,
         which the automatic choice of the inter loss reads)."""
-        key = ("structure", device, device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
-        plan = None if torch.compiler.is_compiling() else self._per_device.get(key)
-        if plan is None:
+        def make():
             probe = torch.empty(self.num_classes, self.teacher_dim, device=device)
             try:
                 fused = resolve(self.backend, "structure", probe)
             except BackendUnavailableError:  # a backend named by the user without the one-op form
                 fused = None
-            plan = StructurePlan(
+            return StructurePlan(
                 None if fused == "reference" else fused,
                 resolve(self.backend, "centroids", probe),
                 resolve(self.backend, "intra", probe),
                 resolve(self.backend, "inter", probe, probe),
             )
-            if not torch.compiler.is_compiling():
-                self._per_device[key] = plan
-        return plan
+
+        tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+        return cached(self._per_device, ("structure", device, tf32), make)
 
     def _empty_state(self, device: torch.device, dim: int):
         """``(sums, counts)`` of an empty bank (constants, made once per device)."""
-        if torch.compiler.is_compiling():
+        def zeros():
             return (torch.zeros(self.num_classes, dim, dtype=torch.float32, device=device),
                     torch.zeros(self.num_classes, dtype=torch.int64, device=device))
-        key = ("empty", device, dim)
-        hit = self._per_device.get(key)
-        if hit is None:
+
+        def make():
+            if not torch.is_inference_mode_enabled():
+                return zeros()
+            # normal tensors even when first made under torch.inference_mode (a validation pass)
             with torch.inference_mode(False):
-                hit = self._per_device[key] = (
-                    torch.zeros(self.num_classes, dim, dtype=torch.float32, device=device),
-                    torch.zeros(self.num_classes, dtype=torch.int64, device=device))
-        return hit
+                return zeros()
+
+        return cached(self._per_device, ("empty", device, dim), make)
 
     def _structure_incremental(self, f_s, f_t, labels, keep_s, keep_t):
         """(intra, inter) with centroids of the batch's classes only ([B, D], no [C, D] tensor)

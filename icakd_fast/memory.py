@@ -14,15 +14,14 @@ turn NaN.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 from torch import nn
 
-import itertools
-
 from . import _validate as V
-from ._backend import resolve
+from ._backend import cached, resolve
 from .functional import class_centroids
 from .ops import bank as bank_ops
 
@@ -196,16 +195,12 @@ class _BankBase(nn.Module):
         """``(backend, fused update available)`` for ``op`` on the bank's device, resolved once per
         device and ``backend`` setting (``ICAKD_BACKEND`` is read then)."""
         device = self.bank.device
-        if torch.compiler.is_compiling():
-            # traced: resolved while tracing, and a cache filled then would only add guards
+
+        def make():
             name = resolve(self.backend, op, self.bank)
             return name, bank_ops.fused_update(name, device)
-        key = (op, device, self.backend)
-        hit = self._resolved.get(key)
-        if hit is None:
-            name = resolve(self.backend, op, self.bank)
-            hit = self._resolved[key] = (name, bank_ops.fused_update(name, device))
-        return hit
+
+        return cached(self._resolved, (op, device, self.backend), make)
 
     def _impl(self, op: str):
         """The module implementing ``op`` for this bank's backend and device."""

@@ -11,5 +11,5 @@ from . import bank
 from .cam import cam_features, cam_loss, class_activation, spatial_mean
 from .structure import StructurePlan, centroids, inter_loss, intra_loss, kept_centroids, structure
 
-__all__ = ["StructurePlan", "bank", "cam_features", "cam_loss", "class_activation", "centroids", "inter_loss", "intra_loss", "kept_centroids",
-           "spatial_mean", "structure"]
+__all__ = ["StructurePlan", "bank", "cam_features", "cam_loss", "centroids", "class_activation", "inter_loss",
+           "intra_loss", "kept_centroids", "spatial_mean", "structure"]

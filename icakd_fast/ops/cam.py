@@ -99,7 +99,7 @@ def cam_loss(backend: str, cam_s: torch.Tensor, cam_t: torch.Tensor, eps: float 
 class ClassActivationFunction(torch.autograd.Function):
     """One network's whole CAM step on a backend with the one-op CAM loss: Grad-CAM weights from
     the classifier (``fc_weight[targets] / (H*W)``), the map, the CAM-weighted pooled features
-    and, given the teacher's map, the CAM constraint; the backward runs the loss's and the map's
+    and the CAM constraint against the teacher's map; the backward runs the loss's and the map's
     backward kernels back to back and scatters the weights' gradient into ``fc_weight``."""
 
     @staticmethod
@@ -107,12 +107,9 @@ class ClassActivationFunction(torch.autograd.Function):
         impl = implementation(backend)
         spatial = features.shape[2] * features.shape[3]
         with _exact(features):
-            weights = fc_weight.index_select(0, targets) / spatial
+            weights = reference.cam_weights_from_linear(fc_weight, targets, spatial)
             cam, pooled, pool_w = impl.cam_fwd(features, weights, True)
-            if cam_t is not None:
-                l_cam, q_s, norm_s = impl.cam_loss_fwd(cam, cam_t, reference.NORM_EPS)
-            else:
-                l_cam = q_s = norm_s = None
+            l_cam, q_s, norm_s = impl.cam_loss_fwd(cam, cam_t, reference.NORM_EPS)
         ctx.backend, ctx.spatial, ctx.fc_rows = backend, spatial, fc_weight.shape[0]
         ctx.save_for_backward(features, weights, targets, cam, pool_w, cam_t, q_s, norm_s)
         ctx.mark_non_differentiable(cam)
@@ -127,7 +124,7 @@ class ClassActivationFunction(torch.autograd.Function):
         impl = implementation(ctx.backend)
         with _exact(features):
             grad_cam = None
-            if grad_loss is not None and cam_t is not None:
+            if grad_loss is not None:
                 grad_cam = impl.cam_loss_bwd(grad_loss, cam, cam_t, q_s, norm_s, reference.NORM_EPS)
             grad_f, grad_w = impl.cam_bwd(grad_cam, grad_pooled, features, weights, cam, pool_w, need_f, need_w)
             grad_fc = None
@@ -147,10 +144,10 @@ def class_activation(backend: str, features: torch.Tensor, fc_weight: torch.Tens
     autograd node; otherwise the same terms are composed from the backend's CAM op and the
     reference loss. ``cam`` carries no gradient in the fused form; ``l_cam`` does. Arguments are
     not checked (``ICAKDLoss`` validated them)."""
-    spatial = features.shape[2] * features.shape[3]
-    if fused and backend != "reference" and cam_t is not None and cam_t.shape == features.shape[:1] + features.shape[2:]:
+    one_resolution = cam_t is not None and cam_t.shape == features.shape[:1] + features.shape[2:]
+    if fused and backend != "reference" and one_resolution:
         return ClassActivationFunction.apply(backend, features, fc_weight, targets, cam_t.detach())
-    weights = reference.cam_weights_from_linear(fc_weight, targets, spatial)
+    weights = reference.cam_weights_from_linear(fc_weight, targets, features.shape[2] * features.shape[3])
     cam, pooled = cam_features(backend, features, weights)
     l_cam = None if cam_t is None else cam_loss(backend if fused else "reference", cam, cam_t)
     return cam, pooled, l_cam

@@ -181,8 +181,8 @@ def structure(plan: StructurePlan, sums_s, count_s, sums_t, count_t, f_s, f_t, l
     """``(intra, inter)`` of one step: both networks' centroids over the banks' ``(sums, counts)``
     and the batch rows kept by ``keep_*`` (None: every row), the classes valid in both
     (``total >= min_count``), the intra loss and the inter loss with the batch's classes live.
-    The bank sums and ``f_t`` are constants. Arguments are not checked (``ICAKDLoss`` validated them): int64
-    ``labels`` and ``counts``, bool ``keep_*``."""
+    The bank sums and ``f_t`` are constants. Arguments are not checked (``ICAKDLoss`` validated
+    them): int64 ``labels`` and ``counts``, bool ``keep_*``."""
     if plan.fused is not None:
         return StructureFunction.apply(plan.fused, sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t,
                                        int(min_count), float(eps))
