@@ -21,4 +21,14 @@ TORCH_LIBRARY_FRAGMENT(icakd_fast_C, m) {
   m.def(
       "fifo_bank_update_(Tensor(a!) bank, Tensor(b!) bank_labels, Tensor(c!) ptr, Tensor(d!) refused, "
       "Tensor feats, Tensor labels, Tensor? mask) -> ()");
+  // The same update of several banks that share one batch's labels (the student's and the
+  // teacher's banks of one step) in one call: entry i of every list belongs to bank i, and every
+  // list holds one entry per bank.
+  m.def(
+      "class_banks_update_(Tensor(a!)[] bank, Tensor(b!)[] count, Tensor(c!)[] ptr, Tensor(d!)[] sums, "
+      "Tensor(e!)[] resync_pos, Tensor(f!)[] refused, Tensor[] feats, Tensor labels, Tensor?[] mask, "
+      "int resync_chunk) -> ()");
+  m.def(
+      "fifo_banks_update_(Tensor(a!)[] bank, Tensor(b!)[] bank_labels, Tensor(c!)[] ptr, Tensor(d!)[] refused, "
+      "Tensor[] feats, Tensor labels, Tensor?[] mask) -> ()");
 }

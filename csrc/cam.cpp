@@ -15,4 +15,22 @@ TORCH_LIBRARY_FRAGMENT(icakd_fast_C, m) {
   // map and norm_s and gives dL/dcam_s in cam_s's dtype.
   m.def("cam_loss_fwd(Tensor cam_s, Tensor cam_t, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("cam_loss_bwd(Tensor grad_out, Tensor cam_s, Tensor cam_t, Tensor q_s, Tensor norm_s, float eps) -> Tensor");
+  // One network's whole CAM step with a GAP + linear head (CPU kernel only): weights =
+  // fc_weight[targets] / (H*W) (divided in fc_weight's dtype), then what cam_fwd(features, weights,
+  // true) returns and, given the teacher's map cam_t [B,H,W] (a constant), what cam_loss_fwd(cam,
+  // cam_t, eps) returns. Returns (cam, pooled, loss, pool_w, q_s, norm_s, q_t) with q_t the
+  // teacher's unit rows [B, H*W] (the loss's dtype); loss, q_s, norm_s and q_t are empty tensors
+  // without cam_t. targets are int64 in [0, C).
+  m.def(
+      "class_activation_fwd(Tensor features, Tensor fc_weight, Tensor targets, Tensor? cam_t, float eps) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // (grad_features, grad_fc_weight): cam_loss_bwd's math on the saved q_s, norm_s and q_t (grad_loss
+  // given), then cam_bwd's (the weights gathered again from fc_weight and targets), then the weights'
+  // gradient / (H*W) added into the rows targets of a [C, K] tensor in fc_weight's dtype
+  // (accumulated in float32, float64 for float64). A gradient that is not needed is returned as an
+  // empty tensor.
+  m.def(
+      "class_activation_bwd(Tensor? grad_pooled, Tensor? grad_loss, Tensor features, Tensor fc_weight, "
+      "Tensor targets, Tensor cam, Tensor pool_w, Tensor q_s, Tensor norm_s, Tensor q_t, float eps, "
+      "bool need_features, bool need_fc_weight) -> (Tensor, Tensor)");
 }

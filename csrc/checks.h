@@ -125,14 +125,9 @@ struct CamDims {
   at::ScalarType acc;     // float32, or float64 when an input is float64
 };
 
-inline CamDims check_cam(const at::Tensor& features, const at::Tensor& weights, c10::DeviceType kernel) {
-  check_float(features, "features");
-  check_float(weights, "weights");
-  check_dim(features, 4, "features");
-  check_dim(weights, 2, "weights");
-  TORCH_CHECK(weights.size(0) == features.size(0) && weights.size(1) == features.size(1), "weights must be [B, K] = [",
-              features.size(0), ", ", features.size(1), "], got shape ", weights.sizes());
-  check_devices(kernel, {{&features, "features"}, {&weights, "weights"}});
+// the dims of a feature map [B, K, H, W] whose maps are weighted by `weights` (any tensor of the
+// weights' dtype)
+inline CamDims cam_dims(const at::Tensor& features, const at::Tensor& weights) {
   CamDims d;
   d.B = features.size(0);
   d.K = features.size(1);
@@ -142,6 +137,17 @@ inline CamDims check_cam(const at::Tensor& features, const at::Tensor& weights, 
   d.out_dt = at::promote_types(features.scalar_type(), weights.scalar_type());
   d.acc = acc_type_of(features.scalar_type(), weights.scalar_type());
   return d;
+}
+
+inline CamDims check_cam(const at::Tensor& features, const at::Tensor& weights, c10::DeviceType kernel) {
+  check_float(features, "features");
+  check_float(weights, "weights");
+  check_dim(features, 4, "features");
+  check_dim(weights, 2, "weights");
+  TORCH_CHECK(weights.size(0) == features.size(0) && weights.size(1) == features.size(1), "weights must be [B, K] = [",
+              features.size(0), ", ", features.size(1), "], got shape ", weights.sizes());
+  check_devices(kernel, {{&features, "features"}, {&weights, "weights"}});
+  return cam_dims(features, weights);
 }
 
 // Outputs of cam_fwd, in the accumulation dtype (cam and pooled are cast to out_dt at the end).
@@ -181,6 +187,16 @@ struct CamBwdOperands {
   at::Tensor w;   // [B, K]: weights
 };
 
+// grad_pooled [B, K] and the pooling weights pool_w [B, H*W] of a CAM backward
+inline void check_pooled_grad(const at::Tensor& grad_pooled, const at::Tensor& pool_w, const CamDims& d) {
+  check_float(grad_pooled, "grad_pooled");
+  check_float(pool_w, "pool_w");
+  TORCH_CHECK(grad_pooled.numel() == d.B * d.K, "grad_pooled must be [B, K] = [", d.B, ", ", d.K, "], got shape ",
+              grad_pooled.sizes());
+  TORCH_CHECK(pool_w.numel() == d.B * d.P, "pool_w must be [B, H*W] = [", d.B, ", ", d.P, "], got shape ",
+              pool_w.sizes());
+}
+
 inline CamBwdOperands check_cam_bwd(const std::optional<at::Tensor>& grad_cam,
                                     const std::optional<at::Tensor>& grad_pooled, const at::Tensor& features,
                                     const at::Tensor& weights, const at::Tensor& cam, const at::Tensor& pool_w,
@@ -206,14 +222,7 @@ inline CamBwdOperands check_cam_bwd(const std::optional<at::Tensor>& grad_cam,
     TORCH_CHECK(cam.numel() == d.B * d.P, "cam must be [B, H, W] = [", d.B, ", ", d.H, ", ", d.W, "], got shape ",
                 cam.sizes());
   }
-  if (op.has_gp) {
-    check_float(*grad_pooled, "grad_pooled");
-    check_float(pool_w, "pool_w");
-    TORCH_CHECK(grad_pooled->numel() == d.B * d.K, "grad_pooled must be [B, K] = [", d.B, ", ", d.K, "], got shape ",
-                grad_pooled->sizes());
-    TORCH_CHECK(pool_w.numel() == d.B * d.P, "pool_w must be [B, H*W] = [", d.B, ", ", d.P, "], got shape ",
-                pool_w.sizes());
-  }
+  if (op.has_gp) check_pooled_grad(*grad_pooled, pool_w, d);
   // every check passed: convert
   if (op.has_gc) {
     op.gs = (grad_cam->reshape({d.B, d.P}).to(d.acc) * cam.reshape({d.B, d.P}).gt(0).to(d.acc)).contiguous();

@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -53,6 +55,15 @@ inline acc_t sum_acc(const a_t* a, int64_t n) {
 template <typename acc_t, typename a_t>
 inline acc_t sumsq_acc(const a_t* a, int64_t n) {
   return dot_acc<acc_t>(a, a, n);
+}
+
+// One row normalised as F.normalize does: out = x / max(|x|, eps) in acc_t; returns |x|.
+template <typename acc_t, typename in_t>
+inline acc_t unit_row(const in_t* x, int64_t n, double eps, acc_t* out) {
+  const acc_t norm = std::sqrt(sumsq_acc<acc_t>(x, n));
+  const acc_t den = std::max<acc_t>(norm, static_cast<acc_t>(eps));
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<acc_t>(x[i]) / den;
+  return norm;
 }
 
 // Stable counting sort of row indices by label (CPU only). Rows whose label is outside

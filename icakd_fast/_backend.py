@@ -31,8 +31,8 @@ from ._inter_form import gram_shape_pays, inter_gram_pays  # noqa: F401  (public
 BACKENDS = ("reference", "triton", "cpp")
 
 #: ops that a fast backend may implement (a backend module lists its own in ``OPS``)
-OPS = ("cam", "cam_loss", "grad_cam_weights", "class_bank", "fifo_bank", "bank_update", "centroids", "intra",
-       "inter", "structure")
+OPS = ("cam", "cam_loss", "class_activation", "grad_cam_weights", "class_bank", "fifo_bank", "bank_update",
+       "centroids", "intra", "inter", "structure")
 
 
 class BackendUnavailableError(RuntimeError):

@@ -13,7 +13,7 @@ from . import ops, reference
 from ._backend import BackendUnavailableError, cached, resolve
 from ._inter_form import gram_shape_pays
 from ._inter_gram import InterGramCache, batch_centroids, first_occurrence, first_positions
-from .memory import ClassMemoryBank, FIFOMemoryBank, all_gather_rows, is_distributed
+from .memory import ClassMemoryBank, FIFOMemoryBank, all_gather_rows, enqueue_banks, is_distributed
 from .ops import StructurePlan
 
 __all__ = ["ICAKDLoss", "ICAKDOutput", "METHODS", "CAM_LOSSES", "catkd_cam_loss"]
@@ -233,7 +233,7 @@ class ICAKDLoss(nn.Module):
                     torch.zeros(self.num_classes, dtype=torch.int64, device=device))
 
         def make():
-            if not torch.is_inference_mode_enabled():
+            if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
                 return zeros()
             # normal tensors even when first made under torch.inference_mode (a validation pass)
             with torch.inference_mode(False):
@@ -327,9 +327,7 @@ class ICAKDLoss(nn.Module):
     def _other_ranks_batch(self, f_s, f_t, labels, keep_s, keep_t):
         """Batch-only centroids under DDP: per network ``(sums float32 [C,D], counts [C])`` of the
         rows the other ranks hold this step (constants, like a bank's contents), so that every
-        rank's centroids cover the global batch; None in a single process or outside training."""
-        if not (self.training and is_distributed()):
-            return None
+        rank's centroids cover the global batch (DDP training without a bank)."""
         import torch.distributed as dist
 
         n = labels.shape[0]
@@ -347,16 +345,17 @@ class ICAKDLoss(nn.Module):
             out.append((sums, counts))
         return out
 
-    def _bank_state(self, f_s, f_t, labels, keep_s, keep_t):
+    def _other_ranks_rows(self) -> bool:
+        """Whether the centroids add the other ranks' rows of this step (DDP training without a
+        bank)."""
+        return self.bank_s is None and self.training and is_distributed()
+
+    def _bank_state(self, dim_s: int, dim_t: int, device: torch.device):
         """``(sums_s, count_s, sums_t, count_t)`` the centroids add the batch to: the banks'
-        contents (previous batches), the other ranks' rows of this step under DDP without a bank,
-        or nothing."""
+        contents (previous batches), or nothing."""
         if self.bank_s is not None:
             return self.bank_s.sums_counts() + self.bank_t.sums_counts()
-        others = self._other_ranks_batch(f_s, f_t, labels, keep_s, keep_t)
-        if others is not None:
-            return others[0] + others[1]
-        return self._empty_state(f_s.device, f_s.shape[1]) + self._empty_state(f_t.device, f_t.shape[1])
+        return self._empty_state(device, dim_s) + self._empty_state(device, dim_t)
 
     def forward(
         self,
@@ -382,14 +381,11 @@ class ICAKDLoss(nn.Module):
             teacher_fc_weight = teacher_fc_weight.detach()
 
         parts: dict[str, torch.Tensor] = {}
-        ce = F.cross_entropy(student_logits.float(), labels)
-        parts["ce"] = ce
-        loss = _weighted(self.w_ce, ce)
+        weights: dict[str, float] = {}
+        parts["ce"], weights["ce"] = F.cross_entropy(student_logits.float(), labels), self.w_ce
         if self.use_kd:
             # the module's arguments were checked once, above: the ops below are called unchecked
-            kd = reference.kd_loss(student_logits, teacher_logits, self.tau)
-            parts["kd"] = kd
-            loss = loss + _weighted(self.w_kd, kd)
+            parts["kd"], weights["kd"] = reference.kd_loss(student_logits, teacher_logits, self.tau), self.w_kd
 
         if self.use_structure:
             device = labels.device
@@ -397,11 +393,12 @@ class ICAKDLoss(nn.Module):
             if self.cam_weighting or self.use_cam_loss:
                 targets = labels if self.target == "label" else teacher_logits.argmax(dim=1)
                 cam = self._backend_of("cam", device)
-                with torch.no_grad():
-                    cam_t, v_t, _ = ops.class_activation(cam, teacher_features, teacher_fc_weight, targets)
+                # each network's CAM step in one op each way where the CAM backend has the one-op
+                # form (else its CAM op and the reference CAM loss)
+                fused = cam != "reference" and self._backend_of("class_activation", device, optional=True) == cam
+                # the teacher's inputs were detached above: nothing of its step is recorded
+                cam_t, v_t, _ = ops.class_activation(cam, teacher_features, teacher_fc_weight, targets, fused=fused)
                 at_loss = self.use_cam_loss and self.cam_loss == "at"
-                # the one-op CAM loss where the CAM backend has it (else the reference form)
-                fused = at_loss and self._backend_of("cam_loss", device, optional=True) == cam
                 _, v_s, l_cam = ops.class_activation(cam, student_features, student_fc_weight, targets,
                                                      cam_t if at_loss else None, fused=fused)
                 if self.use_cam_loss:
@@ -409,38 +406,61 @@ class ICAKDLoss(nn.Module):
                     if not at_loss:
                         l_cam = catkd_cam_loss(student_features, teacher_features, student_fc_weight,
                                                teacher_fc_weight, self.cam_pool)
-                    parts["cam"] = l_cam
-                    loss = loss + _weighted(w_cam, l_cam)
+                    parts["cam"], weights["cam"] = l_cam, w_cam
             if not self.cam_weighting:
                 v_s = student_features.mean(dim=(2, 3))
                 v_t = teacher_features.mean(dim=(2, 3))
 
-            u_s = self.projector(v_s.to(self.projector.weight.dtype))
-            f_s = F.normalize(u_s.float(), dim=1)
-            f_t = F.normalize(v_t.float(), dim=1)
+            v_t = v_t.float()
 
             keep_s = keep_t = None
             if self.correct_only:
                 keep_s = student_logits.detach().argmax(dim=1) == labels
                 keep_t = teacher_logits.argmax(dim=1) == labels
             incremental = self._incremental(device, labels.shape[0])
+            if incremental or self._other_ranks_rows():
+                # these read the unit rows before the structure term
+                u_s = ops.project_rows(v_s, self.projector.weight)
+                f_s = F.normalize(u_s, dim=1, eps=reference.NORM_EPS)
+                f_t = F.normalize(v_t, dim=1, eps=reference.NORM_EPS)
             if incremental:
                 l_intra, l_inter = self._structure_incremental(f_s, f_t, labels, keep_s, keep_t)
+            elif self._other_ranks_rows():
+                state = self._other_ranks_batch(f_s, f_t, labels, keep_s, keep_t)
+                l_intra, l_inter = ops.structure(self._structure_plan(device), *state[0], *state[1], f_s, f_t, labels,
+                                                 keep_s, keep_t, self.min_count, reference.NORM_EPS)
             else:
-                state = self._bank_state(f_s, f_t, labels, keep_s, keep_t)
-                l_intra, l_inter = ops.structure(self._structure_plan(device), *state, f_s, f_t, labels, keep_s,
-                                                 keep_t, self.min_count, reference.NORM_EPS)
-            parts["intra"] = l_intra
-            parts["inter"] = l_inter
-            loss = loss + _weighted(self.w_intra, l_intra) + _weighted(self.w_inter, l_inter)
+                # the structure op projects (by the projector's weight) and normalises the rows
+                # itself and returns the unit rows
+                state = self._bank_state(self.teacher_dim, v_t.shape[1], device)
+                l_intra, l_inter, f_s, f_t = ops.structure(self._structure_plan(device), *state, v_s, v_t, labels,
+                                                           keep_s, keep_t, self.min_count, reference.NORM_EPS,
+                                                           normalize=True, projection=self.projector.weight)
+            parts["intra"], weights["intra"] = l_intra, self.w_intra
+            parts["inter"], weights["inter"] = l_inter, self.w_inter
 
             if self.training and self.bank_s is not None:
                 # the incremental form reads the bank rows the update will change, before it
                 # writes (with the labels the bank gathered from every rank)
-                pending = self.bank_s.enqueue(f_s, labels, keep_s, check=False,
-                                              before_write=self._gram_rows_before if incremental else None)
-                self.bank_t.enqueue(f_t, labels, keep_t, check=False)
+                pending = enqueue_banks([self.bank_s, self.bank_t], [f_s, f_t], labels, [keep_s, keep_t], check=False,
+                                        before_write=self._gram_rows_before if incremental else None)
                 if incremental:
                     self._inter_gram.update(self.bank_s, self.bank_t, *pending)
 
-        return ICAKDOutput(loss=loss, parts={k: v.detach() for k, v in parts.items()})
+        return self._total(parts, weights)
+
+    def _total(self, parts: dict[str, torch.Tensor], weights: dict[str, float]) -> ICAKDOutput:
+        """The weighted sum of the terms: one stack and one dot product (one autograd node each)
+        for several terms, instead of a multiply and an add per term."""
+        if len(parts) == 1:
+            (name, term), = parts.items()
+            return ICAKDOutput(loss=_weighted(weights[name], term), parts={name: term.detach()})
+        terms = torch.stack(list(parts.values()))
+        w = tuple(weights.values())
+
+        def make():
+            return torch.tensor(w, dtype=terms.dtype, device=terms.device)
+
+        # torch.dot, unlike matmul, is not cast down under autocast
+        loss = torch.dot(terms, cached(self._per_device, ("weights", terms.device, terms.dtype, w), make))
+        return ICAKDOutput(loss=loss, parts=dict(zip(parts, terms.detach().unbind())))

@@ -25,7 +25,7 @@ from ._backend import cached, resolve
 from .functional import class_centroids
 from .ops import bank as bank_ops
 
-__all__ = ["ClassMemoryBank", "FIFOMemoryBank", "all_gather_rows", "is_distributed"]
+__all__ = ["ClassMemoryBank", "FIFOMemoryBank", "all_gather_rows", "enqueue_banks", "is_distributed"]
 
 _STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -99,6 +99,39 @@ def _snapshot_if_compiling(sums: torch.Tensor, counts: torch.Tensor):
     if torch.compiler.is_compiling():
         return _bank_snapshot(sums, counts)
     return sums, counts
+
+
+@torch.no_grad()
+def enqueue_banks(banks, feats, labels: torch.Tensor, masks=None, *, check: bool = True, before_write=None):
+    """``bank.enqueue`` of several banks whose rows share ``labels`` (the student's and the
+    teacher's banks of one step): ``feats[i]`` and ``masks[i]`` (None: every row) go to
+    ``banks[i]``. Under ``torch.distributed`` every rank's rows of all banks are gathered in one
+    exchange. Banks of one layout, device and backend take one update op together where the
+    backend has it. ``check`` and ``before_write`` as in ``enqueue``."""
+    n = len(banks)
+    feats = list(feats)
+    masks = [None] * n if masks is None else list(masks)
+    if len(feats) != n or len(masks) != n:
+        raise ValueError(f"feats and masks must hold one entry per bank ({n}), got {len(feats)} and {len(masks)}")
+    if check:
+        for i, bank in enumerate(banks):
+            feats[i], _, masks[i] = bank._check_enqueue(feats[i], labels, masks[i])
+    labels = labels.long()
+    if is_distributed():
+        masks = [torch.ones(f.shape[0], dtype=torch.bool, device=f.device) if m is None else m
+                 for f, m in zip(feats, masks)]
+        rows = all_gather_rows(*feats, labels, *masks)
+        feats, labels, masks = list(rows[:n]), rows[n], list(rows[n + 1:])
+    result = before_write(labels) if before_write is not None else None
+    key = banks[0]._joint_key() if n > 1 else None
+    if key is not None and all(bank._joint_key() == key for bank in banks[1:]):
+        banks[0]._update_joint(banks, feats, labels, masks)
+    else:
+        for bank, f, m in zip(banks, feats, masks):
+            bank._update(f, labels, m)
+    for bank in banks:
+        bank._renew_stamp()
+    return result
 
 
 class _Stamp:
@@ -176,19 +209,17 @@ class _BankBase(nn.Module):
         ``before_write`` (optional): called with the int64 labels of every rank once they are
         gathered, before anything is written; its result is returned (``ICAKDLoss`` reads the bank
         rows the update will change with it)."""
-        if check:
-            feats, labels, mask = self._check_enqueue(feats, labels, mask)
-        labels = labels.long()
-        if is_distributed():
-            if mask is None:
-                mask = torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
-            feats, labels, mask = all_gather_rows(feats, labels, mask)
-        result = before_write(labels) if before_write is not None else None
-        self._update(feats, labels, mask)
-        self._renew_stamp()
-        return result
+        return enqueue_banks([self], [feats], labels, [mask], check=check, before_write=before_write)
 
     def _update(self, feats, labels, mask):
+        raise NotImplementedError
+
+    def _joint_key(self):
+        """Banks with equal keys take one update op together (None: never joined)."""
+        return None
+
+    @staticmethod
+    def _update_joint(banks, feats, labels, masks):
         raise NotImplementedError
 
     def _backend_of(self, op: str) -> tuple[str, bool]:
@@ -280,6 +311,19 @@ class ClassMemoryBank(_BankBase):
         bank_ops.class_bank_update_(name, fused, self.bank, self.count, self.ptr, self.sums, self.resync_pos,
                                     self.refused, feats, labels, mask, self._resync_offsets)
 
+    def _joint_key(self):
+        name, fused = self._backend_of("class_bank")
+        if not fused:
+            return None
+        return ClassMemoryBank, name, self.bank.device, self.num_classes, self._resync_offsets.shape[0]
+
+    @staticmethod
+    def _update_joint(banks, feats, labels, masks):
+        name, fused = banks[0]._backend_of("class_bank")
+        bank_ops.class_banks_update_(name, fused, [b.bank for b in banks], [b.count for b in banks],
+                                     [b.ptr for b in banks], [b.sums for b in banks], [b.resync_pos for b in banks],
+                                     [b.refused for b in banks], feats, labels, masks, banks[0]._resync_offsets)
+
     @torch.no_grad()
     def resync(self) -> None:
         """Recompute every class's float32 sum exactly from the stored rows."""
@@ -341,6 +385,16 @@ class FIFOMemoryBank(_BankBase):
     def _update(self, feats, labels, mask):
         name, fused = self._backend_of("fifo_bank")
         bank_ops.fifo_bank_update_(name, fused, self.bank, self.labels, self.ptr, self.refused, feats, labels, mask)
+
+    def _joint_key(self):
+        name, fused = self._backend_of("fifo_bank")
+        return (FIFOMemoryBank, name, self.bank.device, self.num_classes) if fused else None
+
+    @staticmethod
+    def _update_joint(banks, feats, labels, masks):
+        name, fused = banks[0]._backend_of("fifo_bank")
+        bank_ops.fifo_banks_update_(name, fused, [b.bank for b in banks], [b.labels for b in banks],
+                                    [b.ptr for b in banks], [b.refused for b in banks], feats, labels, masks)
 
     def sums_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         # new tensors made by a segment sum (index_add or a custom op, neither of which the

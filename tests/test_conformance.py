@@ -133,14 +133,22 @@ def _structure_inputs(s, dtype):
     return state + [_randn(b, d).to(dtype), _randn(b, d).to(dtype), labels, keep_s, keep_t]
 
 
-def _structure_call(keep, min_count):
+def _projected_structure_inputs(s, dtype):
+    """``_structure_inputs`` plus a projection [D, D] of the student's rows (the projector)."""
+    return _structure_inputs(s, dtype) + [(_randn(s["D"], s["D"]) / s["D"] ** 0.5).to(dtype)]
+
+
+def _structure_call(keep, min_count, normalize=False):
     """``ops.structure`` on one backend: its one-op form where the registry lists it, else the
-    composition of its centroids, intra and inter ops."""
+    composition of its centroids, intra and inter ops. With ``normalize`` the batch rows are raw
+    and the outputs include the unit rows; a tenth input is the projection of the student's rows."""
     def call(backend, a):
         fused = backend if backend != "reference" and _backend.is_available(backend, "structure", DEV) else None
         plan = ops.StructurePlan(fused, backend, backend, backend)
         keep_s, keep_t = (a[7], a[8]) if keep else (None, None)
-        return ops.structure(plan, *a[:7], keep_s, keep_t, min_count, 1e-12)
+        projection = a[9] if len(a) > 9 else None
+        return ops.structure(plan, *a[:7], keep_s, keep_t, min_count, 1e-12, normalize=normalize,
+                             projection=projection)
     return call
 
 
@@ -194,6 +202,12 @@ OPS = [
        checked=(1,)),
     Op("structure-keep-min2", "centroids", _structure_inputs, _structure_call(True, 2), diff=(4,), const=(0, 2, 5),
        checked=(1,)),
+    # raw batch rows that the op normalises (as the loss module calls it)
+    Op("structure-normalize", "centroids", _structure_inputs, _structure_call(True, 1, normalize=True), diff=(4,),
+       const=(0, 2, 5), checked=(1,)),
+    # and the student's rows projected first (the projector's weight takes a gradient too)
+    Op("structure-project", "centroids", _projected_structure_inputs, _structure_call(True, 1, normalize=True),
+       diff=(4, 9), const=(0, 2, 5), checked=(1,)),
     # pooled's pooling weights are a stop-gradient (see above): gradcheck takes the CAM loss only
     Op("class_activation", "cam", _activation_inputs, _activation_call, diff=(0, 1), const=(3,), checked=(1,)),
 ]

@@ -539,9 +539,33 @@ def _opcheck_cases():
     big_c = 300  # past the small loop form: the BLAS-backed forms
     big = (torch.randn(big_c, 32), torch.randint(0, 3, (big_c,)), torch.randn(7, 32), torch.randint(0, big_c, (7,)))
     fwd_big = cpp.structure_fwd(big[0], big[1], big[0], big[1], big[2], big[2] * 2, big[3], None, None, 1, EPS)
+    raw = feats * 3.0
+    raw[4] = 0.0
+    fwd_raw = cpp.structure_fwd(s_sums, s_count, s_sums * 0.5, s_count, raw, raw.flip(0), labels, keep, None, 1, EPS,
+                                True)
+    proj = torch.randn(4, 6)  # the student's rows [7, 6] projected to the bank's width 4
+    wide = torch.randn(7, 6)
+    fwd_proj = cpp.structure_fwd(s_sums, s_count, s_sums * 0.5, s_count, wide, raw, labels, keep, None, 1, EPS, True,
+                                 proj)
+    fc, tg = torch.randn(6, 5), torch.tensor([3, 0])
+    f_cl = f.to(memory_format=torch.channels_last)
+    act = cpp.class_activation_fwd(f, fc, tg, cam_t, EPS)
+    act_bare = cpp.class_activation_fwd(f_cl, fc, tg, None, EPS)
+    act64 = cpp.class_activation_fwd(f.double(), fc.double(), tg, cam_t.double(), EPS)
     return {
         "cam_loss_fwd": [(cam, cam_t, EPS)],
         "cam_loss_bwd": [(g, cam, cam_t, loss_q_norm[1], loss_q_norm[2], EPS)],
+        "class_activation_fwd": [(f, fc, tg, cam_t, EPS), (f_cl, fc, tg, None, EPS),
+                                 (f.double(), fc.double(), tg, cam_t.double(), EPS),
+                                 (f.bfloat16(), fc, tg, cam_t, EPS)],
+        "class_activation_bwd": [
+            (torch.randn_like(act[1]), g, f, fc, tg, act[0], act[3], act[4], act[5], act[6], EPS, True, True),
+            (None, g, f, fc, tg, act[0], act[3], act[4], act[5], act[6], EPS, False, True),
+            (torch.randn_like(act_bare[1]), None, f_cl, fc, tg, act_bare[0], act_bare[3], act_bare[4], act_bare[5],
+             act_bare[6], EPS, True, True),
+            (torch.randn_like(act64[1]), g.double(), f.double(), fc.double(), tg, act64[0], act64[3], act64[4],
+             act64[5], act64[6], EPS, True, True),
+        ],
         "class_bank_update_": [
             (bank.clone(), count.clone(), ptr.clone(), sums.clone(), torch.tensor(4), torch.tensor(0), bad, labels, mask,
              2),
@@ -549,15 +573,32 @@ def _opcheck_cases():
              None, 0),
         ],
         "fifo_bank_update_": [(fifo.clone(), fifo_labels.clone(), torch.tensor(3), torch.tensor(0), bad, labels, mask)],
+        # two banks of one batch: each its own rows and mask (one bank without a mask)
+        "class_banks_update_": [
+            ([bank.clone(), bank.clone()], [count.clone(), count.clone()], [ptr.clone(), ptr.clone()],
+             [sums.clone(), sums.clone()], [torch.tensor(4), torch.tensor(1)], [torch.tensor(0), torch.tensor(0)],
+             [bad, feats], labels, [mask, None], 2),
+        ],
+        "fifo_banks_update_": [
+            ([fifo.clone(), fifo.clone()], [fifo_labels.clone(), fifo_labels.clone()], [torch.tensor(3), torch.tensor(0)],
+             [torch.tensor(0), torch.tensor(0)], [bad, feats], labels, [None, mask]),
+        ],
         "structure_fwd": [
             (s_sums, s_count, s_sums * 0.5, s_count, feats, feats.flip(0), labels, keep, None, 1, EPS),
             (big[0], big[1], big[0], big[1], big[2], big[2] * 2, big[3], None, None, 1, EPS),
+            # raw rows that the op normalises (a zero row: the eps branch)
+            (s_sums, s_count, s_sums * 0.5, s_count, raw, raw.flip(0), labels, keep, None, 1, EPS, True),
+            (s_sums, s_count, s_sums * 0.5, s_count, wide, raw, labels, keep, None, 1, EPS, True, proj),
         ],
         "structure_bwd": [
             (g, g * 2, feats, feats.flip(0), fwd_small[2], fwd_small[3], fwd_small[4], fwd_small[5], labels, keep,
              fwd_small[6], EPS),
             (g, g * 2, big[2], big[2] * 2, fwd_big[2], fwd_big[3], fwd_big[4], fwd_big[5], big[3], None, fwd_big[6],
              EPS),
+            (g, g * 2, fwd_raw[7], fwd_raw[8], fwd_raw[2], fwd_raw[3], fwd_raw[4], fwd_raw[5], labels, keep,
+             fwd_raw[6], EPS, fwd_raw[9]),
+            (g, g * 2, fwd_proj[7], fwd_proj[8], fwd_proj[2], fwd_proj[3], fwd_proj[4], fwd_proj[5], labels, keep,
+             fwd_proj[6], EPS, fwd_proj[9], wide, proj),
         ],
         "cam_fwd": [(f, w, True), (f, w, False), (f.to(memory_format=torch.channels_last), w, True)],
         "cam_bwd": [
@@ -615,15 +656,26 @@ def _good_args():
     g = torch.tensor(1.3)
     cam_t, loss_q_norm, bad, keep, fwd_small = _step_op_inputs(cam, sums, count, feats, labels)
     s_sums, s_count = sums.float(), count
+    fc, tg = torch.randn(6, 5), torch.tensor([3, 0])
+    act = cpp.class_activation_fwd(f, fc, tg, cam_t, EPS)
     return {
         "cam_loss_fwd": [cam, cam_t, EPS],
         "cam_loss_bwd": [g, cam, cam_t, loss_q_norm[1], loss_q_norm[2], EPS],
+        "class_activation_fwd": [f, fc, tg, cam_t, EPS],
+        "class_activation_bwd": [torch.randn_like(act[1]), g, f, fc, tg, act[0], act[3], act[4], act[5], act[6], EPS,
+                                 True, True],
         "class_bank_update_": [bank.clone(), count.clone(), ptr.clone(), sums.clone(), torch.tensor(4), torch.tensor(0),
                                bad, labels, mask, 2],
         "fifo_bank_update_": [fifo.clone(), fifo_labels.clone(), torch.tensor(3), torch.tensor(0), bad, labels, mask],
+        "class_banks_update_": [[bank.clone(), bank.clone()], [count.clone(), count.clone()], [ptr.clone(), ptr.clone()],
+                                [sums.clone(), sums.clone()], [torch.tensor(4), torch.tensor(1)],
+                                [torch.tensor(0), torch.tensor(0)], [bad, feats], labels, [mask, None], 2],
+        "fifo_banks_update_": [[fifo.clone(), fifo.clone()], [fifo_labels.clone(), fifo_labels.clone()],
+                               [torch.tensor(3), torch.tensor(0)], [torch.tensor(0), torch.tensor(0)], [bad, feats],
+                               labels, [None, mask]],
         "structure_fwd": [s_sums, s_count, s_sums * 0.5, s_count, feats, feats.flip(0), labels, keep, keep, 1, EPS],
         "structure_bwd": [g, g * 2, feats, feats.flip(0), fwd_small[2], fwd_small[3], fwd_small[4], fwd_small[5], labels,
-                          keep, fwd_small[6], EPS],
+                          keep, fwd_small[6], EPS, torch.rand(7) + 0.5],
         "cam_fwd": [f, w, True],
         "cam_bwd": [torch.randn_like(cam), torch.randn_like(pooled), f, w, cam, pool_w, True, True],
         "spatial_mean": [f],
@@ -659,6 +711,18 @@ def _set(op, name, value, value_check=False):
 
     mutate.value_check = value_check
     return mutate
+
+
+def _with(args, op, **values):
+    """The well-formed arguments with trailing optional arguments set by name."""
+    schema = getattr(C_OPS, op).default._schema
+    args = list(args)
+    for name, value in values.items():
+        i = [a.name for a in schema.arguments].index(name)
+        while len(args) <= i:
+            args.append(schema.arguments[len(args)].default_value)
+        args[i] = value
+    return args
 
 
 # (op, argument named in the message, mutation of the well-formed arguments)
@@ -769,11 +833,35 @@ BAD += [
     ("cam_loss_fwd", "cam_s", _set("cam_loss_fwd", "cam_s", lambda t: t.long())),
     ("cam_loss_bwd", "q_s", _set("cam_loss_bwd", "q_s", lambda t: t[:1])),
     ("cam_loss_bwd", "norm_s", _set("cam_loss_bwd", "norm_s", lambda t: t[:1])),
+    ("class_activation_fwd", "features", _set("class_activation_fwd", "features", lambda t: t[0])),
+    ("class_activation_fwd", "fc_weight", _set("class_activation_fwd", "fc_weight", lambda t: t[:, :4])),
+    ("class_activation_fwd", "fc_weight", _set("class_activation_fwd", "fc_weight", lambda t: t.long())),
+    ("class_activation_fwd", "targets", _set("class_activation_fwd", "targets", lambda t: t.int())),
+    ("class_activation_fwd", "targets", _set("class_activation_fwd", "targets", lambda t: t[:1])),
+    ("class_activation_fwd", "targets", _set("class_activation_fwd", "targets", lambda t: t + 3, True)),
+    ("class_activation_fwd", "targets", _set("class_activation_fwd", "targets", lambda t: t - 1, True)),
+    ("class_activation_fwd", "cam_t", _set("class_activation_fwd", "cam_t", lambda t: t[:, :1])),
+    ("class_activation_fwd", "cam_t", _set("class_activation_fwd", "cam_t", lambda t: t.long())),
+    ("class_activation_bwd", "grad_pooled", _set("class_activation_bwd", "grad_pooled", lambda t: t[:, :3])),
+    ("class_activation_bwd", "grad_loss", _set("class_activation_bwd", "grad_loss", lambda t: torch.ones(2))),
+    ("class_activation_bwd", "fc_weight", _set("class_activation_bwd", "fc_weight", lambda t: t[:, :2])),
+    ("class_activation_bwd", "targets", _set("class_activation_bwd", "targets", lambda t: t + 6, True)),
+    ("class_activation_bwd", "cam", _set("class_activation_bwd", "cam", lambda t: t[:, :1])),
+    ("class_activation_bwd", "pool_w", _set("class_activation_bwd", "pool_w", lambda t: t[:, :5])),
+    ("class_activation_bwd", "q_s", _set("class_activation_bwd", "q_s", lambda t: t[:1])),
+    ("class_activation_bwd", "norm_s", _set("class_activation_bwd", "norm_s", lambda t: t[:1])),
+    ("class_activation_bwd", "q_t", _set("class_activation_bwd", "q_t", lambda t: t[:, :3])),
     ("class_bank_update_", "refused", _set("class_bank_update_", "refused", lambda t: t.float())),
     ("class_bank_update_", "resync_pos", _set("class_bank_update_", "resync_pos", lambda t: t.expand(2))),
     ("class_bank_update_", "mask", _set("class_bank_update_", "mask", lambda t: t[:3])),
     ("class_bank_update_", "labels", _set("class_bank_update_", "labels", lambda t: t.float())),
     ("fifo_bank_update_", "mask", _set("fifo_bank_update_", "mask", lambda t: t.long())),
+    ("class_banks_update_", "count", _set("class_banks_update_", "count", lambda t: t[:1])),
+    ("class_banks_update_", "mask", _set("class_banks_update_", "mask", lambda t: t + [None])),
+    ("class_banks_update_", "refused", _set("class_banks_update_", "refused", lambda t: [t[0], t[1].float()])),
+    ("class_banks_update_", "feats", _set("class_banks_update_", "feats", lambda t: [t[0], t[1][:, :2]])),
+    ("fifo_banks_update_", "ptr", _set("fifo_banks_update_", "ptr", lambda t: t[:1])),
+    ("fifo_banks_update_", "mask", _set("fifo_banks_update_", "mask", lambda t: [t[0], t[1].long()])),
     ("structure_fwd", "f_t", _set("structure_fwd", "f_t", lambda t: t[:, :2])),
     ("structure_fwd", "labels", _set("structure_fwd", "labels", lambda t: t[:3])),
     ("structure_fwd", "labels", _set("structure_fwd", "labels", lambda t: t + 100, value_check=True)),
@@ -783,6 +871,14 @@ BAD += [
     ("structure_bwd", "grad_inter", _set("structure_bwd", "grad_inter", lambda t: t.expand(2))),
     ("structure_bwd", "gram", _set("structure_bwd", "gram", lambda t: t.float())),
     ("structure_bwd", "total_s", _set("structure_bwd", "total_s", lambda t: t[:2])),
+    ("structure_bwd", "norm_s", _set("structure_bwd", "norm_s", lambda t: t[:2])),
+    ("structure_bwd", "norm_s", _set("structure_bwd", "norm_s", lambda t: t.long())),
+    ("structure_fwd", "projection", lambda a: _with(a, "structure_fwd", normalize=True,
+                                                    projection=torch.randn(4, 3))),
+    ("structure_fwd", "projection", lambda a: _with(a, "structure_fwd", projection=torch.randn(4, 4))),
+    ("structure_bwd", "x_s", lambda a: _with(a, "structure_bwd", x_s=torch.randn(7, 4))),
+    ("structure_bwd", "projection", lambda a: _with(a, "structure_bwd", x_s=torch.randn(7, 6),
+                                                    projection=torch.randn(3, 6))),
 ]
 
 
@@ -915,3 +1011,96 @@ def test_cam_does_not_depend_on_the_thread_count():
         torch.set_num_threads(threads)
     for a, b in zip(one + g1, many + g2):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# one network's CAM step in one op each way: the composition of the per-op kernels it replaces
+# ---------------------------------------------------------------------------------------------
+
+
+def _composed_activation(f, fc, tg, cam_t, g_pooled, g_loss):
+    """The CAM step from the per-op kernels: weights, cam_fwd, cam_loss_fwd, then cam_loss_bwd,
+    cam_bwd and the scatter of the weights' gradient (what the one-op form replaces)."""
+    spatial = f.shape[2] * f.shape[3]
+    w = reference.cam_weights_from_linear(fc, tg, spatial)
+    cam, pooled, pool_w = cpp.cam_fwd(f, w, True)
+    loss, q_s, norm_s = cpp.cam_loss_fwd(cam, cam_t, EPS)
+    g_cam = cpp.cam_loss_bwd(g_loss, cam, cam_t, q_s, norm_s, EPS)
+    g_f, g_w = cpp.cam_bwd(g_cam, g_pooled, f, w, cam, pool_w, True, True)
+    acc = torch.float64 if fc.dtype == torch.float64 else torch.float32
+    g_fc = torch.zeros(fc.shape, dtype=acc).index_add_(0, tg, g_w.to(acc) / spatial).to(fc.dtype)
+    return (cam, pooled, loss, pool_w, q_s, norm_s), (g_f, g_fc)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float64,) * 3, (torch.bfloat16, torch.float32,
+                                                                                 torch.bfloat16),
+                                    (torch.float16, torch.float16, torch.float32)])
+def test_class_activation_is_the_composition_of_the_per_op_kernels(dtypes, layout):
+    """Repeated targets (the scatter adds), a constant map (uniform pooling weights) and a
+    teacher row of zeros (norm below eps)."""
+    fd, wd, td = dtypes
+    B, K, H, W, C = 6, 19, 3, 5, 7
+    f = torch.randn(B, K, H, W).to(fd)
+    f[2] = 1.0
+    if layout == "channels_last":
+        f = f.to(memory_format=torch.channels_last)
+    fc = torch.randn(C, K).to(wd)
+    tg = torch.tensor([3, 0, 3, 6, 3, 1])
+    cam_t = torch.rand(B, H, W).to(td)
+    cam_t[4] = 0
+    g_pooled = torch.randn(B, K).to(torch.promote_types(fd, wd))
+    g_loss = torch.tensor(1.7)
+    want_fwd, want_bwd = _composed_activation(f, fc, tg, cam_t, g_pooled, g_loss)
+    got_fwd = cpp.class_activation_fwd(f, fc, tg, cam_t, EPS)
+    cam, pooled, loss, pool_w, q_s, norm_s, q_t = got_fwd
+    for a, b, name in zip((cam, pooled, loss, pool_w, q_s, norm_s), want_fwd,
+                          ("cam", "pooled", "loss", "pool_w", "q_s", "norm_s")):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), name
+    q_t_want = torch.nn.functional.normalize(cam_t.to(q_s.dtype).flatten(1), dim=1, eps=EPS)
+    torch.testing.assert_close(q_t, q_t_want, rtol=1e-6, atol=1e-7)
+    got_bwd = cpp.class_activation_bwd(g_pooled, g_loss, f, fc, tg, cam, pool_w, q_s, norm_s, q_t, EPS, True, True)
+    for a, b, name in zip(got_bwd, want_bwd, ("grad_features", "grad_fc_weight")):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.is_contiguous(), name
+        if b.dtype in (torch.float32, torch.float64):
+            torch.testing.assert_close(a, b, rtol=1e-6 if b.dtype == torch.float32 else 1e-13, atol=0, msg=name)
+        else:  # the composed form rounds grad_weights to fc_weight's dtype before the scatter; a map of
+            # zeros (the constant image where its weights sum below zero) has a 1/eps gradient: inf in float16
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-2, atol=1e-3, equal_nan=True, msg=name)
+    assert got_bwd[1][[2, 4, 5]].abs().max() == 0  # rows no target names
+
+
+def test_class_activation_without_the_teacher_map_and_partial_needs():
+    B, K, H, W, C = 4, 9, 2, 3, 5
+    f, fc, tg = torch.randn(B, K, H, W), torch.randn(C, K), torch.tensor([1, 1, 4, 0])
+    cam, pooled, loss, pool_w, q_s, norm_s, q_t = cpp.class_activation_fwd(f, fc, tg, None, EPS)
+    w = reference.cam_weights_from_linear(fc, tg, H * W)
+    for a, b in zip((cam, pooled, pool_w), cpp.cam_fwd(f, w, True)):
+        assert torch.equal(a, b)
+    assert loss.numel() == q_s.numel() == norm_s.numel() == q_t.numel() == 0
+    gp = torch.randn(B, K)
+    g_f, g_fc = cpp.class_activation_bwd(gp, None, f, fc, tg, cam, pool_w, q_s, norm_s, q_t, EPS, True, True)
+    assert torch.equal(g_f, cpp.cam_bwd(None, gp, f, w, cam, pool_w, True, False)[0])
+    assert g_fc.shape == fc.shape and g_fc.abs().max() == 0  # the pooling weights are a constant
+    g_f, g_fc = cpp.class_activation_bwd(None, None, f, fc, tg, cam, pool_w, q_s, norm_s, q_t, EPS, True, False)
+    assert g_f.shape == f.shape and g_f.abs().max() == 0 and g_fc is None  # not asked for
+    # an empty batch
+    out = cpp.class_activation_fwd(f[:0], fc, tg[:0], torch.rand(0, H, W), EPS)
+    assert out[0].shape == (0, H, W) and out[1].shape == (0, K)
+    g_f, g_fc = cpp.class_activation_bwd(out[1], torch.tensor(1.0), f[:0], fc, tg[:0], out[0], out[3], out[4], out[5],
+                                         out[6], EPS, True, True)
+    assert g_f.shape == (0, K, H, W) and g_fc.shape == fc.shape and g_fc.abs().max() == 0
+
+
+def test_class_activation_gradcheck_float64():
+    B, K, H, W, C = 3, 4, 2, 3, 5
+    f = torch.randn(B, K, H, W, dtype=torch.float64).requires_grad_()
+    fc = torch.randn(C, K, dtype=torch.float64).requires_grad_()
+    tg = torch.tensor([2, 0, 2])
+    cam_t = torch.rand(B, H, W, dtype=torch.float64)
+
+    def loss_only(f, fc):
+        return ops.class_activation("cpp", f, fc, tg, cam_t, fused=True)[2]
+
+    assert torch.autograd.gradcheck(loss_only, (f, fc))

@@ -68,7 +68,12 @@ def test_training_steps_match_the_full_form_and_the_gram_matrix_does_not_drift(k
         # the updated K_base is the Gram matrix of the banks as they are now
         torch.testing.assert_close(inc._inter_gram.K, fresh_gram(inc), rtol=0, atol=1e-12)
     for (k, a), (_, b) in zip(inc.state_dict().items(), full.state_dict().items()):
-        assert torch.equal(a, b), k
+        if a.is_floating_point():
+            # the full form normalises the rows inside the structure op, the incremental form with
+            # F.normalize: the stored rows agree up to that rounding
+            torch.testing.assert_close(a, b, msg=k)
+        else:
+            assert torch.equal(a, b), k
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])

@@ -191,7 +191,7 @@ OP_FILES = ("icakd_fast/ops/{op}.py", "icakd_fast/reference/{op}.py", "kernels/{
             "csrc/cpu/{op}_cpu.cpp", "csrc/cuda/{op}_cuda.cu")
 #: the op files of the layout, and the registry's op groups each one holds
 OP_SET = {
-    "cam": ("cam", "cam_loss", "grad_cam_weights"),
+    "cam": ("cam", "cam_loss", "class_activation", "grad_cam_weights"),
     "bank": ("class_bank", "fifo_bank", "bank_update"),
     "structure": ("centroids", "intra", "inter", "structure"),
 }

@@ -146,7 +146,8 @@ def test_bfloat16_autocast_on_cpu():
     assert torch.isfinite(fs.grad).all() and fs.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("bank,backend", [("class", "reference"), ("fifo", "reference"), ("class", "cpp"), ("fifo", "cpp")])
+@pytest.mark.parametrize("bank,backend", [("class", "reference"), ("fifo", "reference"), ("class", "cpp"), ("fifo", "cpp"),
+                                          (None, "reference"), (None, "cpp")])
 def test_compile_train_steps_match_eager_with_wraparound_and_no_recompiles(bank, backend):
     """Loss, every gradient and the banks of a compiled training step equal eager's.
 

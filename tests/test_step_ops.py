@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from icakd_fast import ICAKDLoss, _backend, ops
-from icakd_fast.memory import ClassMemoryBank, FIFOMemoryBank
+from icakd_fast.memory import ClassMemoryBank, FIFOMemoryBank, enqueue_banks
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EPS = 1e-12
@@ -104,6 +104,46 @@ def test_bank_update_matches_the_reference_composition(backend, layout, storage)
             assert torch.equal(got, want), name
 
 
+@pytest.mark.parametrize("layout", ["class", "fifo"])
+@pytest.mark.parametrize("backend", _backend.BACKENDS)
+def test_two_banks_updated_together_match_each_alone(backend, layout):
+    """``enqueue_banks`` of two banks (one update op for both where the backend has it) leaves
+    each bank as its own ``enqueue`` does, with each bank's own rows and masks."""
+    op = "class_bank" if layout == "class" else "fifo_bank"
+    _needs(backend, op)
+    C, D = 5, 6
+
+    def make():
+        if layout == "class":
+            return ClassMemoryBank(C, 3, D, dtype=torch.float16, resync_every=2, backend=backend, device=DEV)
+        return FIFOMemoryBank(11, D, C, dtype=torch.float16, backend=backend, device=DEV)
+
+    pair, alone = [make(), make()], [make(), make()]
+    steps = _poisoned_batches(6, 9, D, C, seed=2)
+    for step, (feats, labels, mask) in enumerate(steps):
+        other = steps[(step + 3) % len(steps)][0].flip(1)  # the second bank's rows: other values, other NaNs
+        rows = [feats.to(DEV), other.to(DEV)]
+        masks = [None if mask is None else mask.to(DEV), None if mask is None else (~mask).to(DEV)]
+        enqueue_banks(pair, rows, labels.to(DEV), masks)
+        for bank, f, m in zip(alone, rows, masks):
+            bank.enqueue(f, labels.to(DEV), m)
+    if backend == "cpp" and DEV.type == "cpu":
+        assert pair[0]._joint_key() is not None  # one op for both banks ran
+    for i in range(2):
+        assert int(alone[i].refused) > 0
+        for name, want in alone[i].state_dict().items():
+            assert torch.equal(pair[i].state_dict()[name], want), f"bank {i}: {name}"
+    assert not torch.equal(pair[0].bank, pair[1].bank)
+
+
+def test_enqueue_banks_names_the_lists_that_do_not_match():
+    banks = [ClassMemoryBank(4, 2, 3), ClassMemoryBank(4, 2, 3)]
+    with pytest.raises(ValueError, match="one entry per bank"):
+        enqueue_banks(banks, [torch.randn(2, 3)], torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="feats must be"):
+        enqueue_banks(banks, [torch.randn(2, 3), torch.randn(2, 5)], torch.tensor([0, 1]))
+
+
 class _CountOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -115,9 +155,11 @@ class _CountOps(TorchDispatchMode):
 
 
 def test_icakd_step_dispatches_the_one_op_forms():
-    """One eager training step of ``ICAKDLoss`` on the C++ backend (CPU): the structure term, the
-    CAM loss and each bank's update are one op each way, and none of the ops they replace runs."""
+    """One eager training step of ``ICAKDLoss`` on the C++ backend (CPU): the structure term, each
+    network's CAM step (weights, map, pooling and, for the student, the CAM loss) and each bank's
+    update are one op each way, and none of the ops they replace runs."""
     _needs("cpp", "structure")
+    _needs("cpp", "class_activation")
     C, B, D = 20, 8, 4
     loss = ICAKDLoss(C, D, D, backend="cpp").train()
     g = torch.Generator().manual_seed(0)
@@ -133,10 +175,14 @@ def test_icakd_step_dispatches_the_one_op_forms():
     c = counter.ops
     ns = "icakd_fast_C::"
     assert c[ns + "structure_fwd"] == 1 and c[ns + "structure_bwd"] == 1, c
-    assert c[ns + "cam_loss_fwd"] == 1 and c[ns + "cam_loss_bwd"] == 1, c
-    assert c[ns + "class_bank_update_"] == 2, c
-    assert c[ns + "cam_fwd"] == 2 and c[ns + "cam_bwd"] == 1, c
+    # the teacher's step (no grad) and the student's, one backward for the student
+    assert c[ns + "class_activation_fwd"] == 2 and c[ns + "class_activation_bwd"] == 1, c
+    # both banks in one update op
+    assert c[ns + "class_banks_update_"] == 1 and not c[ns + "class_bank_update_"], c
     replaced = ("centroids_fwd", "intra_fwd", "intra_bwd", "inter_fwd", "inter_bwd", "inter_gram_fwd",
-                "inter_gram_bwd", "class_bank_enqueue_", "class_bank_resync_")
+                "inter_gram_bwd", "class_bank_enqueue_", "class_bank_resync_", "cam_fwd", "cam_bwd", "cam_loss_fwd",
+                "cam_loss_bwd")
     assert not [name for name in replaced if c[ns + name]], c
+    # the classifier rows are gathered, and their gradient scattered, inside the CAM ops
+    assert not [name for name in ("aten::index_select", "aten::index_add_", "aten::zeros") if c[name]], c
     assert fs.grad is not None and ws.grad is not None and loss.projector.weight.grad is not None

@@ -79,23 +79,18 @@ void class_bank_enqueue_cpu(const Tensor& bank_, const Tensor& count_, const Ten
   sums.commit();
 }
 
-void class_bank_resync_cpu(const Tensor& bank_, const Tensor& count_, const Tensor& sums_, const Tensor& classes_) {
-  const auto checked = check_class_bank_resync(bank_, count_, sums_, classes_, c10::DeviceType::CPU);
-  const ClassBankDims dims = std::get<0>(checked);
-  const int64_t k = std::get<1>(checked);
-  const int64_t C = dims.C, S = dims.S, D = dims.D;
-  check_index_range(classes_, 0, C, "classes");
+// sums[c] = the float32 sum of class c's stored rows, for the k classes cls[0..k) (in range)
+void resync_classes(const Tensor& bank_, const Tensor& count_, const Tensor& sums_, const int64_t* cls, int64_t k) {
+  const int64_t S = bank_.size(1), D = bank_.size(2);
   if (k == 0 || D == 0) return;
   const Tensor bank = bank_.contiguous();
   const Tensor count = count_.contiguous();
-  const Tensor classes = classes_.contiguous();
   WritableContig sums(sums_);
-  const int64_t* cls = classes.const_data_ptr<int64_t>();
   const int64_t* cnt = count.const_data_ptr<int64_t>();
   float* sm = sums.work.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, bank.scalar_type(), "icakd_class_bank_resync_cpu", [&] {
     const scalar_t* bk = bank.const_data_ptr<scalar_t>();
-    at::parallel_for(0, k, 1, [&](int64_t i0, int64_t i1) {
+    auto run = [&](int64_t i0, int64_t i1) {
       // summed in a task-local row, then stored: a class listed twice is written twice with the
       // same values instead of being raced on
       std::vector<float> acc(D);
@@ -109,9 +104,22 @@ void class_bank_resync_cpu(const Tensor& bank_, const Tensor& count_, const Tens
         }
         std::copy(acc.begin(), acc.end(), sm + c * D);
       }
-    });
+    };
+    if (k * S * D < 32768) {
+      run(0, k);  // too little work to share out
+    } else {
+      at::parallel_for(0, k, 1, run);
+    }
   });
   sums.commit();
+}
+
+void class_bank_resync_cpu(const Tensor& bank_, const Tensor& count_, const Tensor& sums_, const Tensor& classes_) {
+  const auto checked = check_class_bank_resync(bank_, count_, sums_, classes_, c10::DeviceType::CPU);
+  const int64_t k = std::get<1>(checked);
+  check_index_range(classes_, 0, std::get<0>(checked).C, "classes");
+  const Tensor classes = classes_.contiguous();
+  resync_classes(bank_, count_, sums_, classes.const_data_ptr<int64_t>(), k);
 }
 
 void fifo_bank_enqueue_cpu(const Tensor& bank_, const Tensor& bank_labels_, const Tensor& ptr_, const Tensor& feats_,
@@ -236,10 +244,12 @@ void class_bank_update_cpu(const Tensor& bank, const Tensor& count, const Tensor
   class_bank_enqueue_cpu(bank, count, ptr, sums, std::get<0>(rows), labels, std::get<1>(rows));
   if (resync_chunk == 0) return;
   const int64_t C = bank.size(0);
-  const int64_t pos = resync_pos.item<int64_t>();
-  const Tensor classes = at::arange(pos, pos + resync_chunk, labels.options()).remainder_(C);
-  class_bank_resync_cpu(bank, count, sums, classes);
-  resync_pos.fill_((pos + resync_chunk) % C);
+  int64_t* rp = resync_pos.data_ptr<int64_t>();
+  const int64_t pos = ((rp[0] % C) + C) % C;
+  std::vector<int64_t> classes(resync_chunk);
+  for (int64_t i = 0; i < resync_chunk; ++i) classes[i] = (pos + i) % C;
+  resync_classes(bank, count, sums, classes.data(), resync_chunk);
+  rp[0] = (pos + resync_chunk) % C;
 }
 
 void fifo_bank_update_cpu(const Tensor& bank, const Tensor& bank_labels, const Tensor& ptr, const Tensor& refused,
@@ -252,6 +262,34 @@ void fifo_bank_update_cpu(const Tensor& bank, const Tensor& bank_labels, const T
   fifo_bank_enqueue_cpu(bank, bank_labels, ptr, std::get<0>(rows), labels, std::get<1>(rows));
 }
 
+void check_bank_lists(const char* first, size_t n, std::initializer_list<std::pair<const char*, size_t>> lists) {
+  for (const auto& [name, size] : lists)
+    TORCH_CHECK(size == n, name, " must hold one entry per bank (", n, ", as ", first, "), got ", size);
+}
+
+void class_banks_update_cpu(at::TensorList bank, at::TensorList count, at::TensorList ptr, at::TensorList sums,
+                            at::TensorList resync_pos, at::TensorList refused, at::TensorList feats,
+                            const Tensor& labels, const c10::List<std::optional<Tensor>>& mask,
+                            int64_t resync_chunk) {
+  const size_t n = bank.size();
+  check_bank_lists("bank", n, {{"count", count.size()}, {"ptr", ptr.size()}, {"sums", sums.size()},
+                               {"resync_pos", resync_pos.size()}, {"refused", refused.size()},
+                               {"feats", feats.size()}, {"mask", mask.size()}});
+  for (size_t i = 0; i < n; ++i)
+    class_bank_update_cpu(bank[i], count[i], ptr[i], sums[i], resync_pos[i], refused[i], feats[i], labels, mask.get(i),
+                          resync_chunk);
+}
+
+void fifo_banks_update_cpu(at::TensorList bank, at::TensorList bank_labels, at::TensorList ptr,
+                           at::TensorList refused, at::TensorList feats, const Tensor& labels,
+                           const c10::List<std::optional<Tensor>>& mask) {
+  const size_t n = bank.size();
+  check_bank_lists("bank", n, {{"bank_labels", bank_labels.size()}, {"ptr", ptr.size()},
+                               {"refused", refused.size()}, {"feats", feats.size()}, {"mask", mask.size()}});
+  for (size_t i = 0; i < n; ++i)
+    fifo_bank_update_cpu(bank[i], bank_labels[i], ptr[i], refused[i], feats[i], labels, mask.get(i));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(icakd_fast_C, CPU, m) {
@@ -261,6 +299,8 @@ TORCH_LIBRARY_IMPL(icakd_fast_C, CPU, m) {
   m.impl("fifo_bank_sums", &fifo_bank_sums_cpu);
   m.impl("class_bank_update_", &class_bank_update_cpu);
   m.impl("fifo_bank_update_", &fifo_bank_update_cpu);
+  m.impl("class_banks_update_", &class_banks_update_cpu);
+  m.impl("fifo_banks_update_", &fifo_banks_update_cpu);
 }
 
 }  // namespace icakd

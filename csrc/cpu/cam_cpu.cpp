@@ -17,7 +17,12 @@
 // loops written for the auto-vectoriser. Everything accumulates in
 // float32 (float64 for float64 inputs), in an order fixed by the shapes only: results do not
 // depend on the thread count.
+//
+// class_activation_fwd / class_activation_bwd (one network's CAM step, one op each way) call these
+// kernels and the CAM loss's loops below; they gather the classifier rows, and scatter their
+// gradient, in plain loops.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -307,26 +312,29 @@ void cam_fwd_kernel(const scalar_t* A, const acc_t* w, acc_t* cam, acc_t* pooled
   });
 }
 
+// cam_fwd's kernels on checked operands: A the features as the kernels read them (contiguous NCHW or
+// channels_last), w [B, K] in the accumulation dtype acc_t, o allocated by alloc_cam_fwd
+template <typename acc_t>
+void run_cam_fwd(const Tensor& A, const acc_t* w, CamFwdOutputs& o, const CamDims& d, bool with_pooled, bool cl) {
+  if (d.B == 0 || d.P == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "icakd_cam_fwd_cpu", [&] {
+    cam_fwd_kernel<scalar_t, acc_t>(A.const_data_ptr<scalar_t>(), w, o.cam.data_ptr<acc_t>(),
+                                    with_pooled ? o.pooled.data_ptr<acc_t>() : nullptr,
+                                    with_pooled ? o.pool_w.data_ptr<acc_t>() : nullptr, d.B, d.K, d.P, with_pooled,
+                                    cl);
+  });
+}
+
 std::tuple<Tensor, Tensor, Tensor> cam_fwd_cpu(const Tensor& features, const Tensor& weights, bool with_pooled) {
   const CamDims d = check_cam(features, weights, c10::DeviceType::CPU);
   const bool cl = cam_reads_channels_last(features);
   const Tensor A = cl ? features : features.contiguous();
   const Tensor w = weights.to(d.acc).contiguous();
   CamFwdOutputs o = alloc_cam_fwd(features, d, with_pooled);
-  if (d.B > 0 && d.P > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "icakd_cam_fwd_cpu", [&] {
-      if (d.acc == at::kDouble) {
-        cam_fwd_kernel<scalar_t, double>(A.const_data_ptr<scalar_t>(), w.const_data_ptr<double>(),
-                                         o.cam.data_ptr<double>(), with_pooled ? o.pooled.data_ptr<double>() : nullptr,
-                                         with_pooled ? o.pool_w.data_ptr<double>() : nullptr, d.B, d.K, d.P,
-                                         with_pooled, cl);
-      } else {
-        cam_fwd_kernel<scalar_t, float>(A.const_data_ptr<scalar_t>(), w.const_data_ptr<float>(),
-                                        o.cam.data_ptr<float>(), with_pooled ? o.pooled.data_ptr<float>() : nullptr,
-                                        with_pooled ? o.pool_w.data_ptr<float>() : nullptr, d.B, d.K, d.P,
-                                        with_pooled, cl);
-      }
-    });
+  if (d.acc == at::kDouble) {
+    run_cam_fwd<double>(A, w.const_data_ptr<double>(), o, d, with_pooled, cl);
+  } else {
+    run_cam_fwd<float>(A, w.const_data_ptr<float>(), o, d, with_pooled, cl);
   }
   return finish_cam_fwd(o, d, with_pooled);
 }
@@ -373,7 +381,7 @@ void cam_bwd_kernel(const scalar_t* A, const acc_t* w, const acc_t* gs, const ac
                     scalar_t* gf, acc_t* gw, int64_t B, int64_t K, int64_t P, bool channels_last) {
   at::parallel_for(0, B, image_grain(K * P), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const acc_t* wb = w + b * K;
+      const acc_t* wb = w ? w + b * K : nullptr;
       const acc_t* gsb = gs ? gs + b * P : nullptr;
       const acc_t* gpb = gp ? gp + b * K : nullptr;
       const acc_t* pwb = gp ? pw + b * P : nullptr;
@@ -399,6 +407,19 @@ void cam_bwd_kernel(const scalar_t* A, const acc_t* w, const acc_t* gs, const ac
   });
 }
 
+// cam_bwd's kernels on checked operands ([B, *] rows in the accumulation dtype acc_t; a null pointer
+// is a missing term): A the features as the kernels read them (undefined when grad_weights is not
+// asked for), gf [B, K, H, W] contiguous in the dtype of features (undefined: not asked for)
+template <typename acc_t>
+void run_cam_bwd(at::ScalarType feature_type, const Tensor& A, const acc_t* w, const acc_t* gs, const acc_t* gp,
+                 const acc_t* pw, const Tensor& gf, acc_t* gw, const CamDims& d, bool cl) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feature_type, "icakd_cam_bwd_cpu", [&] {
+    const scalar_t* a = A.defined() ? A.const_data_ptr<scalar_t>() : nullptr;
+    cam_bwd_kernel<scalar_t, acc_t>(a, w, gs, gp, pw, gf.defined() ? gf.data_ptr<scalar_t>() : nullptr, gw, d.B, d.K,
+                                    d.P, cl);
+  });
+}
+
 std::tuple<Tensor, Tensor> cam_bwd_cpu(const std::optional<Tensor>& grad_cam, const std::optional<Tensor>& grad_pooled,
                                        const Tensor& features, const Tensor& weights, const Tensor& cam,
                                        const Tensor& pool_w, bool need_features, bool need_weights) {
@@ -410,23 +431,13 @@ std::tuple<Tensor, Tensor> cam_bwd_cpu(const std::optional<Tensor>& grad_cam, co
     // the features are read only for grad_weights (and only where grad_cam is given)
     const bool read_a = need_weights && op.has_gc;
     const Tensor A = read_a ? (cl ? features : features.contiguous()) : Tensor();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "icakd_cam_bwd_cpu", [&] {
-      const scalar_t* a = read_a ? A.const_data_ptr<scalar_t>() : nullptr;
-      if (d.acc == at::kDouble) {
-        cam_bwd_kernel<scalar_t, double>(a, op.w.const_data_ptr<double>(),
-                                         op.has_gc ? op.gs.const_data_ptr<double>() : nullptr,
-                                         op.has_gp ? op.gp.const_data_ptr<double>() : nullptr,
-                                         op.has_gp ? op.pw.const_data_ptr<double>() : nullptr,
-                                         need_features ? o.gf.data_ptr<scalar_t>() : nullptr,
-                                         need_weights ? o.gw.data_ptr<double>() : nullptr, d.B, d.K, d.P, cl);
-      } else {
-        cam_bwd_kernel<scalar_t, float>(a, op.w.const_data_ptr<float>(),
-                                        op.has_gc ? op.gs.const_data_ptr<float>() : nullptr,
-                                        op.has_gp ? op.gp.const_data_ptr<float>() : nullptr,
-                                        op.has_gp ? op.pw.const_data_ptr<float>() : nullptr,
-                                        need_features ? o.gf.data_ptr<scalar_t>() : nullptr,
-                                        need_weights ? o.gw.data_ptr<float>() : nullptr, d.B, d.K, d.P, cl);
-      }
+    const Tensor gf = need_features ? o.gf : Tensor();
+    AT_DISPATCH_FLOATING_TYPES(d.acc, "icakd_cam_bwd_cpu", [&] {
+      run_cam_bwd<scalar_t>(features.scalar_type(), A, op.w.const_data_ptr<scalar_t>(),
+                            op.has_gc ? op.gs.const_data_ptr<scalar_t>() : nullptr,
+                            op.has_gp ? op.gp.const_data_ptr<scalar_t>() : nullptr,
+                            op.has_gp ? op.pw.const_data_ptr<scalar_t>() : nullptr, gf,
+                            need_weights ? o.gw.data_ptr<scalar_t>() : nullptr, d, cl);
     });
   }
   return finish_cam_bwd(o, weights, d, need_features, need_weights);
@@ -467,51 +478,84 @@ void check_cam_pair(const Tensor& cam_s, const Tensor& cam_t) {
 }
 
 at::ScalarType cam_loss_acc(const Tensor& cam_s, const Tensor& cam_t) {
-  return (cam_s.scalar_type() == at::kDouble || cam_t.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+  return acc_type_of(cam_s.scalar_type(), cam_t.scalar_type());
 }
 
-// q = x / max(|x|, eps) row by row; returns the norms
+// Fills q_s, norm_s and q_t (the unit rows of both maps, as F.normalize) and returns
+// mean_b |q_s[b] - q_t[b]|^2
 template <typename acc_t>
-void unit_rows(const acc_t* x, acc_t* q, acc_t* norm, int64_t B, int64_t P, double eps) {
+acc_t cam_loss_rows(const acc_t* cs, const acc_t* ct, int64_t B, int64_t P, double eps, acc_t* q_s, acc_t* norm_s,
+                    acc_t* q_t) {
+  acc_t total = 0;
   for (int64_t b = 0; b < B; ++b) {
-    const acc_t n = std::sqrt(sumsq_acc<acc_t>(x + b * P, P));
-    const acc_t den = std::max<acc_t>(n, static_cast<acc_t>(eps));
-    if (norm) norm[b] = n;
-    for (int64_t p = 0; p < P; ++p) q[b * P + p] = x[b * P + p] / den;
+    acc_t* qs = q_s + b * P;
+    acc_t* qt = q_t + b * P;
+    norm_s[b] = unit_row<acc_t>(cs + b * P, P, eps, qs);
+    unit_row<acc_t>(ct + b * P, P, eps, qt);
+    acc_t row = 0;
+    for (int64_t p = 0; p < P; ++p) {
+      const acc_t d = qs[p] - qt[p];
+      row += d * d;
+    }
+    total += row;
+  }
+  return total / static_cast<acc_t>(std::max<int64_t>(B, 1));
+}
+
+// One row of dL/dcam_s: d = scale (q_s - q_t) with scale = 2 grad_out / B; through
+// q = x / max(|x|, eps): (d - q (q . d)) / |x| where |x| > eps, d / eps elsewhere
+template <typename acc_t>
+inline void cam_loss_grad_row(acc_t scale, const acc_t* q, const acc_t* qt, acc_t norm, int64_t P, double eps,
+                              acc_t* out) {
+  acc_t qd = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    out[p] = scale * (q[p] - qt[p]);
+    qd += q[p] * out[p];
+  }
+  if (norm > static_cast<acc_t>(eps)) {
+    for (int64_t p = 0; p < P; ++p) out[p] = (out[p] - q[p] * qd) / norm;
+  } else {
+    for (int64_t p = 0; p < P; ++p) out[p] = out[p] / static_cast<acc_t>(eps);
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> cam_loss_fwd_cpu(const Tensor& cam_s_, const Tensor& cam_t_, double eps) {
-  check_cam_pair(cam_s_, cam_t_);
-  const auto acc = cam_loss_acc(cam_s_, cam_t_);
-  const int64_t B = cam_s_.size(0), P = cam_s_.size(1) * cam_s_.size(2);
-  const Tensor cs = cam_s_.to(acc).contiguous();
-  const Tensor ct = cam_t_.to(acc).contiguous();
-  Tensor q_s = at::empty({B, P}, cs.options());
-  Tensor norm_s = at::empty({B}, cs.options());
-  Tensor loss = at::empty({}, cs.options());
-  AT_DISPATCH_FLOATING_TYPES(acc, "icakd_cam_loss_fwd_cpu", [&] {
-    std::vector<scalar_t> q_t(B * P);
-    unit_rows<scalar_t>(cs.const_data_ptr<scalar_t>(), q_s.data_ptr<scalar_t>(), norm_s.data_ptr<scalar_t>(), B, P,
-                        eps);
-    unit_rows<scalar_t>(ct.const_data_ptr<scalar_t>(), q_t.data(), nullptr, B, P, eps);
-    const scalar_t* qs = q_s.const_data_ptr<scalar_t>();
-    scalar_t total = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      scalar_t row = 0;
-      for (int64_t p = 0; p < P; ++p) {
-        const scalar_t d = qs[b * P + p] - q_t[b * P + p];
-        row += d * d;
-      }
-      total += row;
-    }
-    loss.fill_(total / static_cast<scalar_t>(std::max<int64_t>(B, 1)));
-  });
-  return {loss, q_s, norm_s};
+template <typename acc_t>
+acc_t cam_loss_scale(double grad_out, int64_t B) {
+  const acc_t g = static_cast<acc_t>(grad_out);
+  return 2 * g / static_cast<acc_t>(std::max<int64_t>(B, 1));
 }
 
-// d = 2 g (q_s - q_t) / B; through q = x / max(|x|, eps): (d - q (q . d)) / |x| where |x| > eps,
-// d / eps elsewhere
+struct CamLoss {
+  Tensor loss, q_s, norm_s, q_t;
+};
+
+// cam_loss_fwd of checked maps of one shape, with the teacher's unit rows q_t
+CamLoss cam_loss_compute(const Tensor& cam_s, const Tensor& cam_t, double eps) {
+  const auto acc = cam_loss_acc(cam_s, cam_t);
+  const int64_t B = cam_s.size(0), P = cam_s.size(1) * cam_s.size(2);
+  const Tensor cs = cam_s.to(acc).contiguous();
+  const Tensor ct = cam_t.to(acc).contiguous();
+  CamLoss l;
+  l.q_s = at::empty({B, P}, cs.options());
+  l.norm_s = at::empty({B}, cs.options());
+  l.q_t = at::empty({B, P}, cs.options());
+  l.loss = at::empty({}, cs.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "icakd_cam_loss_fwd_cpu", [&] {
+    *l.loss.data_ptr<scalar_t>() =
+        cam_loss_rows<scalar_t>(cs.const_data_ptr<scalar_t>(), ct.const_data_ptr<scalar_t>(), B, P, eps,
+                                l.q_s.data_ptr<scalar_t>(), l.norm_s.data_ptr<scalar_t>(), l.q_t.data_ptr<scalar_t>());
+  });
+  return l;
+}
+
+std::tuple<Tensor, Tensor, Tensor> cam_loss_fwd_cpu(const Tensor& cam_s, const Tensor& cam_t, double eps) {
+  check_cam_pair(cam_s, cam_t);
+  CamLoss l = cam_loss_compute(cam_s, cam_t, eps);
+  return {l.loss, l.q_s, l.norm_s};
+}
+
+// The teacher's unit rows are not an input: each is normalised again, one row at a time, just
+// before the row of the gradient that reads it.
 Tensor cam_loss_bwd_cpu(const Tensor& grad_out, const Tensor& cam_s, const Tensor& cam_t_, const Tensor& q_s_,
                         const Tensor& norm_s_, double eps) {
   check_devices(c10::DeviceType::CPU, {{&grad_out, "grad_out"}, {&cam_s, "cam_s"}, {&cam_t_, "cam_t"},
@@ -529,29 +573,217 @@ Tensor cam_loss_bwd_cpu(const Tensor& grad_out, const Tensor& cam_s, const Tenso
   const Tensor norm_s = norm_s_.to(acc).contiguous();
   Tensor out = at::empty({B, P}, q_s.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "icakd_cam_loss_bwd_cpu", [&] {
-    const scalar_t g = static_cast<scalar_t>(grad_out.item<double>());
-    const scalar_t scale = 2 * g / static_cast<scalar_t>(std::max<int64_t>(B, 1));
-    std::vector<scalar_t> q_t(B * P);
-    unit_rows<scalar_t>(ct.const_data_ptr<scalar_t>(), q_t.data(), nullptr, B, P, eps);
+    const scalar_t scale = cam_loss_scale<scalar_t>(grad_out.item<double>(), B);
+    std::vector<scalar_t> q_t(P);
     const scalar_t* qs = q_s.const_data_ptr<scalar_t>();
+    const scalar_t* ctp = ct.const_data_ptr<scalar_t>();
     const scalar_t* ns = norm_s.const_data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     for (int64_t b = 0; b < B; ++b) {
-      const scalar_t* q = qs + b * P;
-      scalar_t* ob = o + b * P;
-      scalar_t qd = 0;
-      for (int64_t p = 0; p < P; ++p) {
-        ob[p] = scale * (q[p] - q_t[b * P + p]);
-        qd += q[p] * ob[p];
-      }
-      if (ns[b] > static_cast<scalar_t>(eps)) {
-        for (int64_t p = 0; p < P; ++p) ob[p] = (ob[p] - q[p] * qd) / ns[b];
-      } else {
-        for (int64_t p = 0; p < P; ++p) ob[p] = ob[p] / static_cast<scalar_t>(eps);
-      }
+      unit_row<scalar_t>(ctp + b * P, P, eps, q_t.data());
+      cam_loss_grad_row<scalar_t>(scale, qs + b * P, q_t.data(), ns[b], P, eps, o + b * P);
     }
   });
   return out.view(cam_s.sizes()).to(cam_s.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------
+// one network's CAM step: Grad-CAM weights of a GAP + linear head, map, pooled features and CAM
+// constraint in one op each way
+// ---------------------------------------------------------------------------------------------
+
+// features [B, K, H, W], fc_weight [C, K], targets [B] int64 (metadata only)
+CamDims check_head(const Tensor& features, const Tensor& fc_weight, const Tensor& targets) {
+  check_float(features, "features");
+  check_dim(features, 4, "features");
+  check_float(fc_weight, "fc_weight");
+  check_dim(fc_weight, 2, "fc_weight");
+  TORCH_CHECK(fc_weight.size(1) == features.size(1), "fc_weight must be [C, K] with K = ", features.size(1),
+              " (the channels of features), got shape ", fc_weight.sizes());
+  check_dtype(targets, at::kLong, "targets");
+  check_vector(targets, features.size(0), "targets", "B");
+  return cam_dims(features, fc_weight);
+}
+
+// w[b] = fc_weight[targets[b]] / (H*W), divided and rounded in fc_weight's dtype as
+// reference.cam_weights_from_linear does, then widened to acc_t (fc: contiguous [C, K])
+template <typename acc_t>
+void gather_head_weights(const Tensor& fc, const int64_t* targets, const CamDims& d, acc_t* w) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fc.scalar_type(), "icakd_class_activation_weights", [&] {
+    using op_t = at::opmath_type<scalar_t>;
+    const scalar_t* f = fc.const_data_ptr<scalar_t>();
+    const op_t den = static_cast<op_t>(d.P);
+    for (int64_t b = 0; b < d.B; ++b) {
+      const scalar_t* row = f + targets[b] * d.K;
+      acc_t* wb = w + b * d.K;
+      for (int64_t k = 0; k < d.K; ++k) {
+        wb[k] = static_cast<acc_t>(static_cast<scalar_t>(static_cast<op_t>(row[k]) / den));
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> class_activation_fwd_cpu(
+    const Tensor& features, const Tensor& fc_weight, const Tensor& targets, const std::optional<Tensor>& cam_t,
+    double eps) {
+  const CamDims d = check_head(features, fc_weight, targets);
+  const bool has_t = cam_t.has_value() && cam_t->defined();
+  if (has_t) {
+    check_float(*cam_t, "cam_t");
+    TORCH_CHECK(cam_t->dim() == 3 && cam_t->size(0) == d.B && cam_t->size(1) == d.H && cam_t->size(2) == d.W,
+                "cam_t must be [B, H, W] = [", d.B, ", ", d.H, ", ", d.W, "], got shape ", cam_t->sizes());
+  }
+  const Tensor none;
+  check_devices(c10::DeviceType::CPU, {{&features, "features"},
+                                       {&fc_weight, "fc_weight"},
+                                       {&targets, "targets"},
+                                       {has_t ? &*cam_t : &none, "cam_t"}});
+  check_index_range(targets, 0, fc_weight.size(0), "targets");
+  const bool cl = cam_reads_channels_last(features);
+  const Tensor A = cl ? features : features.contiguous();
+  const Tensor fc = fc_weight.contiguous();
+  const Tensor tg = targets.contiguous();
+  CamFwdOutputs o = alloc_cam_fwd(features, d, true);
+  if (d.B > 0 && d.P > 0) {
+    AT_DISPATCH_FLOATING_TYPES(d.acc, "icakd_class_activation_fwd_cpu", [&] {
+      std::vector<scalar_t> w(d.B * d.K);
+      gather_head_weights<scalar_t>(fc, tg.const_data_ptr<int64_t>(), d, w.data());
+      run_cam_fwd<scalar_t>(A, w.data(), o, d, true, cl);
+    });
+  }
+  auto [cam, pooled, pool_w] = finish_cam_fwd(o, d, true);
+  if (!has_t) {
+    const auto opts = features.options().dtype(d.acc);
+    return {cam, pooled, at::empty({0}, opts), pool_w, at::empty({0}, opts), at::empty({0}, opts),
+            at::empty({0}, opts)};
+  }
+  // the loss reads the map as cam_loss_fwd would (in cam's dtype)
+  CamLoss l = cam_loss_compute(cam, *cam_t, eps);
+  return {cam, pooled, l.loss, pool_w, l.q_s, l.norm_s, l.q_t};
+}
+
+double one_value(const Tensor& t) {
+  double v = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "icakd_one_value",
+                                  [&] { v = static_cast<double>(*t.const_data_ptr<scalar_t>()); });
+  return v;
+}
+
+// dL/dcam of the CAM constraint from the saved unit rows, rounded to cam's dtype (as cam_loss_bwd's
+// output is), then through the relu (times cam > 0): [B, H*W] in the accumulation dtype
+Tensor class_activation_grad_cam(const Tensor& grad_loss, const Tensor& cam, const Tensor& q_s_,
+                                 const Tensor& norm_s_, const Tensor& q_t_, double eps, const CamDims& d) {
+  const auto lacc = acc_type_of(q_s_.scalar_type(), q_t_.scalar_type());
+  const Tensor q_s = q_s_.to(lacc).contiguous();
+  const Tensor q_t = q_t_.to(lacc).contiguous();
+  const Tensor norm_s = norm_s_.to(lacc).contiguous();
+  const double g = one_value(grad_loss);
+  Tensor grad = at::empty({d.B, d.P}, q_s.options());
+  AT_DISPATCH_FLOATING_TYPES(lacc, "icakd_class_activation_grad_cam", [&] {
+    const scalar_t scale = cam_loss_scale<scalar_t>(g, d.B);
+    const scalar_t* qs = q_s.const_data_ptr<scalar_t>();
+    const scalar_t* qt = q_t.const_data_ptr<scalar_t>();
+    const scalar_t* ns = norm_s.const_data_ptr<scalar_t>();
+    scalar_t* o = grad.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < d.B; ++b) {
+      cam_loss_grad_row<scalar_t>(scale, qs + b * d.P, qt + b * d.P, ns[b], d.P, eps, o + b * d.P);
+    }
+  });
+  Tensor gs = grad.to(cam.scalar_type()).to(d.acc).contiguous();
+  const Tensor c = cam.reshape({d.B, d.P}).to(d.acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(d.acc, "icakd_class_activation_relu", [&] {
+    scalar_t* o = gs.data_ptr<scalar_t>();
+    const scalar_t* cp = c.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < d.B * d.P; ++i) o[i] *= cp[i] > scalar_t(0) ? scalar_t(1) : scalar_t(0);
+  });
+  return gs;
+}
+
+std::tuple<Tensor, Tensor> class_activation_bwd_cpu(const std::optional<Tensor>& grad_pooled,
+                                                    const std::optional<Tensor>& grad_loss, const Tensor& features,
+                                                    const Tensor& fc_weight, const Tensor& targets, const Tensor& cam,
+                                                    const Tensor& pool_w, const Tensor& q_s, const Tensor& norm_s,
+                                                    const Tensor& q_t, double eps, bool need_features,
+                                                    bool need_fc_weight) {
+  const CamDims d = check_head(features, fc_weight, targets);
+  const bool has_gp = grad_pooled.has_value() && grad_pooled->defined();
+  const bool has_gl = grad_loss.has_value() && grad_loss->defined();
+  check_defined(cam, "cam");
+  check_defined(pool_w, "pool_w");
+  check_defined(q_s, "q_s");
+  check_defined(norm_s, "norm_s");
+  check_defined(q_t, "q_t");
+  const Tensor none;
+  check_devices(c10::DeviceType::CPU, {{&features, "features"},
+                                       {&fc_weight, "fc_weight"},
+                                       {&targets, "targets"},
+                                       {has_gp ? &*grad_pooled : &none, "grad_pooled"},
+                                       {has_gl ? &*grad_loss : &none, "grad_loss"},
+                                       {&cam, "cam"},
+                                       {&pool_w, "pool_w"},
+                                       {&q_s, "q_s"},
+                                       {&norm_s, "norm_s"},
+                                       {&q_t, "q_t"}});
+  if (has_gp) check_pooled_grad(*grad_pooled, pool_w, d);
+  if (has_gl) {
+    check_float(*grad_loss, "grad_loss");
+    check_one_element(*grad_loss, "grad_loss");
+    check_float(cam, "cam");
+    TORCH_CHECK(cam.numel() == d.B * d.P, "cam must be [B, H, W] = [", d.B, ", ", d.H, ", ", d.W, "], got shape ",
+                cam.sizes());
+    check_float(q_s, "q_s");
+    check_float(norm_s, "norm_s");
+    check_float(q_t, "q_t");
+    TORCH_CHECK(q_s.dim() == 2 && q_s.size(0) == d.B && q_s.size(1) == d.P, "q_s must be [B, H*W] = [", d.B, ", ",
+                d.P, "], got shape ", q_s.sizes());
+    TORCH_CHECK(norm_s.dim() == 1 && norm_s.size(0) == d.B, "norm_s must be [B] = [", d.B, "], got shape ",
+                norm_s.sizes());
+    TORCH_CHECK(q_t.dim() == 2 && q_t.size(0) == d.B && q_t.size(1) == d.P, "q_t must be [B, H*W] = [", d.B, ", ",
+                d.P, "], got shape ", q_t.sizes());
+  }
+  const int64_t C = fc_weight.size(0);
+  check_index_range(targets, 0, C, "targets");
+
+  const bool cl = cam_reads_channels_last(features);
+  // the weights' gradient comes from the map's gradient only (the pooling weights are a constant)
+  const bool weights_grad = need_fc_weight && has_gl;
+  Tensor gf = need_features ? at::empty({d.B, d.K, d.H, d.W}, features.options()) : at::empty({0}, features.options());
+  Tensor gfc;
+  const Tensor tg = targets.contiguous();
+  const int64_t* t = tg.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(d.acc, "icakd_class_activation_bwd_cpu", [&] {
+    using acc_t = scalar_t;
+    const Tensor gs = has_gl ? class_activation_grad_cam(*grad_loss, cam, q_s, norm_s, q_t, eps, d) : Tensor();
+    const Tensor gp = has_gp ? grad_pooled->reshape({d.B, d.K}).to(d.acc).contiguous() : Tensor();
+    const Tensor pw = has_gp ? pool_w.reshape({d.B, d.P}).to(d.acc).contiguous() : Tensor();
+    // the weights again, from the classifier rows (grad_features' term of the map's gradient)
+    std::vector<acc_t> w(need_features ? d.B * d.K : 0);
+    if (need_features) gather_head_weights<acc_t>(fc_weight.contiguous(), t, d, w.data());
+    std::vector<acc_t> gw(weights_grad ? d.B * d.K : 0, acc_t(0));
+    if ((need_features || weights_grad) && d.B * d.K * d.P > 0) {
+      const Tensor A = weights_grad ? (cl ? features : features.contiguous()) : Tensor();
+      run_cam_bwd<acc_t>(features.scalar_type(), A, need_features ? w.data() : nullptr,
+                         has_gl ? gs.const_data_ptr<acc_t>() : nullptr, has_gp ? gp.const_data_ptr<acc_t>() : nullptr,
+                         has_gp ? pw.const_data_ptr<acc_t>() : nullptr, need_features ? gf : Tensor(),
+                         weights_grad ? gw.data() : nullptr, d, cl);
+    }
+    if (need_fc_weight) {
+      // scatter-add of grad_weights / (H*W) into the rows of targets, in batch order
+      Tensor acc_fc = at::empty({C, d.K}, features.options().dtype(d.acc));
+      acc_t* o = acc_fc.data_ptr<acc_t>();
+      std::fill(o, o + C * d.K, acc_t(0));
+      if (weights_grad) {
+        const acc_t den = static_cast<acc_t>(d.P);
+        for (int64_t b = 0; b < d.B; ++b) {
+          acc_t* row = o + t[b] * d.K;
+          const acc_t* g = gw.data() + b * d.K;
+          for (int64_t k = 0; k < d.K; ++k) row[k] += g[k] / den;
+        }
+      }
+      gfc = acc_fc.to(fc_weight.scalar_type());
+    }
+  });
+  return {gf, need_fc_weight ? gfc : at::empty({0}, fc_weight.options())};
 }
 
 }  // namespace
@@ -562,6 +794,8 @@ TORCH_LIBRARY_IMPL(icakd_fast_C, CPU, m) {
   m.impl("spatial_mean", &spatial_mean_cpu);
   m.impl("cam_loss_fwd", &cam_loss_fwd_cpu);
   m.impl("cam_loss_bwd", &cam_loss_bwd_cpu);
+  m.impl("class_activation_fwd", &class_activation_fwd_cpu);
+  m.impl("class_activation_bwd", &class_activation_bwd_cpu);
 }
 
 }  // namespace icakd

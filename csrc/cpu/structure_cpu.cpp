@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -388,6 +389,59 @@ std::tuple<Tensor, Tensor> kept_centroids_cpu(const Tensor& sums_, const Tensor&
   return {mu, total};
 }
 
+// x [B, Dx] @ projection^T ([D, Dx]) in float32 (float64 if either is float64)
+Tensor project_rows(const Tensor& x, const Tensor& projection) {
+  const auto acc = acc_type_of(x.scalar_type(), projection.scalar_type());
+  return at::mm(x.to(acc), projection.to(acc).t());
+}
+
+// (x / max(|x|, eps) row by row in x's dtype, |x| [B] in the accumulation dtype): F.normalize
+// (dim=1) of the batch rows, with the norms the backward needs
+std::tuple<Tensor, Tensor> normalize_rows(const Tensor& x_, double eps) {
+  const Tensor x = x_.contiguous();
+  const int64_t B = x.size(0), D = x.size(1);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor unit = at::empty({B, D}, x.options());
+  Tensor norm = at::empty({B}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "icakd_normalize_rows", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* up = unit.data_ptr<scalar_t>();
+    acc_t* np = norm.data_ptr<acc_t>();
+    std::vector<acc_t> row(D);
+    for (int64_t b = 0; b < B; ++b) {
+      np[b] = unit_row<acc_t>(xp + b * D, D, eps, row.data());
+      for (int64_t d = 0; d < D; ++d) up[b * D + d] = static_cast<scalar_t>(row[d]);
+    }
+  });
+  return {unit, norm};
+}
+
+// g [B, D] (dL/d unit rows) -> dL/dx in place, through unit = x / max(|x|, eps):
+// (g - u (u . g)) / |x| where |x| > eps, g / eps elsewhere
+void normalize_rows_backward(Tensor& g, const Tensor& unit_, const Tensor& norm_, double eps) {
+  const Tensor unit = unit_.to(g.scalar_type()).contiguous();
+  const Tensor norm = norm_.to(at::kDouble).contiguous();
+  const int64_t B = g.size(0), D = g.size(1);
+  const double* np = norm.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "icakd_normalize_rows_bwd", [&] {
+    scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* up = unit.const_data_ptr<scalar_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      scalar_t* gb = gp + b * D;
+      const scalar_t* ub = up + b * D;
+      if (np[b] > eps) {
+        scalar_t ug = 0;
+        for (int64_t d = 0; d < D; ++d) ug += ub[d] * gb[d];
+        const scalar_t n = static_cast<scalar_t>(np[b]);
+        for (int64_t d = 0; d < D; ++d) gb[d] = (gb[d] - ub[d] * ug) / n;
+      } else {
+        for (int64_t d = 0; d < D; ++d) gb[d] = gb[d] / static_cast<scalar_t>(eps);
+      }
+    }
+  });
+}
+
 // Small problems (C (Ds + Dt)^2 up to kSmallStructure multiply-adds, centroids of one dtype) take
 // plain loops (the fake kernel in icakd_fast/ops/_cpp_impl.py mirrors this rule) for the
 // inter loss: its Gram form, K = A^T A with A = [v n_s, v n_t] in float64, as inter_gram.h defines
@@ -396,17 +450,6 @@ std::tuple<Tensor, Tensor> kept_centroids_cpu(const Tensor& sums_, const Tensor&
 constexpr int64_t kSmallStructure = int64_t(1) << 18;
 
 bool small_structure(int64_t C, int64_t width) { return C * width * width <= kSmallStructure; }
-
-// row c of n = mu / max(|mu|, eps) in float64 into out; returns |mu[c]|
-template <typename mu_t>
-double unit_row(const mu_t* mu, int64_t D, double eps, double* out) {
-  double ss = 0.0;
-  for (int64_t d = 0; d < D; ++d) ss += static_cast<double>(mu[d]) * static_cast<double>(mu[d]);
-  const double norm = std::sqrt(ss);
-  const double den = std::max(norm, eps);
-  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<double>(mu[d]) / den;
-  return norm;
-}
 
 // K [W, W] float64 (W = Ds + Dt) of the valid rows
 template <typename mu_t>
@@ -417,8 +460,8 @@ void small_gram(const mu_t* ms, const mu_t* mt, const bool* valid, int64_t C, in
   std::vector<double> a(W);
   for (int64_t c = 0; c < C; ++c) {
     if (!valid[c]) continue;
-    unit_row<mu_t>(ms + c * Ds, Ds, eps, a.data());
-    unit_row<mu_t>(mt + c * Dt, Dt, eps, a.data() + Ds);
+    unit_row<double>(ms + c * Ds, Ds, eps, a.data());
+    unit_row<double>(mt + c * Dt, Dt, eps, a.data() + Ds);
     for (int64_t i = 0; i < W; ++i) {
       const double ai = a[i];
       double* Ki = K + i * W;
@@ -437,18 +480,54 @@ double gram_sum_sq_host(const double* K, int64_t Ds, int64_t W) {
   return total;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> structure_fwd_cpu(
-    const Tensor& sums_s, const Tensor& count_s, const Tensor& sums_t, const Tensor& count_t, const Tensor& f_s,
-    const Tensor& f_t, const Tensor& labels_, const std::optional<Tensor>& keep_s,
-    const std::optional<Tensor>& keep_t, int64_t min_count, double eps) {
+using StructureOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+StructureOut structure_terms(const Tensor& sums_s, const Tensor& count_s, const Tensor& sums_t, const Tensor& count_t,
+                             const Tensor& f_s, const Tensor& f_t, const Tensor& labels_,
+                             const std::optional<Tensor>& keep_s, const std::optional<Tensor>& keep_t,
+                             int64_t min_count, double eps);
+
+StructureOut structure_fwd_cpu(const Tensor& sums_s, const Tensor& count_s, const Tensor& sums_t,
+                               const Tensor& count_t, const Tensor& x_s, const Tensor& x_t, const Tensor& labels,
+                               const std::optional<Tensor>& keep_s, const std::optional<Tensor>& keep_t,
+                               int64_t min_count, double eps, bool normalize,
+                               const std::optional<Tensor>& projection) {
   check_devices(c10::DeviceType::CPU, {{&sums_s, "sums_s"}, {&count_s, "count_s"}, {&sums_t, "sums_t"},
-                                       {&count_t, "count_t"}, {&f_s, "f_s"}, {&f_t, "f_t"}, {&labels_, "labels"},
+                                       {&count_t, "count_t"}, {&x_s, "f_s"}, {&x_t, "f_t"}, {&labels, "labels"},
                                        {keep_s.has_value() ? &*keep_s : nullptr, "keep_s"},
-                                       {keep_t.has_value() ? &*keep_t : nullptr, "keep_t"}});
-  check_float(f_s, "f_s");
-  check_float(f_t, "f_t");
-  check_dim(f_s, 2, "f_s");
-  TORCH_CHECK(f_t.sizes() == f_s.sizes(), "f_t must have the shape of f_s ", f_s.sizes(), ", got ", f_t.sizes());
+                                       {keep_t.has_value() ? &*keep_t : nullptr, "keep_t"},
+                                       {projection.has_value() ? &*projection : nullptr, "projection"}});
+  check_float(x_s, "f_s");
+  check_float(x_t, "f_t");
+  check_dim(x_s, 2, "f_s");
+  Tensor u_s = x_s;
+  if (has(projection)) {
+    TORCH_CHECK(normalize, "projection needs normalize=True");
+    check_float(*projection, "projection");
+    check_dim(*projection, 2, "projection");
+    TORCH_CHECK(projection->size(1) == x_s.size(1), "projection must be [D, ", x_s.size(1),
+                "] (the width of f_s), got shape ", projection->sizes());
+    u_s = project_rows(x_s, *projection);
+  }
+  TORCH_CHECK(x_t.sizes() == u_s.sizes(), "f_t must have the shape of f_s", has(projection) ? " projected " : " ",
+              u_s.sizes(), ", got ", x_t.sizes());
+  if (!normalize) return structure_terms(sums_s, count_s, sums_t, count_t, x_s, x_t, labels, keep_s, keep_t,
+                                         min_count, eps);
+  auto [unit_s, norm_s] = normalize_rows(u_s, eps);
+  Tensor unit_t = std::get<0>(normalize_rows(x_t, eps));
+  StructureOut out =
+      structure_terms(sums_s, count_s, sums_t, count_t, unit_s, unit_t, labels, keep_s, keep_t, min_count, eps);
+  std::get<7>(out) = unit_s;
+  std::get<8>(out) = unit_t;
+  std::get<9>(out) = norm_s;
+  return out;
+}
+
+// the structure term of unit rows f_s, f_t; the last three outputs are empty
+StructureOut structure_terms(const Tensor& sums_s, const Tensor& count_s, const Tensor& sums_t, const Tensor& count_t,
+                             const Tensor& f_s, const Tensor& f_t, const Tensor& labels_,
+                             const std::optional<Tensor>& keep_s, const std::optional<Tensor>& keep_t,
+                             int64_t min_count, double eps) {
   check_dtype(labels_, at::kLong, "labels");
   check_vector(labels_, f_s.size(0), "labels", "B");
   TORCH_CHECK(sums_t.sizes() == sums_s.sizes(), "sums_t must have the shape of sums_s ", sums_s.sizes(), ", got ",
@@ -504,7 +583,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> structure_fwd
       const double den = std::max(static_cast<double>(nv) * static_cast<double>(nv), 1.0);
       inter.fill_(static_cast<scalar_t>(gram_sum_sq_host(K, Ds, W) / den));
     });
-    return {intra, inter, mu_s, mu_t, valid, std::get<1>(st), gram};
+    auto none = [&] { return at::empty({0}, mu_s.options()); };
+    return {intra, inter, mu_s, mu_t, valid, std::get<1>(st), gram, none(), none(), none()};
   }
   const Tensor intra = intra_fwd_cpu(f_s, f_t, mu_s, mu_t, labels, valid);
   const InterDims d = check_inter(mu_s, mu_t, valid, eps, nullptr, c10::DeviceType::CPU);
@@ -515,7 +595,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> structure_fwd
     inter = inter_fwd_cpu(mu_s, mu_t, valid, eps);
     gram = at::empty({0}, mu_s.options().dtype(at::kDouble));
   }
-  return {intra, inter, mu_s, mu_t, valid, std::get<1>(st), gram};
+  auto none = [&] { return at::empty({0}, mu_s.options()); };
+  return {intra, inter, mu_s, mu_t, valid, std::get<1>(st), gram, none(), none(), none()};
 }
 
 // dL/dmu_s [C, Ds] (float64, row-major) of the inter loss from K, for the classes in `labels`
@@ -547,8 +628,8 @@ std::vector<double> small_inter_grad(const Tensor& grad_inter, const Tensor& gra
       const int64_t c = lab[b];
       if (done[c] || !vp[c]) continue;
       done[c] = 1;
-      const double norm = unit_row<scalar_t>(ms + c * Ds, Ds, eps, a.data());
-      unit_row<scalar_t>(mt + c * Dt, Dt, eps, a.data() + Ds);
+      const double norm = unit_row<double>(ms + c * Ds, Ds, eps, a.data());
+      unit_row<double>(mt + c * Dt, Dt, eps, a.data() + Ds);
       for (int64_t j = 0; j < Ds; ++j) {
         double acc = 0.0;
         for (int64_t i = 0; i < W; ++i) acc += (i < Ds ? a[i] : -a[i]) * K[i * W + j];
@@ -567,13 +648,21 @@ std::vector<double> small_inter_grad(const Tensor& grad_inter, const Tensor& gra
   return out;
 }
 
-Tensor structure_bwd_cpu(const Tensor& grad_intra, const Tensor& grad_inter, const Tensor& f_s, const Tensor& f_t,
-                         const Tensor& mu_s, const Tensor& mu_t, const Tensor& valid, const Tensor& total_s,
-                         const Tensor& labels_, const std::optional<Tensor>& keep_s, const Tensor& gram, double eps) {
+std::tuple<Tensor, Tensor> structure_bwd_cpu(const Tensor& grad_intra, const Tensor& grad_inter, const Tensor& f_s,
+                                             const Tensor& f_t, const Tensor& mu_s, const Tensor& mu_t,
+                                             const Tensor& valid, const Tensor& total_s, const Tensor& labels_,
+                                             const std::optional<Tensor>& keep_s, const Tensor& gram, double eps,
+                                             const std::optional<Tensor>& norm_s, const std::optional<Tensor>& x_s,
+                                             const std::optional<Tensor>& projection) {
   check_devices(c10::DeviceType::CPU, {{&grad_intra, "grad_intra"}, {&grad_inter, "grad_inter"}, {&f_s, "f_s"},
                                        {&f_t, "f_t"}, {&mu_s, "mu_s"}, {&mu_t, "mu_t"}, {&valid, "valid"},
                                        {&total_s, "total_s"}, {&labels_, "labels"},
-                                       {keep_s.has_value() ? &*keep_s : nullptr, "keep_s"}, {&gram, "gram"}});
+                                       {keep_s.has_value() ? &*keep_s : nullptr, "keep_s"}, {&gram, "gram"},
+                                       {norm_s.has_value() ? &*norm_s : nullptr, "norm_s"},
+                                       {x_s.has_value() ? &*x_s : nullptr, "x_s"},
+                                       {projection.has_value() ? &*projection : nullptr, "projection"}});
+  TORCH_CHECK(has(x_s) == has(projection), "x_s and projection must be given together");
+  TORCH_CHECK(!has(projection) || has(norm_s), "projection needs norm_s (structure_fwd's, after normalize)");
   check_float(grad_intra, "grad_intra");
   check_one_element(grad_intra, "grad_intra");
   check_float(grad_inter, "grad_inter");
@@ -624,7 +713,24 @@ Tensor structure_bwd_cpu(const Tensor& grad_intra, const Tensor& grad_inter, con
       }
     }
   });
-  return out.to(f_s.scalar_type());
+  if (has(norm_s)) {
+    check_float(*norm_s, "norm_s");
+    check_vector(*norm_s, B, "norm_s", "B");
+    normalize_rows_backward(out, f_s, *norm_s, eps);
+  }
+  if (!has(projection)) return {out.to(f_s.scalar_type()), at::empty({0}, out.options())};
+  // u = x P^T: dL/dx = g P, dL/dP = g^T x (in the accumulation dtype of the forward's product)
+  check_float(*x_s, "x_s");
+  check_dim(*x_s, 2, "x_s");
+  check_float(*projection, "projection");
+  TORCH_CHECK(projection->dim() == 2 && projection->size(0) == D && projection->size(1) == x_s->size(1) &&
+                  x_s->size(0) == B,
+              "projection must be [", D, ", Dx] and x_s [", B, ", Dx], got ", projection->sizes(), " and ",
+              x_s->sizes());
+  const auto acc = acc_type_of(x_s->scalar_type(), projection->scalar_type());
+  const Tensor g = out.to(acc);
+  return {at::mm(g, projection->to(acc)).to(x_s->scalar_type()),
+          at::mm(g.t(), x_s->to(acc)).to(projection->scalar_type())};
 }
 
 }  // namespace

@@ -24,10 +24,11 @@ if not _ext.load():
 KERNELS = {
     "cam": ("cam_fwd", "cam_bwd"),
     "cam_loss": ("cam_loss_fwd", "cam_loss_bwd"),
+    "class_activation": ("class_activation_fwd", "class_activation_bwd"),
     "grad_cam_weights": ("spatial_mean",),
     "class_bank": ("class_bank_enqueue_", "class_bank_resync_"),
     "fifo_bank": ("fifo_bank_enqueue_", "fifo_bank_sums"),
-    "bank_update": ("class_bank_update_", "fifo_bank_update_"),
+    "bank_update": ("class_bank_update_", "fifo_bank_update_", "class_banks_update_", "fifo_banks_update_"),
     "centroids": ("centroids_fwd",),
     "intra": ("intra_fwd", "intra_bwd"),
     "inter": ("inter_fwd", "inter_bwd", "inter_gram_fwd", "inter_gram_bwd"),
@@ -109,24 +110,19 @@ def _cam_bwd_fake(grad_cam, grad_pooled, features, weights, cam, pool_w, need_fe
     return gf, gw
 
 
+def _mutates_only(*args):
+    """The fake of an op that only writes into its arguments (the banks' updates): no outputs."""
+    return None
+
+
+for _name in ("class_bank_enqueue_", "class_bank_resync_", "fifo_bank_enqueue_", "class_bank_update_",
+              "fifo_bank_update_", "class_banks_update_", "fifo_banks_update_"):
+    _fake(f"{_NS}::{_name}")(_mutates_only)
+
+
 @_fake(f"{_NS}::spatial_mean")
 def _spatial_mean_fake(grads):
     return grads.new_empty(grads.shape[:2])
-
-
-@_fake(f"{_NS}::class_bank_enqueue_")
-def _class_bank_enqueue_fake(bank, count, ptr, sums, feats, labels, mask):
-    return None
-
-
-@_fake(f"{_NS}::class_bank_resync_")
-def _class_bank_resync_fake(bank, count, sums, classes):
-    return None
-
-
-@_fake(f"{_NS}::fifo_bank_enqueue_")
-def _fifo_bank_enqueue_fake(bank, bank_labels, ptr, feats, labels, mask):
-    return None
 
 
 @_fake(f"{_NS}::fifo_bank_sums")
@@ -190,18 +186,35 @@ def _cam_loss_bwd_fake(grad_out, cam_s, cam_t, q_s, norm_s, eps):
     return cam_s.new_empty(cam_s.shape)
 
 
-@_fake(f"{_NS}::class_bank_update_")
-def _class_bank_update_fake(bank, count, ptr, sums, resync_pos, refused, feats, labels, mask, resync_chunk):
-    return None
+@_fake(f"{_NS}::class_activation_fwd")
+def _class_activation_fwd_fake(features, fc_weight, targets, cam_t, eps):
+    b, k, h, w = features.shape
+    acc = _acc(features.dtype, fc_weight.dtype)
+    cam, pooled, pool_w = _cam_fwd_fake(features, fc_weight.new_empty((b, k)), True)
+    if cam_t is None:
+        loss, q_s, norm_s, q_t = (features.new_empty((0,), dtype=acc) for _ in range(4))
+    else:
+        lacc = _acc(acc, cam_t.dtype)
+        loss = features.new_empty((), dtype=lacc)
+        q_s = features.new_empty((b, h * w), dtype=lacc)
+        norm_s = features.new_empty((b,), dtype=lacc)
+        q_t = features.new_empty((b, h * w), dtype=lacc)
+    return cam, pooled, loss, pool_w, q_s, norm_s, q_t
 
 
-@_fake(f"{_NS}::fifo_bank_update_")
-def _fifo_bank_update_fake(bank, bank_labels, ptr, refused, feats, labels, mask):
-    return None
+@_fake(f"{_NS}::class_activation_bwd")
+def _class_activation_bwd_fake(grad_pooled, grad_loss, features, fc_weight, targets, cam, pool_w, q_s, norm_s, q_t,
+                               eps, need_features, need_fc_weight):
+    gf = features.new_empty(features.shape) if need_features else features.new_empty((0,))
+    gw = fc_weight.new_empty(fc_weight.shape) if need_fc_weight else fc_weight.new_empty((0,))
+    return gf, gw
 
 
 @_fake(f"{_NS}::structure_fwd")
-def _structure_fwd_fake(sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t, min_count, eps):
+def _structure_fwd_fake(sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t, min_count, eps,
+                        normalize=False, projection=None):
+    if projection is not None:
+        f_s = f_s.new_empty((f_s.shape[0], projection.shape[0]), dtype=_acc(f_s.dtype, projection.dtype))
     mu_s, _ = _centroids_fwd_fake(sums_s, count_s, f_s, labels)
     mu_t, _ = _centroids_fwd_fake(sums_t, count_t, f_t, labels)
     intra = _intra_fwd_fake(f_s, f_t, mu_s, mu_t, labels, None)
@@ -211,12 +224,20 @@ def _structure_fwd_fake(sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep
     small = mu_s.shape[0] * d * d <= _SMALL_STRUCTURE and mu_s.dtype == mu_t.dtype
     gram = mu_s.new_empty((d, d) if small or inter_gram_pays(mu_s, mu_t) else (0,), dtype=torch.float64)
     valid = count_s.new_empty(count_s.shape, dtype=torch.bool)
-    return intra, inter, mu_s, mu_t, valid, count_s.new_empty(count_s.shape, dtype=torch.int64), gram
+    if normalize:
+        units = (f_s.new_empty(f_s.shape), f_t.new_empty(f_t.shape),
+                 f_s.new_empty(f_s.shape[:1], dtype=_acc(f_s.dtype)))
+    else:
+        units = tuple(mu_s.new_empty((0,)) for _ in range(3))
+    return (intra, inter, mu_s, mu_t, valid, count_s.new_empty(count_s.shape, dtype=torch.int64), gram) + units
 
 
 @_fake(f"{_NS}::structure_bwd")
-def _structure_bwd_fake(grad_intra, grad_inter, f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram, eps):
-    return f_s.new_empty(f_s.shape)
+def _structure_bwd_fake(grad_intra, grad_inter, f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram, eps,
+                        norm_s=None, x_s=None, projection=None):
+    if projection is None:
+        return f_s.new_empty(f_s.shape), f_s.new_empty((0,), dtype=_acc(f_s.dtype, f_t.dtype, mu_s.dtype, mu_t.dtype))
+    return x_s.new_empty(x_s.shape), projection.new_empty(projection.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,6 +335,19 @@ def cam_loss_bwd(grad_out, cam_s, cam_t, q_s, norm_s, eps: float):
     return _C.cam_loss_bwd(grad_out, cam_s, cam_t, q_s, norm_s, float(eps))
 
 
+def class_activation_fwd(features, fc_weight, targets, cam_t, eps: float):
+    """``(cam, pooled, loss, pool_w, q_s, norm_s, q_t)`` of one network's CAM step; ``loss``,
+    ``q_s``, ``norm_s`` and ``q_t`` are empty when ``cam_t`` is None; see csrc/cam.cpp."""
+    return _C.class_activation_fwd(features, fc_weight, targets, cam_t, float(eps))
+
+
+def class_activation_bwd(grad_pooled, grad_loss, features, fc_weight, targets, cam, pool_w, q_s, norm_s, q_t,
+                         eps: float, need_features: bool, need_fc_weight: bool):
+    g_f, g_w = _C.class_activation_bwd(grad_pooled, grad_loss, features, fc_weight, targets, cam, pool_w, q_s, norm_s,
+                                       q_t, float(eps), bool(need_features), bool(need_fc_weight))
+    return (g_f if need_features else None), (g_w if need_fc_weight else None)
+
+
 def class_bank_update_(bank, count, ptr, sums, resync_pos, refused, feats, labels, mask, resync_chunk: int) -> None:
     _C.class_bank_update_(bank, count, ptr, sums, resync_pos, refused, feats, labels, mask, int(resync_chunk))
 
@@ -322,12 +356,28 @@ def fifo_bank_update_(bank, bank_labels, ptr, refused, feats, labels, mask) -> N
     _C.fifo_bank_update_(bank, bank_labels, ptr, refused, feats, labels, mask)
 
 
-def structure_fwd(sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t, min_count: int, eps: float):
-    """``(intra, inter, mu_s, mu_t, valid, total_s, gram)``; see csrc/structure.cpp."""
+def class_banks_update_(bank, count, ptr, sums, resync_pos, refused, feats, labels, mask,
+                        resync_chunk: int) -> None:
+    """``class_bank_update_`` of several banks (lists, one entry per bank) under one ``labels``."""
+    _C.class_banks_update_(bank, count, ptr, sums, resync_pos, refused, feats, labels, mask, int(resync_chunk))
+
+
+def fifo_banks_update_(bank, bank_labels, ptr, refused, feats, labels, mask) -> None:
+    """``fifo_bank_update_`` of several banks (lists, one entry per bank) under one ``labels``."""
+    _C.fifo_banks_update_(bank, bank_labels, ptr, refused, feats, labels, mask)
+
+
+def structure_fwd(sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t, min_count: int, eps: float,
+                  normalize: bool = False, projection=None):
+    """``(intra, inter, mu_s, mu_t, valid, total_s, gram, unit_s, unit_t, norm_s)``; see
+    csrc/structure.cpp."""
     return _C.structure_fwd(sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t, int(min_count),
-                            float(eps))
+                            float(eps), bool(normalize), projection)
 
 
-def structure_bwd(grad_intra, grad_inter, f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram, eps: float):
-    return _C.structure_bwd(grad_intra, grad_inter, f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram,
-                            float(eps))
+def structure_bwd(grad_intra, grad_inter, f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram, eps: float,
+                  norm_s=None, x_s=None, projection=None):
+    """``(grad_f_s, grad_projection)`` (the latter None without ``projection``)."""
+    g, g_p = _C.structure_bwd(grad_intra, grad_inter, f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram,
+                              float(eps), norm_s, x_s, projection)
+    return g, (g_p if projection is not None else None)

@@ -64,3 +64,28 @@ def fifo_bank_update_(backend: str, fused: bool, bank, bank_labels, ptr, refused
         return
     feats, mask = refuse_non_finite(feats.detach(), _all_rows(mask, feats), bank.dtype, refused)
     impl.fifo_bank_enqueue_(bank, bank_labels, ptr, feats, labels, mask)
+
+
+
+def class_banks_update_(backend: str, fused: bool, banks, counts, ptrs, sums, resync_pos, refused, feats, labels,
+                        masks, resync_offsets) -> None:
+    """``class_bank_update_`` of several banks of one shape that share ``labels`` (every other
+    argument but ``resync_offsets`` a list with one entry per bank): one call where the backend
+    has the one-op form."""
+    if fused:
+        impl_of(backend).class_banks_update_(banks, counts, ptrs, sums, resync_pos, refused, feats, labels, masks,
+                                             resync_offsets.shape[0])
+        return
+    for i in range(len(banks)):
+        class_bank_update_(backend, False, banks[i], counts[i], ptrs[i], sums[i], resync_pos[i], refused[i], feats[i],
+                           labels, masks[i], resync_offsets)
+
+
+def fifo_banks_update_(backend: str, fused: bool, banks, bank_labels, ptrs, refused, feats, labels, masks) -> None:
+    """``fifo_bank_update_`` of several banks that share ``labels`` (lists, one entry per bank):
+    one call where the backend has the one-op form."""
+    if fused:
+        impl_of(backend).fifo_banks_update_(banks, bank_labels, ptrs, refused, feats, labels, masks)
+        return
+    for i in range(len(banks)):
+        fifo_bank_update_(backend, False, banks[i], bank_labels[i], ptrs[i], refused[i], feats[i], labels, masks[i])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._backend import implementation
+from .._backend import implementation, is_available
 from ._precision import exact as _exact
 
 
@@ -97,57 +97,68 @@ def cam_loss(backend: str, cam_s: torch.Tensor, cam_t: torch.Tensor, eps: float 
 
 
 class ClassActivationFunction(torch.autograd.Function):
-    """One network's whole CAM step on a backend with the one-op CAM loss: Grad-CAM weights from
-    the classifier (``fc_weight[targets] / (H*W)``), the map, the CAM-weighted pooled features
-    and the CAM constraint against the teacher's map; the backward runs the loss's and the map's
-    backward kernels back to back and scatters the weights' gradient into ``fc_weight``."""
+    """One network's whole CAM step on a backend with the one-op form (``class_activation_fwd``
+    / ``class_activation_bwd``): Grad-CAM weights from the classifier (``fc_weight[targets] /
+    (H*W)``), the map, the CAM-weighted pooled features and, given the teacher's map, the CAM
+    constraint against it, one backend call each way. Saves the inputs, the two per-pixel maps and
+    the loss's unit rows (no [B,K,H,W] intermediate and no weights: the backward gathers them
+    again). ``cam`` carries no gradient; ``l_cam`` is an empty tensor without ``cam_t``."""
 
     @staticmethod
     def forward(ctx, backend, features, fc_weight, targets, cam_t):
-        impl = implementation(backend)
-        spatial = features.shape[2] * features.shape[3]
         with _exact(features):
-            weights = reference.cam_weights_from_linear(fc_weight, targets, spatial)
-            cam, pooled, pool_w = impl.cam_fwd(features, weights, True)
-            l_cam, q_s, norm_s = impl.cam_loss_fwd(cam, cam_t, reference.NORM_EPS)
-        ctx.backend, ctx.spatial, ctx.fc_rows = backend, spatial, fc_weight.shape[0]
-        ctx.save_for_backward(features, weights, targets, cam, pool_w, cam_t, q_s, norm_s)
+            cam, pooled, l_cam, pool_w, q_s, norm_s, q_t = implementation(backend).class_activation_fwd(
+                features, fc_weight, targets, cam_t, reference.NORM_EPS)
+        ctx.backend = backend
+        ctx.with_loss = cam_t is not None
+        ctx.save_for_backward(features, fc_weight, targets, cam, pool_w, q_s, norm_s, q_t)
         ctx.mark_non_differentiable(cam)
+        # an output that the graph does not use gets no gradient (None), not a tensor of zeros
+        ctx.set_materialize_grads(False)
         return cam, pooled, l_cam
 
     @staticmethod
     def backward(ctx, _grad_cam, grad_pooled, grad_loss):
-        features, weights, targets, cam, pool_w, cam_t, q_s, norm_s = ctx.saved_tensors
         need_f, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if not (need_f or need_w):
             return None, None, None, None, None
-        impl = implementation(ctx.backend)
+        features, fc_weight, targets, cam, pool_w, q_s, norm_s, q_t = ctx.saved_tensors
+        if not ctx.with_loss:
+            grad_loss = None
         with _exact(features):
-            grad_cam = None
-            if grad_loss is not None:
-                grad_cam = impl.cam_loss_bwd(grad_loss, cam, cam_t, q_s, norm_s, reference.NORM_EPS)
-            grad_f, grad_w = impl.cam_bwd(grad_cam, grad_pooled, features, weights, cam, pool_w, need_f, need_w)
-            grad_fc = None
-            if need_w:
-                grad_fc = torch.zeros((ctx.fc_rows, weights.shape[1]), dtype=grad_w.dtype, device=grad_w.device)
-                grad_fc.index_add_(0, targets, grad_w / ctx.spatial)
+            grad_f, grad_fc = implementation(ctx.backend).class_activation_bwd(
+                grad_pooled, grad_loss, features, fc_weight, targets, cam, pool_w, q_s, norm_s, q_t,
+                reference.NORM_EPS, need_f, need_w)
         return None, grad_f, grad_fc, None, None
 
 
 def class_activation(backend: str, features: torch.Tensor, fc_weight: torch.Tensor, targets: torch.Tensor,
-                     cam_t: torch.Tensor | None = None, fused: bool = True):
+                     cam_t: torch.Tensor | None = None, fused: bool | None = None):
     """One network's CAM step: ``(cam, pooled, l_cam)`` from the feature map and the classifier
     weights of the target classes (Grad-CAM of a GAP + linear head), with the CAM constraint
     against the teacher's map ``cam_t`` (a constant) when given (else ``l_cam`` is None).
 
-    ``fused``: the backend has the one-op CAM loss (``cam_loss_fwd``): the whole step is one
-    autograd node; otherwise the same terms are composed from the backend's CAM op and the
-    reference loss. ``cam`` carries no gradient in the fused form; ``l_cam`` does. Arguments are
-    not checked (``ICAKDLoss`` validated them)."""
-    one_resolution = cam_t is not None and cam_t.shape == features.shape[:1] + features.shape[2:]
+    ``fused``: the backend has the one-op CAM step (op group ``class_activation``; None: ask the
+    registry for ``features``' device). Then the step is one backend call each way (one
+    autograd node; without a gradient to record, the forward call alone) and ``cam`` carries no
+    gradient; otherwise (and for a teacher map of another resolution) the same terms are composed
+    from the backend's CAM op and the reference loss. Arguments are not checked (``ICAKDLoss``
+    validated them)."""
+    if fused is None:
+        fused = backend != "reference" and is_available(backend, "class_activation", features.device)
+    one_resolution = cam_t is None or cam_t.shape == features.shape[:1] + features.shape[2:]
     if fused and backend != "reference" and one_resolution:
-        return ClassActivationFunction.apply(backend, features, fc_weight, targets, cam_t.detach())
+        # the teacher's map is a constant (detached only where it is not one already)
+        const_t = cam_t.detach() if cam_t is not None and cam_t.requires_grad else cam_t
+        if not (torch.is_grad_enabled() and (features.requires_grad or fc_weight.requires_grad)):
+            # nothing for autograd to record (the teacher's step): the forward op alone
+            with _exact(features):
+                cam, pooled, l_cam = implementation(backend).class_activation_fwd(
+                    features, fc_weight, targets, const_t, reference.NORM_EPS)[:3]
+        else:
+            cam, pooled, l_cam = ClassActivationFunction.apply(backend, features, fc_weight, targets, const_t)
+        return cam, pooled, (None if cam_t is None else l_cam)
     weights = reference.cam_weights_from_linear(fc_weight, targets, features.shape[2] * features.shape[3])
     cam, pooled = cam_features(backend, features, weights)
-    l_cam = None if cam_t is None else cam_loss(backend if fused else "reference", cam, cam_t)
+    l_cam = None if cam_t is None else cam_loss("reference", cam, cam_t)
     return cam, pooled, l_cam

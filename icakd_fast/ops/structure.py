@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .. import reference
 from .._backend import implementation
@@ -126,32 +127,51 @@ def inter_loss(backend, mu_s, mu_t, valid, live, eps, max_live=None):
 
 
 class StructureFunction(torch.autograd.Function):
-    """The structure term of one step in one backend call each way: ``(intra, inter)`` from both
-    networks' bank sums and counts and the batch (the teacher side is a constant); the backward
-    gives dL/df_s only."""
+    """The structure term of one step in one backend call each way: ``(intra, inter, unit_s,
+    unit_t)`` from both networks' bank sums and counts and the batch (the teacher side is a
+    constant); the backward gives dL/df_s (and dL/dprojection) only. With ``normalize`` the batch
+    rows are raw and the op normalises them first, after projecting the student's rows by
+    ``projection`` when given (``unit_*``, constants, are the unit rows; else they are empty)."""
 
     @staticmethod
-    def forward(ctx, backend, sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t, min_count, eps):
+    def forward(ctx, backend, sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t, min_count, eps,
+                normalize, projection):
         with _exact(f_s):
-            intra, inter, mu_s, mu_t, valid, total_s, gram = implementation(backend).structure_fwd(
-                sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t, min_count, eps)
+            intra, inter, mu_s, mu_t, valid, total_s, gram, unit_s, unit_t, norm_s = implementation(
+                backend).structure_fwd(sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t, min_count,
+                                       eps, normalize, projection)
         ctx.backend, ctx.eps = backend, eps
-        ctx.save_for_backward(f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram)
-        return intra, inter
+        ctx.set_materialize_grads(False)  # the unit rows take no gradient: no zeros made for them
+        if normalize:
+            raw = f_s if projection is not None else None
+            ctx.save_for_backward(unit_s, unit_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram, norm_s, raw,
+                                  projection)
+        else:
+            ctx.save_for_backward(f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram, None, None, None)
+        ctx.mark_non_differentiable(unit_s, unit_t)
+        return intra, inter, unit_s, unit_t
 
     @staticmethod
-    def backward(ctx, grad_intra, grad_inter):
-        f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram = ctx.saved_tensors
-        grad_f_s = None
-        if ctx.needs_input_grad[5]:
+    def backward(ctx, grad_intra, grad_inter, _grad_unit_s, _grad_unit_t):
+        f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram, norm_s, raw, projection = ctx.saved_tensors
+        grad_f_s = grad_projection = None
+        if ctx.needs_input_grad[5] or ctx.needs_input_grad[13]:
             zero = None
             if grad_intra is None or grad_inter is None:
                 zero = torch.zeros((), dtype=torch.float32, device=f_s.device)
             with _exact(f_s):
-                grad_f_s = implementation(ctx.backend).structure_bwd(
+                grad_f_s, grad_projection = implementation(ctx.backend).structure_bwd(
                     zero if grad_intra is None else grad_intra, zero if grad_inter is None else grad_inter,
-                    f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram, ctx.eps)
-        return (None,) * 5 + (grad_f_s,) + (None,) * 6
+                    f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram, ctx.eps, norm_s, raw, projection)
+        return ((None,) * 5 + (grad_f_s if ctx.needs_input_grad[5] else None,) + (None,) * 7
+                + (grad_projection if ctx.needs_input_grad[13] else None,))
+
+
+def project_rows(f: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """``f @ projection.T`` in float32 (float64 if either is float64): the student's rows through
+    the bias-free projector, as the one-op structure form computes them."""
+    acc = torch.float64 if torch.float64 in (f.dtype, projection.dtype) else torch.float32
+    return F.linear(f.to(acc), projection.to(acc))
 
 
 class StructurePlan(NamedTuple):
@@ -177,15 +197,29 @@ def kept_centroids(backend, sums, counts, feats, labels, keep):
 
 
 def structure(plan: StructurePlan, sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t,
-              min_count: int, eps: float):
+              min_count: int, eps: float, normalize: bool = False, projection=None):
     """``(intra, inter)`` of one step: both networks' centroids over the banks' ``(sums, counts)``
     and the batch rows kept by ``keep_*`` (None: every row), the classes valid in both
     (``total >= min_count``), the intra loss and the inter loss with the batch's classes live.
     The bank sums and ``f_t`` are constants. Arguments are not checked (``ICAKDLoss`` validated
-    them): int64 ``labels`` and ``counts``, bool ``keep_*``."""
+    them): int64 ``labels`` and ``counts``, bool ``keep_*``.
+
+    ``normalize``: ``f_s`` and ``f_t`` are raw rows, normalised here as ``F.normalize(dim=1)``
+    does with ``eps`` (inside the one-op form), and the result is ``(intra, inter, unit_s,
+    unit_t)`` with the unit rows (no gradient) the banks store. ``projection`` (``[D, Dx]``,
+    with ``normalize`` only): the student's raw rows are ``project_rows(f_s, projection)`` (the
+    bias-free projector), and the gradient reaches ``projection`` too."""
+    if projection is not None and not normalize:
+        raise ValueError("projection needs normalize=True")
     if plan.fused is not None:
-        return StructureFunction.apply(plan.fused, sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t,
-                                       int(min_count), float(eps))
+        intra, inter, unit_s, unit_t = StructureFunction.apply(
+            plan.fused, sums_s, count_s, sums_t, count_t, f_s, f_t, labels, keep_s, keep_t, int(min_count),
+            float(eps), bool(normalize), projection)
+        return (intra, inter, unit_s, unit_t) if normalize else (intra, inter)
+    if projection is not None:
+        f_s = project_rows(f_s, projection)
+    if normalize:
+        f_s, f_t = F.normalize(f_s, dim=1, eps=eps), F.normalize(f_t, dim=1, eps=eps)
     sums_s, sums_t, f_t = sums_s.detach(), sums_t.detach(), f_t.detach()
     mu_s, n_s = kept_centroids(plan.centroids, sums_s, count_s, f_s, labels, keep_s)
     with torch.no_grad():
@@ -194,5 +228,6 @@ def structure(plan: StructurePlan, sums_s, count_s, sums_t, count_t, f_s, f_t, l
     live = torch.zeros(valid.shape[0], dtype=torch.bool, device=labels.device).index_fill_(0, labels, True)
     # live marks the batch's labels, so at most B rows are live: the C++ Gram form's backward then
     # takes B rows, not C (no device-side check needed)
-    return (intra_loss(plan.intra, f_s, f_t, mu_s, mu_t, labels, valid),
-            inter_loss(plan.inter, mu_s, mu_t, valid, live, eps, labels.shape[0]))
+    intra = intra_loss(plan.intra, f_s, f_t, mu_s, mu_t, labels, valid)
+    inter = inter_loss(plan.inter, mu_s, mu_t, valid, live, eps, labels.shape[0])
+    return (intra, inter, f_s.detach(), f_t) if normalize else (intra, inter)
