@@ -350,12 +350,14 @@ class ICAKDLoss(nn.Module):
         bank)."""
         return self.bank_s is None and self.training and is_distributed()
 
-    def _bank_state(self, dim_s: int, dim_t: int, device: torch.device):
+    def _bank_state(self, device: torch.device):
         """``(sums_s, count_s, sums_t, count_t)`` the centroids add the batch to: the banks'
-        contents (previous batches), or nothing."""
+        contents (previous batches), or nothing (both networks' rows are ``teacher_dim`` wide)."""
         if self.bank_s is not None:
             return self.bank_s.sums_counts() + self.bank_t.sums_counts()
-        return self._empty_state(device, dim_s) + self._empty_state(device, dim_t)
+        # one call per network: while torch.compile traces, each call makes its own tensors
+        # (Dynamo refuses one tensor passed twice to an autograd Function)
+        return self._empty_state(device, self.teacher_dim) + self._empty_state(device, self.teacher_dim)
 
     def forward(
         self,
@@ -418,21 +420,22 @@ class ICAKDLoss(nn.Module):
                 keep_s = student_logits.detach().argmax(dim=1) == labels
                 keep_t = teacher_logits.argmax(dim=1) == labels
             incremental = self._incremental(device, labels.shape[0])
-            if incremental or self._other_ranks_rows():
+            other_ranks = not incremental and self._other_ranks_rows()
+            if incremental or other_ranks:
                 # these read the unit rows before the structure term
                 u_s = ops.project_rows(v_s, self.projector.weight)
                 f_s = F.normalize(u_s, dim=1, eps=reference.NORM_EPS)
                 f_t = F.normalize(v_t, dim=1, eps=reference.NORM_EPS)
             if incremental:
                 l_intra, l_inter = self._structure_incremental(f_s, f_t, labels, keep_s, keep_t)
-            elif self._other_ranks_rows():
+            elif other_ranks:
                 state = self._other_ranks_batch(f_s, f_t, labels, keep_s, keep_t)
                 l_intra, l_inter = ops.structure(self._structure_plan(device), *state[0], *state[1], f_s, f_t, labels,
                                                  keep_s, keep_t, self.min_count, reference.NORM_EPS)
             else:
                 # the structure op projects (by the projector's weight) and normalises the rows
                 # itself and returns the unit rows
-                state = self._bank_state(self.teacher_dim, v_t.shape[1], device)
+                state = self._bank_state(device)
                 l_intra, l_inter, f_s, f_t = ops.structure(self._structure_plan(device), *state, v_s, v_t, labels,
                                                            keep_s, keep_t, self.min_count, reference.NORM_EPS,
                                                            normalize=True, projection=self.projector.weight)
