@@ -47,6 +47,11 @@ def _weighted(weight: float, term: torch.Tensor) -> torch.Tensor:
     return term if weight == 1.0 else weight * term
 
 
+def _constant(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` without autograd history (``t`` itself where it has none: no op dispatched)."""
+    return t.detach() if t is not None and t.requires_grad else t
+
+
 @dataclass
 class ICAKDOutput:
     """``loss``: the weighted total (scalar, differentiable); ``parts``: each term alone, detached."""
@@ -375,12 +380,10 @@ class ICAKDLoss(nn.Module):
         self._check(student_features, student_logits, teacher_features, teacher_logits, labels,
                     student_fc_weight, teacher_fc_weight)
         labels = labels.long()
-        if teacher_features is not None:
-            teacher_features = teacher_features.detach()
-        if teacher_logits is not None:
-            teacher_logits = teacher_logits.detach()
-        if teacher_fc_weight is not None:
-            teacher_fc_weight = teacher_fc_weight.detach()
+        # the teacher's side is a constant (detached where it carries autograd history)
+        teacher_features = _constant(teacher_features)
+        teacher_logits = _constant(teacher_logits)
+        teacher_fc_weight = _constant(teacher_fc_weight)
 
         parts: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
@@ -392,7 +395,16 @@ class ICAKDLoss(nn.Module):
         if self.use_structure:
             device = labels.device
             hs, ws_ = student_features.shape[-2:]
-            if self.cam_weighting or self.use_cam_loss:
+            keep_s = keep_t = None
+            if self.correct_only:
+                keep_s = student_logits.detach().argmax(dim=1) == labels
+                keep_t = teacher_logits.argmax(dim=1) == labels
+            incremental = self._incremental(device, labels.shape[0])
+            other_ranks = not incremental and self._other_ranks_rows()
+            uses_cam = self.cam_weighting or self.use_cam_loss
+            at_loss = self.use_cam_loss and self.cam_loss == "at"
+            l_cam = None
+            if uses_cam:
                 targets = labels if self.target == "label" else teacher_logits.argmax(dim=1)
                 cam = self._backend_of("cam", device)
                 # each network's CAM step in one op each way where the CAM backend has the one-op
@@ -400,45 +412,44 @@ class ICAKDLoss(nn.Module):
                 fused = cam != "reference" and self._backend_of("class_activation", device, optional=True) == cam
                 # the teacher's inputs were detached above: nothing of its step is recorded
                 cam_t, v_t, _ = ops.class_activation(cam, teacher_features, teacher_fc_weight, targets, fused=fused)
-                at_loss = self.use_cam_loss and self.cam_loss == "at"
-                _, v_s, l_cam = ops.class_activation(cam, student_features, student_fc_weight, targets,
-                                                     cam_t if at_loss else None, fused=fused)
-                if self.use_cam_loss:
-                    w_cam = self.w_cam if self.w_cam is not None else 1000.0 / (hs * ws_)
-                    if not at_loss:
-                        l_cam = catkd_cam_loss(student_features, teacher_features, student_fc_weight,
-                                               teacher_fc_weight, self.cam_pool)
-                    parts["cam"], weights["cam"] = l_cam, w_cam
-            if not self.cam_weighting:
-                v_s = student_features.mean(dim=(2, 3))
-                v_t = teacher_features.mean(dim=(2, 3))
-
-            v_t = v_t.float()
-
-            keep_s = keep_t = None
-            if self.correct_only:
-                keep_s = student_logits.detach().argmax(dim=1) == labels
-                keep_t = teacher_logits.argmax(dim=1) == labels
-            incremental = self._incremental(device, labels.shape[0])
-            other_ranks = not incremental and self._other_ranks_rows()
-            if incremental or other_ranks:
-                # these read the unit rows before the structure term
-                u_s = ops.project_rows(v_s, self.projector.weight)
-                f_s = F.normalize(u_s, dim=1, eps=reference.NORM_EPS)
-                f_t = F.normalize(v_t, dim=1, eps=reference.NORM_EPS)
-            if incremental:
-                l_intra, l_inter = self._structure_incremental(f_s, f_t, labels, keep_s, keep_t)
-            elif other_ranks:
-                state = self._other_ranks_batch(f_s, f_t, labels, keep_s, keep_t)
-                l_intra, l_inter = ops.structure(self._structure_plan(device), *state[0], *state[1], f_s, f_t, labels,
-                                                 keep_s, keep_t, self.min_count, reference.NORM_EPS)
+            if self.cam_weighting and not (incremental or other_ranks):
+                # the student's CAM step, the projector, the normalisation and the structure term:
+                # one autograd node where the backends have the one-op forms
+                l_cam, l_intra, l_inter, f_s, f_t = ops.student_step(
+                    cam, fused, self._structure_plan(device), student_features, student_fc_weight, targets,
+                    cam_t if at_loss else None, *self._bank_state(device), v_t.float(), labels, keep_s, keep_t,
+                    self.min_count, reference.NORM_EPS, self.projector.weight)
             else:
-                # the structure op projects (by the projector's weight) and normalises the rows
-                # itself and returns the unit rows
-                state = self._bank_state(device)
-                l_intra, l_inter, f_s, f_t = ops.structure(self._structure_plan(device), *state, v_s, v_t, labels,
-                                                           keep_s, keep_t, self.min_count, reference.NORM_EPS,
-                                                           normalize=True, projection=self.projector.weight)
+                if uses_cam:
+                    _, v_s, l_cam = ops.class_activation(cam, student_features, student_fc_weight, targets,
+                                                         cam_t if at_loss else None, fused=fused)
+                if not self.cam_weighting:
+                    v_s = student_features.mean(dim=(2, 3))
+                    v_t = teacher_features.mean(dim=(2, 3))
+                v_t = v_t.float()
+                if incremental or other_ranks:
+                    # these read the unit rows before the structure term
+                    u_s = ops.project_rows(v_s, self.projector.weight)
+                    f_s = F.normalize(u_s, dim=1, eps=reference.NORM_EPS)
+                    f_t = F.normalize(v_t, dim=1, eps=reference.NORM_EPS)
+                if incremental:
+                    l_intra, l_inter = self._structure_incremental(f_s, f_t, labels, keep_s, keep_t)
+                elif other_ranks:
+                    state = self._other_ranks_batch(f_s, f_t, labels, keep_s, keep_t)
+                    l_intra, l_inter = ops.structure(self._structure_plan(device), *state[0], *state[1], f_s, f_t,
+                                                     labels, keep_s, keep_t, self.min_count, reference.NORM_EPS)
+                else:
+                    # the structure op projects (by the projector's weight) and normalises the rows
+                    # itself and returns the unit rows
+                    l_intra, l_inter, f_s, f_t = ops.structure(
+                        self._structure_plan(device), *self._bank_state(device), v_s, v_t, labels, keep_s, keep_t,
+                        self.min_count, reference.NORM_EPS, normalize=True, projection=self.projector.weight)
+            if self.use_cam_loss:
+                w_cam = self.w_cam if self.w_cam is not None else 1000.0 / (hs * ws_)
+                if not at_loss:
+                    l_cam = catkd_cam_loss(student_features, teacher_features, student_fc_weight,
+                                           teacher_fc_weight, self.cam_pool)
+                parts["cam"], weights["cam"] = l_cam, w_cam
             parts["intra"], weights["intra"] = l_intra, self.w_intra
             parts["inter"], weights["inter"] = l_inter, self.w_inter
 

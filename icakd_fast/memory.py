@@ -125,13 +125,20 @@ def enqueue_banks(banks, feats, labels: torch.Tensor, masks=None, *, check: bool
     result = before_write(labels) if before_write is not None else None
     key = banks[0]._joint_key() if n > 1 else None
     if key is not None and all(bank._joint_key() == key for bank in banks[1:]):
-        banks[0]._update_joint(banks, feats, labels, masks)
+        banks[0]._update_joint(key[0], banks, feats, labels, masks)
     else:
         for bank, f, m in zip(banks, feats, masks):
             bank._update(f, labels, m)
     for bank in banks:
         bank._renew_stamp()
     return result
+
+
+def _buffer_lists(banks, *names: str) -> list[list[torch.Tensor]]:
+    """One list per buffer name, holding that buffer of every bank (read from each module's
+    buffer table, which skips ``nn.Module.__getattr__``)."""
+    tables = [bank._buffers for bank in banks]
+    return [[table[name] for table in tables] for name in names]
 
 
 class _Stamp:
@@ -215,11 +222,12 @@ class _BankBase(nn.Module):
         raise NotImplementedError
 
     def _joint_key(self):
-        """Banks with equal keys take one update op together (None: never joined)."""
+        """Banks with equal keys take one update op together (None: never joined); the key's
+        first item is the backend that runs it."""
         return None
 
     @staticmethod
-    def _update_joint(banks, feats, labels, masks):
+    def _update_joint(backend, banks, feats, labels, masks):
         raise NotImplementedError
 
     def _backend_of(self, op: str) -> tuple[str, bool]:
@@ -315,14 +323,12 @@ class ClassMemoryBank(_BankBase):
         name, fused = self._backend_of("class_bank")
         if not fused:
             return None
-        return ClassMemoryBank, name, self.bank.device, self.num_classes, self._resync_offsets.shape[0]
+        return name, ClassMemoryBank, self.bank.device, self.num_classes, self._resync_offsets.shape[0]
 
     @staticmethod
-    def _update_joint(banks, feats, labels, masks):
-        name, fused = banks[0]._backend_of("class_bank")
-        bank_ops.class_banks_update_(name, fused, [b.bank for b in banks], [b.count for b in banks],
-                                     [b.ptr for b in banks], [b.sums for b in banks], [b.resync_pos for b in banks],
-                                     [b.refused for b in banks], feats, labels, masks, banks[0]._resync_offsets)
+    def _update_joint(backend, banks, feats, labels, masks):
+        state = _buffer_lists(banks, "bank", "count", "ptr", "sums", "resync_pos", "refused")
+        bank_ops.class_banks_update_(backend, True, *state, feats, labels, masks, banks[0]._resync_offsets)
 
     @torch.no_grad()
     def resync(self) -> None:
@@ -388,13 +394,12 @@ class FIFOMemoryBank(_BankBase):
 
     def _joint_key(self):
         name, fused = self._backend_of("fifo_bank")
-        return (FIFOMemoryBank, name, self.bank.device, self.num_classes) if fused else None
+        return (name, FIFOMemoryBank, self.bank.device, self.num_classes) if fused else None
 
     @staticmethod
-    def _update_joint(banks, feats, labels, masks):
-        name, fused = banks[0]._backend_of("fifo_bank")
-        bank_ops.fifo_banks_update_(name, fused, [b.bank for b in banks], [b.labels for b in banks],
-                                    [b.ptr for b in banks], [b.refused for b in banks], feats, labels, masks)
+    def _update_joint(backend, banks, feats, labels, masks):
+        state = _buffer_lists(banks, "bank", "labels", "ptr", "refused")
+        bank_ops.fifo_banks_update_(backend, True, *state, feats, labels, masks)
 
     def sums_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         # new tensors made by a segment sum (index_add or a custom op, neither of which the

@@ -166,6 +166,28 @@ def _activation_call(backend, a):
     return pooled, l_cam
 
 
+def _student_step_inputs(s, dtype):
+    """The student's CAM step inputs, the teacher's map, both networks' bank state and the
+    teacher's rows, the keep masks and the projection [D, K] (``ops.student_step``)."""
+    b, k, c, d = s["B"], s["K"], s["C"], s["D"]
+    act = _activation_inputs(s, dtype)
+    state = _structure_inputs(s, dtype)
+    # targets other than the labels (the CAM of the teacher's class)
+    return act + state[:4] + [state[5], state[6], state[7], state[8], (_randn(d, k) / k**0.5).to(dtype)]
+
+
+def _student_step_call(backend, a):
+    """``ops.student_step``: one node over the one-op forms where the registry lists both, else the
+    composition: (CAM loss, intra, inter)."""
+    fast = backend != "reference"
+    cam_fused = fast and _backend.is_available(backend, "class_activation", DEV)
+    fused = backend if fast and _backend.is_available(backend, "structure", DEV) else None
+    plan = ops.StructurePlan(fused, backend, backend, backend)
+    l_cam, intra, inter, _, _ = ops.student_step(backend, cam_fused, plan, a[0], a[1], a[2], a[3], *a[4:8], a[8],
+                                                 a[9], a[10], a[11], 1, 1e-12, a[12])
+    return l_cam, intra, inter
+
+
 @dataclasses.dataclass(frozen=True)
 class Op:
     name: str
@@ -210,6 +232,10 @@ OPS = [
        diff=(4, 9), const=(0, 2, 5), checked=(1,)),
     # pooled's pooling weights are a stop-gradient (see above): gradcheck takes the CAM loss only
     Op("class_activation", "cam", _activation_inputs, _activation_call, diff=(0, 1), const=(3,), checked=(1,)),
+    # the student's CAM step feeding the structure term (as the loss module calls it): the
+    # pooling's stop-gradient weights move under finite differences, so gradcheck takes the CAM loss
+    Op("student_step", "cam", _student_step_inputs, _student_step_call, diff=(0, 1, 12), const=(3, 4, 6, 8),
+       checked=(0,)),
 ]
 OP_IDS = [op.name for op in OPS]
 

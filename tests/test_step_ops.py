@@ -24,39 +24,125 @@ def _needs(backend, op):
         pytest.skip("; ".join(reasons))
 
 
+@pytest.mark.parametrize("project", [False, True])
 @pytest.mark.parametrize("inter_form", [None, "direct", "gram"])
 @pytest.mark.parametrize("keep", [False, True])
-def test_structure_one_op_form_past_the_small_loops(keep, inter_form, monkeypatch):
+def test_structure_one_op_form_past_the_small_loops(keep, inter_form, project, monkeypatch):
     """C (Ds + Dt)^2 above the small loop form: the one-op structure takes the C++ direct or Gram
-    inter form (chosen by ICAKD_INTER_FORM when set) and still equals the float64 reference."""
+    inter form (chosen by ICAKD_INTER_FORM when set) and still equals the float64 reference, also
+    with the projection and the normalisation inside the op (``project``)."""
     _needs("cpp", "structure")
     if inter_form:
         monkeypatch.setenv("ICAKD_INTER_FORM", inter_form)
-    C, D, B = 300, 32, 48
+    C, D, B, Dx = 300, 32, 48, 24
     g = torch.Generator().manual_seed(3)
     counts = [torch.randint(0, 3, (C,), generator=g) for _ in range(2)]
     sums = [torch.randn(C, D, generator=g) * c.unsqueeze(1) for c in counts]
-    f_s = torch.randn(B, D, generator=g, dtype=torch.float64).float()
+    f_s = torch.randn(B, Dx if project else D, generator=g, dtype=torch.float64).float()
     f_t = torch.randn(B, D, generator=g).float()
+    projection = torch.randn(D, Dx, generator=g) / Dx**0.5
+    if project:  # bank sums of unit rows, as the banks hold them
+        sums = [torch.nn.functional.normalize(s, dim=1) * c.unsqueeze(1) for s, c in zip(sums, counts)]
     labels = torch.randint(0, C, (B,), generator=g)
     keep_s = (torch.rand(B, generator=g) > 0.3) if keep else None
     keep_t = (torch.rand(B, generator=g) > 0.3) if keep else None
 
     def run(plan, dtype):
         x = f_s.to(dtype).detach().clone().requires_grad_()
+        p = projection.to(dtype).detach().clone().requires_grad_()
         state = (sums[0].to(dtype), counts[0], sums[1].to(dtype), counts[1])
-        intra, inter = ops.structure(plan, *state, x, f_t.to(dtype), labels, keep_s, keep_t, 1, EPS)
+        extra = dict(normalize=True, projection=p) if project else {}
+        intra, inter = ops.structure(plan, *state, x, f_t.to(dtype), labels, keep_s, keep_t, 1, EPS, **extra)[:2]
         (0.7 * intra + 1.3 * inter).backward()
-        return intra, inter, x.grad
+        return (intra, inter, x.grad) + ((p.grad,) if project else ())
 
     got = run(ops.StructurePlan("cpp", "cpp", "cpp", "cpp"), torch.float32)
     want = run(ops.StructurePlan(None, "reference", "reference", "reference"), torch.float64)
-    for a, b, what in zip(got, want, ("intra", "inter", "grad f_s")):
+    for a, b, what in zip(got, want, ("intra", "inter", "grad f_s", "grad projection")):
         assert a.dtype == torch.float32, what
         scale = b.abs().max().item()
         assert scale > 0, what
         err = (a.double() - b).abs().max().item() / scale
         assert err < 2e-5, f"{what}: relative error {err:.2e}"
+
+
+def _student_step_inputs(dtype, keep, with_cam_t, own_targets, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    C, Dx, D, B, H = 7, 5, 4, 10, 3
+    counts = [torch.randint(0, 3, (C,), generator=g) for _ in range(2)]
+    sums = [torch.randn(C, D, generator=g, dtype=torch.float64).to(dtype) * c.unsqueeze(1) for c in counts]
+    labels = torch.randint(0, C, (B,), generator=g)
+    return dict(
+        features=torch.randn(B, Dx, H, H, generator=g, dtype=torch.float64).to(dtype),
+        fc_weight=torch.randn(C, Dx, generator=g, dtype=torch.float64).to(dtype),
+        projection=torch.randn(D, Dx, generator=g, dtype=torch.float64).to(dtype),
+        targets=torch.randint(0, C, (B,), generator=g) if own_targets else labels,
+        cam_t=torch.rand(B, H, H, generator=g, dtype=torch.float64).to(dtype) if with_cam_t else None,
+        state=(sums[0], counts[0], sums[1], counts[1]),
+        v_t=torch.randn(B, D, generator=g, dtype=torch.float64).to(dtype),
+        labels=labels,
+        keep_s=(torch.rand(B, generator=g) > 0.3) if keep else None,
+        keep_t=(torch.rand(B, generator=g) > 0.3) if keep else None,
+    )
+
+
+def _run_student_step(cam_backend, cam_fused, plan, inp, weights=(0.7, 1.3, 0.9)):
+    leaves = {k: inp[k].to(DEV).detach().clone().requires_grad_() for k in ("features", "fc_weight", "projection")}
+    dev = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in inp.items() if k not in leaves}
+    l_cam, intra, inter, unit_s, unit_t = ops.student_step(
+        cam_backend, cam_fused, plan, leaves["features"], leaves["fc_weight"], dev["targets"], dev["cam_t"],
+        *[t.to(DEV) for t in inp["state"]], dev["v_t"], dev["labels"], dev["keep_s"], dev["keep_t"], 1, EPS,
+        leaves["projection"])
+    total = weights[1] * intra + weights[2] * inter
+    if l_cam is not None:
+        total = total + weights[0] * l_cam
+    total.backward()
+    return ([l_cam, intra, inter, unit_s, unit_t], {k: v.grad for k, v in leaves.items()})
+
+
+@pytest.mark.parametrize("own_targets", [False, True])
+@pytest.mark.parametrize("with_cam_t", [False, True])
+@pytest.mark.parametrize("keep", [False, True])
+def test_student_step_one_node_matches_the_composition(keep, with_cam_t, own_targets):
+    """``ops.student_step`` as one autograd node (C++ ``class_activation`` and ``structure``) gives
+    the terms, the unit rows and the gradients of the features, the classifier and the projection
+    that the two ops' own Functions give, and that the float64 reference composition gives."""
+    _needs("cpp", "class_activation")
+    _needs("cpp", "structure")
+    inp = _student_step_inputs(torch.float32, keep, with_cam_t, own_targets)
+    one = _run_student_step("cpp", True, ops.StructurePlan("cpp", "cpp", "cpp", "cpp"), inp)
+
+    # the same two ops, each its own autograd Function
+    leaves = {k: inp[k].detach().clone().requires_grad_() for k in ("features", "fc_weight", "projection")}
+    _, pooled, l_cam = ops.class_activation("cpp", leaves["features"], leaves["fc_weight"], inp["targets"],
+                                            inp["cam_t"], fused=True)
+    intra, inter, unit_s, unit_t = ops.structure(ops.StructurePlan("cpp", "cpp", "cpp", "cpp"), *inp["state"],
+                                                 pooled, inp["v_t"], inp["labels"], inp["keep_s"], inp["keep_t"], 1,
+                                                 EPS, normalize=True, projection=leaves["projection"])
+    total = 1.3 * intra + 0.9 * inter + (0.7 * l_cam if l_cam is not None else 0)
+    total.backward()
+    two = ([l_cam, intra, inter, unit_s, unit_t], {k: v.grad for k, v in leaves.items()})
+
+    f64 = _student_step_inputs(torch.float64, keep, with_cam_t, own_targets)
+    ref = _run_student_step("reference", False, ops.StructurePlan(None, "reference", "reference", "reference"), f64)
+
+    names = ("l_cam", "intra", "inter", "unit_s", "unit_t")
+    for got, want, name in zip(one[0], two[0], names):
+        if not with_cam_t and name == "l_cam":
+            assert got is None and want is None
+            continue
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6, msg=name)
+    for got, want, name in zip(one[0], ref[0], names):
+        if got is not None:
+            torch.testing.assert_close(got.cpu().double(), want.cpu(), rtol=1e-4, atol=1e-6, msg=name)
+    for name in ("features", "fc_weight", "projection"):
+        assert one[1][name] is not None, name
+        # the pooling's CAM weights are a constant (SPEC 3): the classifier learns from the CAM loss only
+        assert (one[1][name].abs().max() > 0) == (with_cam_t or name != "fc_weight"), name
+        for other, rtol, dtype in ((two, 1e-5, torch.float32), (ref, 1e-4, torch.float64)):
+            want = other[1][name]
+            want = torch.zeros_like(one[1][name], dtype=dtype) if want is None else want.cpu()
+            torch.testing.assert_close(one[1][name].cpu().to(dtype), want, rtol=rtol, atol=1e-6, msg=name)
 
 
 def _poisoned_batches(steps, n, dim, classes, seed):
@@ -186,3 +272,15 @@ def test_icakd_step_dispatches_the_one_op_forms():
     # the classifier rows are gathered, and their gradient scattered, inside the CAM ops
     assert not [name for name in ("aten::index_select", "aten::index_add_", "aten::zeros") if c[name]], c
     assert fs.grad is not None and ws.grad is not None and loss.projector.weight.grad is not None
+    # the student's CAM step and the structure term are one autograd node
+    nodes, todo = collections.Counter(), [out.loss.grad_fn]
+    seen = set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes[type(node).__name__] += 1
+        todo.extend(next_fn for next_fn, _ in node.next_functions)
+    assert nodes["StudentStepFunctionBackward"] == 1, nodes
+    assert not nodes["ClassActivationFunctionBackward"] and not nodes["StructureFunctionBackward"], nodes

@@ -10,6 +10,8 @@ checked against the same reference by the same tests.
 from . import bank
 from .cam import cam_features, cam_loss, class_activation, spatial_mean
 from .structure import StructurePlan, centroids, inter_loss, intra_loss, kept_centroids, project_rows, structure
+from .step import student_step
 
 __all__ = ["StructurePlan", "bank", "cam_features", "cam_loss", "centroids", "class_activation", "inter_loss",
-           "intra_loss", "kept_centroids", "project_rows", "spatial_mean", "structure"]
+           "intra_loss", "kept_centroids", "project_rows", "spatial_mean", "structure",
+           "student_step"]

@@ -259,22 +259,16 @@ def spatial_mean(grads: torch.Tensor) -> torch.Tensor:
     return _C.spatial_mean(grads.detach())
 
 
-def _mask_or_all(mask, feats):
-    if mask is None:
-        return torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
-    return mask
-
-
-def class_bank_enqueue_(bank, count, ptr, sums, feats, labels, mask=None) -> None:
-    _C.class_bank_enqueue_(bank, count, ptr, sums, feats.detach(), labels.long(), _mask_or_all(mask, feats))
+def class_bank_enqueue_(bank, count, ptr, sums, feats, labels, mask) -> None:
+    _C.class_bank_enqueue_(bank, count, ptr, sums, feats.detach(), labels.long(), mask)
 
 
 def class_bank_resync_(bank, count, sums, classes) -> None:
     _C.class_bank_resync_(bank, count, sums, classes.long())
 
 
-def fifo_bank_enqueue_(bank, bank_labels, ptr, feats, labels, mask=None) -> None:
-    _C.fifo_bank_enqueue_(bank, bank_labels, ptr, feats.detach(), labels.long(), _mask_or_all(mask, feats))
+def fifo_bank_enqueue_(bank, bank_labels, ptr, feats, labels, mask) -> None:
+    _C.fifo_bank_enqueue_(bank, bank_labels, ptr, feats.detach(), labels.long(), mask)
 
 
 def fifo_bank_sums(bank, bank_labels, num_classes: int):

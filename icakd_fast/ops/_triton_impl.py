@@ -244,14 +244,8 @@ def spatial_mean(grads: torch.Tensor) -> torch.Tensor:
     return _spatial_mean_op(grads)
 
 
-def _mask_or_all(mask, feats):
-    if mask is None:
-        return torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device)
-    return mask
-
-
 def class_bank_enqueue_(bank, count, ptr, sums, feats, labels, mask) -> None:
-    _class_enqueue_op(bank, count, ptr, sums, feats.detach(), labels, _mask_or_all(mask, feats))
+    _class_enqueue_op(bank, count, ptr, sums, feats.detach(), labels, mask)
 
 
 def class_bank_resync_(bank, count, sums, classes) -> None:
@@ -259,7 +253,7 @@ def class_bank_resync_(bank, count, sums, classes) -> None:
 
 
 def fifo_bank_enqueue_(bank, bank_labels, ptr, feats, labels, mask) -> None:
-    _fifo_enqueue_op(bank, bank_labels, ptr, feats.detach(), labels, _mask_or_all(mask, feats))
+    _fifo_enqueue_op(bank, bank_labels, ptr, feats.detach(), labels, mask)
 
 
 def fifo_bank_sums(bank, bank_labels, num_classes: int):

@@ -35,6 +35,7 @@ def refuse_non_finite(feats: torch.Tensor, mask: torch.Tensor, storage: torch.dt
 
 
 def _all_rows(mask, feats):
+    """The backends' enqueue ops take a mask: every row's where the caller gave None."""
     return torch.ones(feats.shape[0], dtype=torch.bool, device=feats.device) if mask is None else mask
 
 
