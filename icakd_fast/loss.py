@@ -47,11 +47,6 @@ def _weighted(weight: float, term: torch.Tensor) -> torch.Tensor:
     return term if weight == 1.0 else weight * term
 
 
-def _constant(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` without autograd history (``t`` itself where it has none: no op dispatched)."""
-    return t.detach() if t is not None and t.requires_grad else t
-
-
 @dataclass
 class ICAKDOutput:
     """``loss``: the weighted total (scalar, differentiable); ``parts``: each term alone, detached."""
@@ -381,9 +376,9 @@ class ICAKDLoss(nn.Module):
                     student_fc_weight, teacher_fc_weight)
         labels = labels.long()
         # the teacher's side is a constant (detached where it carries autograd history)
-        teacher_features = _constant(teacher_features)
-        teacher_logits = _constant(teacher_logits)
-        teacher_fc_weight = _constant(teacher_fc_weight)
+        teacher_features = ops.constant(teacher_features)
+        teacher_logits = ops.constant(teacher_logits)
+        teacher_fc_weight = ops.constant(teacher_fc_weight)
 
         parts: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}

@@ -161,7 +161,7 @@ def _activation_inputs(s, dtype):
 
 def _activation_call(backend, a):
     """``ops.class_activation`` with the teacher's map: (pooled, CAM loss)."""
-    fused = backend != "reference" and _backend.is_available(backend, "cam_loss", DEV)
+    fused = backend != "reference" and _backend.is_available(backend, "class_activation", DEV)
     _, pooled, l_cam = ops.class_activation(backend, a[0], a[1], a[2], a[3], fused=fused)
     return pooled, l_cam
 

@@ -8,10 +8,10 @@ checked against the same reference by the same tests.
 """
 
 from . import bank
-from .cam import cam_features, cam_loss, class_activation, spatial_mean
+from ._precision import constant
+from .cam import cam_features, class_activation, spatial_mean
 from .structure import StructurePlan, centroids, inter_loss, intra_loss, kept_centroids, project_rows, structure
 from .step import student_step
 
-__all__ = ["StructurePlan", "bank", "cam_features", "cam_loss", "centroids", "class_activation", "inter_loss",
-           "intra_loss", "kept_centroids", "project_rows", "spatial_mean", "structure",
-           "student_step"]
+__all__ = ["StructurePlan", "bank", "cam_features", "centroids", "class_activation", "constant", "inter_loss",
+           "intra_loss", "kept_centroids", "project_rows", "spatial_mean", "structure", "student_step"]

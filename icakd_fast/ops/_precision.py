@@ -1,4 +1,5 @@
-"""What the autograd Functions of this package share: autocast off around the backends' ops."""
+"""What the autograd Functions of this package share: autocast off around the backends' ops, and
+constant inputs without autograd history."""
 
 from __future__ import annotations
 
@@ -16,3 +17,9 @@ def exact(t: torch.Tensor):
     if not torch.is_autocast_enabled(t.device.type):
         return _NO_CONTEXT
     return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def constant(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` without autograd history: detached where it has some, else ``t`` itself (no op
+    dispatched); None stays None."""
+    return t.detach() if t is not None and t.requires_grad else t

@@ -6,6 +6,7 @@ import torch
 
 from .. import reference
 from .._backend import implementation, is_available
+from ._precision import constant
 from ._precision import exact as _exact
 
 
@@ -65,37 +66,6 @@ def spatial_mean(backend: str, grads: torch.Tensor) -> torch.Tensor:
         return implementation(backend).spatial_mean(grads.detach())
 
 
-class CAMLossFunction(torch.autograd.Function):
-    """The CAM constraint of two maps of one resolution in one backend call each way; the
-    teacher map is a constant."""
-
-    @staticmethod
-    def forward(ctx, backend, cam_s, cam_t, eps):
-        with _exact(cam_s):
-            loss, q_s, norm_s = implementation(backend).cam_loss_fwd(cam_s, cam_t, eps)
-        ctx.backend, ctx.eps = backend, eps
-        ctx.save_for_backward(cam_s, cam_t, q_s, norm_s)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        cam_s, cam_t, q_s, norm_s = ctx.saved_tensors
-        grad = None
-        if ctx.needs_input_grad[1]:
-            with _exact(cam_s):
-                grad = implementation(ctx.backend).cam_loss_bwd(grad_out, cam_s, cam_t, q_s, norm_s, ctx.eps)
-        return None, grad, None, None
-
-
-def cam_loss(backend: str, cam_s: torch.Tensor, cam_t: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """The CAM constraint (attention-transfer form, ``reference.cam_constraint_loss``) on
-    ``backend``; maps of different resolutions, and the reference backend, take the reference
-    form. Arguments are not checked."""
-    if backend == "reference" or cam_s.shape != cam_t.shape:
-        return reference.cam_constraint_loss(cam_s, cam_t, eps)
-    return CAMLossFunction.apply(backend, cam_s, cam_t.detach(), float(eps))
-
-
 class ClassActivationFunction(torch.autograd.Function):
     """One network's whole CAM step on a backend with the one-op form (``class_activation_fwd``
     / ``class_activation_bwd``): Grad-CAM weights from the classifier (``fc_weight[targets] /
@@ -148,8 +118,7 @@ def class_activation(backend: str, features: torch.Tensor, fc_weight: torch.Tens
         fused = backend != "reference" and is_available(backend, "class_activation", features.device)
     one_resolution = cam_t is None or cam_t.shape == features.shape[:1] + features.shape[2:]
     if fused and backend != "reference" and one_resolution:
-        # the teacher's map is a constant (detached only where it is not one already)
-        const_t = cam_t.detach() if cam_t is not None and cam_t.requires_grad else cam_t
+        const_t = constant(cam_t)  # the teacher's map
         if not (torch.is_grad_enabled() and (features.requires_grad or fc_weight.requires_grad)):
             # nothing for autograd to record (the teacher's step): the forward op alone
             with _exact(features):
@@ -160,5 +129,5 @@ def class_activation(backend: str, features: torch.Tensor, fc_weight: torch.Tens
         return cam, pooled, (None if cam_t is None else l_cam)
     weights = reference.cam_weights_from_linear(fc_weight, targets, features.shape[2] * features.shape[3])
     cam, pooled = cam_features(backend, features, weights)
-    l_cam = None if cam_t is None else cam_loss("reference", cam, cam_t)
+    l_cam = None if cam_t is None else reference.cam_constraint_loss(cam, cam_t)
     return cam, pooled, l_cam

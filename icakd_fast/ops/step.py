@@ -8,9 +8,10 @@ import torch
 
 from .. import reference
 from .._backend import implementation
+from ._precision import constant
 from ._precision import exact as _exact
 from .cam import class_activation
-from .structure import StructurePlan, structure
+from .structure import StructurePlan, structure, structure_backward
 
 
 class StudentStepFunction(torch.autograd.Function):
@@ -50,14 +51,9 @@ class StudentStepFunction(torch.autograd.Function):
         cam_backend, structure_backend = ctx.backends
         grad_pooled = grad_projection = None
         if (need_f or need_w or need_p) and (grad_intra is not None or grad_inter is not None):
-            zero = None
-            if grad_intra is None or grad_inter is None:
-                zero = torch.zeros((), dtype=torch.float32, device=features.device)
-            with _exact(features):
-                grad_pooled, grad_projection = implementation(structure_backend).structure_bwd(
-                    zero if grad_intra is None else grad_intra, zero if grad_inter is None else grad_inter,
-                    unit_s, unit_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram, ctx.eps, norm_s, pooled,
-                    projection)
+            grad_pooled, grad_projection = structure_backward(structure_backend, grad_intra, grad_inter, unit_s, unit_t,
+                                                              mu_s, mu_t, valid, total_s, labels, keep_s, gram, ctx.eps,
+                                                              norm_s, pooled, projection)
             if grad_pooled.dtype != ctx.pooled_dtype:
                 grad_pooled = grad_pooled.to(ctx.pooled_dtype)
         if not ctx.with_loss:
@@ -85,10 +81,10 @@ def student_step(cam_backend: str, cam_fused: bool, plan: StructurePlan, feature
     those two ops; otherwise that composition runs. Arguments are not checked."""
     one_resolution = cam_t is None or cam_t.shape == features.shape[:1] + features.shape[2:]
     if cam_fused and cam_backend != "reference" and plan.fused is not None and one_resolution:
-        const_t = cam_t.detach() if cam_t is not None and cam_t.requires_grad else cam_t
         l_cam, intra, inter, unit_s, unit_t = StudentStepFunction.apply(
-            cam_backend, plan.fused, features, fc_weight, None if targets is labels else targets, const_t, sums_s, count_s, sums_t, count_t,
-            v_t.detach() if v_t.requires_grad else v_t, labels, keep_s, keep_t, int(min_count), float(eps), projection)
+            cam_backend, plan.fused, features, fc_weight, None if targets is labels else targets, constant(cam_t),
+            sums_s, count_s, sums_t, count_t, constant(v_t), labels, keep_s, keep_t, int(min_count), float(eps),
+            projection)
         return (None if cam_t is None else l_cam), intra, inter, unit_s, unit_t
     _, pooled, l_cam = class_activation(cam_backend, features, fc_weight, targets, cam_t, fused=cam_fused)
     intra, inter, unit_s, unit_t = structure(plan, sums_s, count_s, sums_t, count_t, pooled, v_t, labels, keep_s,

@@ -156,15 +156,25 @@ class StructureFunction(torch.autograd.Function):
         f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram, norm_s, raw, projection = ctx.saved_tensors
         grad_f_s = grad_projection = None
         if ctx.needs_input_grad[5] or ctx.needs_input_grad[13]:
-            zero = None
-            if grad_intra is None or grad_inter is None:
-                zero = torch.zeros((), dtype=torch.float32, device=f_s.device)
-            with _exact(f_s):
-                grad_f_s, grad_projection = implementation(ctx.backend).structure_bwd(
-                    zero if grad_intra is None else grad_intra, zero if grad_inter is None else grad_inter,
-                    f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram, ctx.eps, norm_s, raw, projection)
+            grad_f_s, grad_projection = structure_backward(ctx.backend, grad_intra, grad_inter, f_s, f_t, mu_s, mu_t,
+                                                           valid, total_s, labels, keep_s, gram, ctx.eps, norm_s, raw,
+                                                           projection)
         return ((None,) * 5 + (grad_f_s if ctx.needs_input_grad[5] else None,) + (None,) * 7
                 + (grad_projection if ctx.needs_input_grad[13] else None,))
+
+
+def structure_backward(backend, grad_intra, grad_inter, f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram,
+                       eps, norm_s, raw, projection):
+    """``structure_bwd`` of ``backend`` with what the forward saved: ``(grad_f_s,
+    grad_projection)``; an upstream gradient autograd left out (None: that loss is unused) counts
+    as zero."""
+    zero = None
+    if grad_intra is None or grad_inter is None:
+        zero = torch.zeros((), dtype=torch.float32, device=f_s.device)
+    with _exact(f_s):
+        return implementation(backend).structure_bwd(
+            zero if grad_intra is None else grad_intra, zero if grad_inter is None else grad_inter,
+            f_s, f_t, mu_s, mu_t, valid, total_s, labels, keep_s, gram, eps, norm_s, raw, projection)
 
 
 def project_rows(f: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
